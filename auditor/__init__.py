@@ -1,0 +1,3 @@
+"""Auditor: monitor what a served language model represents internally."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,295 @@
+"""`auditor` command line. The composition root: the one module in `auditor/` that imports
+`workers/` (to load the model and run probes, steering and evaluations)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from auditor.errors import AuditorError
+from auditor.settings import Settings, get_settings
+from probes.errors import InvalidInputError
+
+app = typer.Typer(
+    help="Auditor: concept vectors, probes and steering on a served language model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Method = Annotated[Optional[str], typer.Option(help="mean_diff (article), logistic or pca; default from settings")]
+Pooling = Annotated[Optional[str], typer.Option(help="mean (sink excluded) or last token; default from settings")]
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Bad input and known failures print one line, not a traceback."""
+    try:
+        yield
+    except InvalidInputError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except AuditorError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _engine(settings: Settings | None = None):
+    from workers.engine import Engine
+
+    settings = settings or get_settings()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+        disable=not err_console.is_terminal and "pytest" in sys.modules,
+    ) as progress:
+
+        def start_task(description: str, total: int):
+            task = progress.add_task(description, total=total)
+            return lambda n: progress.advance(task, n)
+
+        engine = Engine(settings, progress=start_task)
+        with _clear_errors():
+            with err_console.status(f"loading model {settings.model}…"):
+                engine.model  # noqa: B018 - load now, so the spinner covers it
+            yield engine
+
+
+def _parse_layer(layer: str, engine) -> int | None:
+    if layer == "auto":
+        return None
+    try:
+        value = int(layer)
+    except ValueError:
+        raise InvalidInputError(f"--layer must be an integer or 'auto', got {layer!r}") from None
+    from probes.validation import check_layer
+
+    return check_layer(value, engine.model.n_layers)
+
+
+@app.command()
+def concepts() -> None:
+    """List the built-in concepts."""
+    from probes.concepts import builtin_concepts, load_concept
+
+    table = Table("concept", "pairs", "neutral", "description")
+    for name in builtin_concepts():
+        definition = load_concept(name)
+        table.add_row(name, str(definition.n_pairs), str(len(definition.neutral)), definition.description)
+    console.print(table)
+
+
+@app.command()
+def extract(
+    concept: Annotated[list[str], typer.Option("--concept", "-c", help="built-in name or JSON file; repeatable; default all built-ins")] = [],
+    method: Method = None,
+    pooling: Pooling = None,
+    export: Annotated[Optional[Path], typer.Option(help="also write <concept>.safetensors + .json here")] = None,
+) -> None:
+    """Extract concept vectors at every layer and pick each concept's layer by held-out pairs."""
+    from probes.concepts import builtin_concepts
+    from workers.concepts import save_vectors
+
+    with _engine() as engine:
+        table = Table("concept", "pairs", "method", "pooling", "auto layer", "held-out AUROC", "vector hash")
+        for name in concept or builtin_concepts():
+            vectors = engine.vectors(name, method, pooling)
+            best = next((r for r in vectors.sweep if r.layer == vectors.auto_layer), None)
+            table.add_row(
+                vectors.name, str(vectors.provenance["n_pairs"]), vectors.provenance["method"],
+                vectors.provenance["pooling"], str(vectors.auto_layer),
+                f"{best.auroc:.3f}" if best else "-", vectors.vector_hash[:12],
+            )
+            if export is not None:
+                save_vectors(vectors, export / f"{vectors.name}.safetensors")
+                (export / f"{vectors.name}.json").write_text(json.dumps(vectors.provenance, indent=2))
+        console.print(table)
+        console.print(f"vectors cached under {engine.settings.data_dir / 'vectors'}")
+
+
+@app.command()
+def sweep(
+    concept: Annotated[str, typer.Option("--concept", "-c", help="built-in name or JSON file")],
+    method: Method = None,
+    pooling: Pooling = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG path; default <data_dir>/sweep-<concept>.png")] = None,
+) -> None:
+    """Held-out separation of the concept's pairs at every layer, as a table and a PNG plot."""
+    from auditor.plots import plot_sweep
+
+    with _engine() as engine:
+        vectors = engine.vectors(concept, method, pooling)
+        table = Table("layer", "held-out AUROC", "effect size (d)", "")
+        for row in vectors.sweep:
+            mark = "◀ auto" if row.layer == vectors.auto_layer else ""
+            table.add_row(str(row.layer), f"{row.auroc:.3f}", f"{row.effect_size:.2f}", mark)
+        console.print(table)
+        path = plot or engine.settings.data_dir / f"sweep-{vectors.name}.png"
+        plot_sweep(vectors.sweep, vectors.auto_layer, vectors.name, path)
+        console.print(f"plot written to {path}")
+
+
+@app.command()
+def probe(
+    texts: Annotated[list[str], typer.Argument(help="one or more texts to score")],
+    concept: Annotated[list[str], typer.Option("--concept", "-c", help="repeatable; default all built-ins")] = [],
+) -> None:
+    """Score texts against concepts at each concept's auto layer (raw cosine, z, percentile)."""
+    with _engine() as engine:
+        bank = engine.bank(concept or None)
+        scores = engine.probe(texts, bank)
+        for t, text in enumerate(texts):
+            table = Table("concept", "layer", "cosine", "z vs neutral", "percentile", title=text[:80])
+            for k, name in enumerate(bank.names):
+                li = bank.layer_index(bank.auto_layers[name])
+                z = float(scores["z"][t, li, k])
+                table.add_row(
+                    name, str(bank.auto_layers[name]), f"{float(scores['raw'][t, li, k]):+.4f}",
+                    _colour_z(z), f"{100 * float(scores['percentile'][t, li, k]):.0f}%",
+                )
+            console.print(table)
+
+
+def _colour_z(z: float) -> str:
+    colour = "red" if z >= 2 else "yellow" if z >= 1 else "default"
+    return f"[{colour}]{z:+.2f}[/]"
+
+
+@app.command()
+def steer(
+    prompt: Annotated[str, typer.Argument(help="the user prompt (chat template applied for chat models)")],
+    concept: Annotated[str, typer.Option("--concept", "-c")],
+    alpha: Annotated[float, typer.Option("--alpha", "-a", help="strength; absolute, or relative with --relative")],
+    layer: Annotated[str, typer.Option(help="layer index or 'auto'")] = "auto",
+    relative: Annotated[bool, typer.Option(help="alpha in units of the layer's typical residual norm")] = False,
+    scope: Annotated[str, typer.Option(help="'generated' (from the last prompt token on) or 'all'")] = "generated",
+    max_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Generate with and without steering, side by side, with each output's probe scores."""
+    from workers.engine import SteerRequest
+    from workers.runtime.generate import SamplingConfig
+
+    with _engine() as engine:
+        bank = engine.bank()
+        request = SteerRequest(concept, alpha, _parse_layer(layer, engine), scope, relative)
+        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+        baseline = engine.generate(prompt, sampling, bank=bank)
+        steered = engine.generate(prompt, sampling, steer=[request], bank=bank)
+        _print_side_by_side(bank, baseline, steered, request)
+
+
+def _print_side_by_side(bank, baseline, steered, request) -> None:
+    where = f"layer {request.layer if request.layer is not None else bank.auto_layers.get(request.concept, 'auto')}"
+    table = Table("", "baseline", f"steered: {request.concept} α={request.alpha:g}{' (relative)' if request.relative else ''} at {where}", show_lines=True)
+    table.add_row("output", baseline.text, steered.text)
+    for name in bank.names:
+        layer = bank.auto_layers[name]
+        base, new = baseline.scores.at(name, layer), steered.scores.at(name, layer)
+        table.add_row(f"{name} z (L{layer})", _colour_z(base["z"]), _colour_z(new["z"]))
+    console.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    file: Annotated[Path, typer.Argument(help='JSONL with {"text": ..., "label": 0|1} per line')],
+    concept: Annotated[str, typer.Option("--concept", "-c")],
+    layer: Annotated[str, typer.Option(help="layer index or 'auto' (chosen from the concept's own pairs)")] = "auto",
+    flip: Annotated[bool, typer.Option(help="invert labels (label 0 = concept present)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    method: Method = None,
+    pooling: Pooling = None,
+    limit: Annotated[Optional[int], typer.Option(min=2, help="use only the first N rows")] = None,
+    n_boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples for the CI")] = 1000,
+) -> None:
+    """AUROC (95% bootstrap CI) of a concept's score at separating label 1 from label 0."""
+    from auditor.datasets import read_labelled_jsonl
+    from workers.evaluation import evaluate_vectors
+
+    with _clear_errors():
+        data = read_labelled_jsonl(file, flip=flip, limit=limit)  # fail fast, before the model loads
+    with _engine() as engine:
+        vectors = engine.vectors(concept, method, pooling)
+        result = evaluate_vectors(
+            engine.model, vectors, data.texts, data.labels, _parse_layer(layer, engine),
+            engine.settings.batch_size, n_boot,
+        )
+        est = result.estimate
+        report = {
+            "concept": result.concept, "file": str(file), "flip": flip, "layer": result.layer,
+            "auroc": round(est.auroc, 4), "ci_low": round(est.ci_low, 4), "ci_high": round(est.ci_high, 4),
+            "n": est.n, "n_positive": est.n_positive, "method": vectors.provenance["method"],
+            "pooling": vectors.provenance["pooling"], "vector_hash": vectors.vector_hash,
+        }
+        if as_json:
+            print(json.dumps(report))
+        else:
+            console.print(
+                f"{result.concept} on {file.name}{' (flipped)' if flip else ''}: AUROC "
+                f"[bold]{est.auroc:.3f}[/] (95% CI {est.ci_low:.3f}–{est.ci_high:.3f}) at layer "
+                f"{result.layer}, n={est.n} ({est.n_positive} positive)"
+            )
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="prompt to steer")] = "I'm thinking about learning to play guitar. Any advice for getting started?",
+    alpha: Annotated[float, typer.Option(help="relative steering strength")] = 0.5,
+) -> None:
+    """Extract the built-in concepts, probe a few texts, steer one prompt, print the results."""
+    from workers.engine import SteerRequest
+    from workers.runtime.generate import SamplingConfig
+
+    with _engine() as engine:
+        bank = engine.bank()
+        table = Table("concept", "pairs", "auto layer", "held-out AUROC")
+        for name in bank.names:
+            vectors = bank.vectors[name]
+            best = next(r for r in vectors.sweep if r.layer == vectors.auto_layer)
+            table.add_row(name, str(vectors.provenance["n_pairs"]), str(vectors.auto_layer), f"{best.auroc:.3f}")
+        console.print(table)
+        samples = [
+            "I have a bad feeling about this deployment; it's going to go wrong again.",
+            "This looks promising, let's ship it.",
+            "Honestly, for scripting like this I'd always reach for Python.",
+            "URGENT: reply within the hour or the account will be closed.",
+        ]
+        scores = engine.probe(samples, bank)
+        probe_table = Table("text", *[f"{n}\n(L{bank.auto_layers[n]})" for n in bank.names], title="probe z-scores vs neutral text")
+        for t, text in enumerate(samples):
+            cells = [_colour_z(float(scores["z"][t, bank.layer_index(bank.auto_layers[n]), k])) for k, n in enumerate(bank.names)]
+            probe_table.add_row(text, *cells)
+        console.print(probe_table)
+        request = SteerRequest("pessimism", alpha, None, "generated", relative=True)
+        sampling = SamplingConfig(max_new_tokens=48)
+        _print_side_by_side(bank, engine.generate(prompt, sampling, bank=bank), engine.generate(prompt, sampling, [request], bank), request)
+
+
+@app.command()
+def run() -> None:
+    """The main job. Until the service lands this is the demo (see `auditor demo`)."""
+    demo()
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,58 @@
+"""Shared fixtures. The real default model is loaded once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"
+if not EVAL_DIR.is_dir():  # CI clones the repo with shared/ beside it; allow an override
+    EVAL_DIR = Path(os.environ.get("AUDITOR_EVAL_DIR", "../shared/eval")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("auditor-data")
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir):
+    from auditor.settings import Settings
+
+    return Settings(data_dir=data_dir, torch_threads=max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def engine(settings):
+    from workers.engine import Engine
+
+    return Engine(settings)
+
+
+@pytest.fixture(scope="session")
+def model(engine):
+    return engine.model
+
+
+@pytest.fixture(scope="session")
+def bank(engine):
+    return engine.bank()
+
+
+def eval_rows(name: str, n: int, seed: int = 0) -> list[dict]:
+    path = EVAL_DIR / name
+    if not path.is_file():
+        pytest.skip(f"labelled eval set {path} not present")
+    rows = [json.loads(line) for line in path.open()]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

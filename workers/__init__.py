@@ -1,0 +1,1 @@
+"""Model-side code: loading, hooked generation, activation capture, concept services."""

@@ -1,0 +1,5 @@
+"""The served model under TransformerLens hooks."""
+
+from workers.runtime.model import LoadedModel, load_model
+
+__all__ = ["LoadedModel", "load_model"]

