@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole and greppable
 
 Method = Annotated[Optional[str], typer.Option(help="mean_diff (article), logistic or pca; default from settings")]
 Pooling = Annotated[Optional[str], typer.Option(help="mean (sink excluded) or last token; default from settings")]
@@ -42,6 +42,14 @@ def _clear_errors() -> Iterator[None]:
     except AuditorError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
+
+
+def _concepts(names: list[str]) -> list:
+    """Resolve concept names (or JSON files) before the model loads, so a typo fails fast."""
+    from probes.concepts import load_concept
+
+    with _clear_errors():
+        return [load_concept(name) for name in names]
 
 
 @contextmanager
@@ -105,10 +113,11 @@ def extract(
     from probes.concepts import builtin_concepts
     from workers.concepts import save_vectors
 
+    definitions = _concepts(concept or builtin_concepts())
     with _engine() as engine:
         table = Table("concept", "pairs", "method", "pooling", "auto layer", "held-out AUROC", "vector hash")
-        for name in concept or builtin_concepts():
-            vectors = engine.vectors(name, method, pooling)
+        for definition in definitions:
+            vectors = engine.vectors(definition, method, pooling)
             best = next((r for r in vectors.sweep if r.layer == vectors.auto_layer), None)
             table.add_row(
                 vectors.name, str(vectors.provenance["n_pairs"]), vectors.provenance["method"],
@@ -132,8 +141,9 @@ def sweep(
     """Held-out separation of the concept's pairs at every layer, as a table and a PNG plot."""
     from auditor.plots import plot_sweep
 
+    [definition] = _concepts([concept])
     with _engine() as engine:
-        vectors = engine.vectors(concept, method, pooling)
+        vectors = engine.vectors(definition, method, pooling)
         table = Table("layer", "held-out AUROC", "effect size (d)", "")
         for row in vectors.sweep:
             mark = "◀ auto" if row.layer == vectors.auto_layer else ""
@@ -150,6 +160,7 @@ def probe(
     concept: Annotated[list[str], typer.Option("--concept", "-c", help="repeatable; default all built-ins")] = [],
 ) -> None:
     """Score texts against concepts at each concept's auto layer (raw cosine, z, percentile)."""
+    _concepts(concept)
     with _engine() as engine:
         bank = engine.bank(concept or None)
         scores = engine.probe(texts, bank)
@@ -186,6 +197,7 @@ def steer(
     from workers.engine import SteerRequest
     from workers.runtime.generate import SamplingConfig
 
+    _concepts([concept])
     with _engine() as engine:
         bank = engine.bank()
         request = SteerRequest(concept, alpha, _parse_layer(layer, engine), scope, relative)
@@ -224,8 +236,9 @@ def evaluate(
 
     with _clear_errors():
         data = read_labelled_jsonl(file, flip=flip, limit=limit)  # fail fast, before the model loads
+    [definition] = _concepts([concept])
     with _engine() as engine:
-        vectors = engine.vectors(concept, method, pooling)
+        vectors = engine.vectors(definition, method, pooling)
         result = evaluate_vectors(
             engine.model, vectors, data.texts, data.labels, _parse_layer(layer, engine),
             engine.settings.batch_size, n_boot,
@@ -285,10 +298,6 @@ def demo(
 def run() -> None:
     """The main job. Until the service lands this is the demo (see `auditor demo`)."""
     demo()
-
-
-def main() -> None:  # pragma: no cover - console-script entry
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="0 = cores / processes_per_machine")
     processes_per_machine: int = Field(1, ge=1, description="model processes sharing this machine's cores")
     data_dir: Path = Field(Path(".auditor"), description="vector cache, plots, SQLite file")
+    model_cache_dir: Path = Field(
+        Path.home() / ".cache" / "auditor" / "models",
+        description="dequantised copies of GGUF weights (first load converts, later loads are fast)",
+    )
     database_url: str = Field("", description="empty = SQLite file in data_dir")
     broker_url: str = Field("", description="empty = in-process worker")
 

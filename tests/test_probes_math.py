@@ -192,4 +192,5 @@ def test_sweep_picks_the_layer_where_the_concept_lives():
     assert choose_layer(results, band=None) == 2
     # the default band (25%-75% depth) keeps the choice away from token-identity layers
     assert choose_layer(results, n_layers=4) in (1, 2)
-    assert choose_layer(results, n_layers=4, band=(0.0, 0.5)) == 1
+    assert choose_layer(results, n_layers=4, band=(0.5, 1.0)) == 2
+    assert choose_layer(results, n_layers=4, band=(0.75, 1.0)) == 3

