@@ -263,7 +263,7 @@ def evaluate(
 @app.command()
 def demo(
     prompt: Annotated[str, typer.Option(help="prompt to steer")] = "I'm thinking about learning to play guitar. Any advice for getting started?",
-    alpha: Annotated[float, typer.Option(help="relative steering strength")] = 0.5,
+    alpha: Annotated[float, typer.Option(help="steering strength relative to the layer's typical residual norm")] = 0.2,
 ) -> None:
     """Extract the built-in concepts, probe a few texts, steer one prompt, print the results."""
     from workers.engine import SteerRequest

@@ -40,8 +40,18 @@ PROMPTS = [
 ]
 
 
+def plain_hf_model(eng):
+    """A second copy of the same weights, never wrapped by TransformerLens (SDPA attention)."""
+    from workers.runtime.model import _load_hf, resolve_dtype
+
+    dtype = resolve_dtype(eng.settings.dtype, eng.model.device)
+    hf_model, *_ = _load_hf(eng.settings.model, dtype, eng.settings.model_cache_dir)
+    return hf_model.to(eng.model.device).eval()
+
+
 def bench_monitor(eng, repeats: int = 3) -> dict:
     model, bank = eng.model, eng.bank()
+    plain_hf = plain_hf_model(eng)
     config = SamplingConfig(max_new_tokens=64, stop_at_eos=False)  # exactly 64 tokens each
     hf_config = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False)
     plain_t, monitored_t, hf_t = [], [], []
@@ -56,21 +66,22 @@ def bench_monitor(eng, repeats: int = 3) -> dict:
 
             (monitored, _scores), t_mon = timed(monitored_call)
             with torch.inference_mode():
-                _, t_hf = timed(model.hf_model.generate, torch.tensor([ids]), **hf_config)
+                reference, t_hf = timed(plain_hf.generate, torch.tensor([ids]), **hf_config)
             assert plain.output_ids == monitored.output_ids, "probes changed the output"
+            assert reference[0, len(ids):].tolist() == monitored.output_ids, "differs from plain HF"
             plain_t.append(t_plain)
             monitored_t.append(t_mon)
             hf_t.append(t_hf)
-    ratio = sum(monitored_t) / sum(plain_t)
     result = {
         "concepts": len(bank.names), "layers": len(bank.layers), "new_tokens": 64,
         "runs": len(plain_t),
         "unmonitored_s_median": round(median(plain_t), 3),
         "monitored_s_median": round(median(monitored_t), 3),
-        "hf_generate_s_median": round(median(hf_t), 3),
-        "monitored_over_unmonitored": round(ratio, 3),
-        "monitored_over_hf_generate": round(sum(monitored_t) / sum(hf_t), 3),
-        "target": "<= 1.05",
+        "plain_hf_generate_s_median": round(median(hf_t), 3),
+        # per-run ratios, so a background hiccup in one run cannot dominate the figure
+        "monitored_over_unmonitored": round(median([m / p for m, p in zip(monitored_t, plain_t)]), 3),
+        "monitored_over_plain_hf_generate": round(median([m / h for m, h in zip(monitored_t, hf_t)]), 3),
+        "target": "monitored / unmonitored <= 1.05",
     }
     print(f"monitor: {result}", flush=True)
     return result
@@ -150,9 +161,21 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def bench_memory() -> dict:
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True)
-    peak_mib = int(out.stdout.strip().splitlines()[-1]) / 1024
-    result = {"peak_rss_mib": round(peak_mib, 1), "what": "load default model + one monitored generation"}
+    """Peak RSS in a fresh process: cold (first load dequantises the GGUF into the weights
+    cache) and warm (loads the cached float32 weights)."""
+    import os
+    import tempfile
+
+    def peak(cache_dir: str) -> float:
+        env = {**os.environ, "AUDITOR_MODEL_CACHE_DIR": cache_dir}
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True, env=env)
+        return round(int(out.stdout.strip().splitlines()[-1]) / 1024, 1)
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold = peak(cache_dir)
+        warm = peak(cache_dir)
+    result = {"cold_peak_rss_mib": cold, "warm_peak_rss_mib": warm,
+              "what": "fresh process: load default model + one monitored generation"}
     print(f"memory: {result}", flush=True)
     return result
 

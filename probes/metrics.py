@@ -32,15 +32,15 @@ def _check_binary(scores: np.ndarray, labels: np.ndarray) -> None:
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given their average rank."""
+    """1-based ranks, ties given their average rank (vectorised: bootstraps call this a lot)."""
     order = np.argsort(values, kind="mergesort")
     sorted_values = values[order]
+    starts_group = np.concatenate([[True], sorted_values[1:] != sorted_values[:-1]])
+    group = np.cumsum(starts_group) - 1
+    starts = np.flatnonzero(starts_group)
+    ends = np.concatenate([starts[1:], [len(values)]])
     ranks = np.empty(len(values), dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(sorted_values)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(values)]])
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
+    ranks[order] = ((starts + ends + 1) / 2.0)[group]
     return ranks
 
 

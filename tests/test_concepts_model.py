@@ -92,10 +92,13 @@ def test_steering_moves_the_probe_score_and_the_text(engine, bank):
     prompt = "What should I pack for a weekend trip to the coast?"
     sampling = SamplingConfig(max_new_tokens=32)
     baseline = engine.generate(prompt, sampling, bank=bank)
-    steered = engine.generate(prompt, sampling, [SteerRequest("pessimism", 0.5, relative=True)], bank)
-    layer = bank.auto_layers["pessimism"]
+    steered = engine.generate(prompt, sampling, [SteerRequest("pessimism", 0.3, relative=True)], bank)
     assert steered.text != baseline.text
-    assert steered.scores.at("pessimism", layer)["z"] > baseline.scores.at("pessimism", layer)["z"] + 2
+    injected = bank.auto_layers["pessimism"]
+    # Read five layers downstream, with that layer's own direction: the injected signal must
+    # have propagated through the network, not merely be present where it was added.
+    downstream = injected + 5
+    assert steered.scores.at("pessimism", downstream)["z"] > baseline.scores.at("pessimism", downstream)["z"] + 2
 
 
 def test_texts_longer_than_the_context_and_empty_texts_are_rejected(model, bank):

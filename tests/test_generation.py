@@ -6,7 +6,7 @@ import torch
 from probes.errors import InvalidInputError
 from probes.steering import Steering, start_position, steering_delta
 from workers.runtime.generate import SamplingConfig, encode_prompt, generate
-from workers.runtime.hooks import hooked, live_hook_count
+from workers.runtime.hooks import ResidualCapture, hooked, live_hook_count
 
 pytestmark = pytest.mark.model
 
@@ -65,8 +65,6 @@ def test_probes_change_no_output_token_and_no_logit(model, prompt_ids, all_layer
     tokens = torch.tensor([prompt_ids])
     with torch.inference_mode():
         bare = model.bridge.forward(tokens)
-        from workers.runtime.hooks import ResidualCapture
-
         with hooked(model, capture=ResidualCapture(all_layers)):
             probed = model.bridge.forward(tokens)
     assert torch.equal(bare, probed)
@@ -78,18 +76,42 @@ def test_steering_changes_the_text(engine, bank, model, prompt_ids):
     assert steered.output_ids != generate(model, prompt_ids, config).output_ids
 
 
+class FailingCapture(ResidualCapture):
+    """A probe that blows up in the middle of a forward pass."""
+
+    def hook_for(self, layer):
+        def explode(resid, hook):
+            raise RuntimeError(f"probe failed at layer {layer}")
+
+        return explode if layer == self.layers[-1] else super().hook_for(layer)
+
+
 def test_no_hook_survives_a_request_even_when_it_raises(model, prompt_ids, all_layers):
     assert live_hook_count(model) == 0
     generate(model, prompt_ids, SamplingConfig(max_new_tokens=3), monitor_layers=all_layers)
     assert live_hook_count(model) == 0
-    wrong_width = Steering(layer=3, delta=torch.ones(model.d_model + 1))  # fails inside the forward
-    with pytest.raises(RuntimeError):
-        generate(model, prompt_ids, SamplingConfig(max_new_tokens=3), all_layers, [wrong_width])
+    steer = Steering(layer=2, delta=torch.ones(model.d_model))
+    with pytest.raises(RuntimeError, match="probe failed at layer 20"):
+        with hooked(model, capture=FailingCapture([5, 20]), steering=[steer]):
+            assert live_hook_count(model) == 3
+            with torch.inference_mode():
+                model.bridge.forward(torch.tensor([prompt_ids]))
     assert live_hook_count(model) == 0
     with pytest.raises(KeyError):
-        with hooked(model, steering=[Steering(layer=2, delta=torch.zeros(model.d_model))]):
-            assert live_hook_count(model) == 1
-            raise KeyError("request failed")
+        with hooked(model, steering=[steer]):
+            raise KeyError("request failed between passes")
+    assert live_hook_count(model) == 0
+
+
+@pytest.mark.parametrize("steer, message", [
+    (Steering(layer=3, delta=torch.ones(7)), "dimension 7 but the model's d_model is 576"),
+    (Steering(layer=3, delta=torch.zeros(576)), "zero vector"),
+    (Steering(layer=3, delta=torch.full((576,), float("nan"))), "NaN"),
+    (Steering(layer=30, delta=torch.ones(576)), "out of range"),
+])
+def test_bad_steering_vectors_are_rejected_before_any_forward(model, prompt_ids, steer, message):
+    with pytest.raises(InvalidInputError, match=message):
+        generate(model, prompt_ids, SamplingConfig(max_new_tokens=3), steering=[steer])
     assert live_hook_count(model) == 0
 
 
@@ -125,3 +147,28 @@ def test_prompt_longer_than_the_context_is_rejected(model):
 def test_bad_sampling_settings_are_rejected(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_a_local_model_directory_and_a_gguf_path_load_the_same_weights(model, settings, prompt_ids):
+    from workers.runtime.model import bundled_gguf_path, load_model
+
+    converted = next(p for p in settings.model_cache_dir.iterdir() if (p / "config.json").exists())
+    as_directory = load_model(str(converted))
+    as_gguf_path = load_model(str(bundled_gguf_path()), cache_dir=settings.model_cache_dir)
+    assert as_directory.fingerprint.loader == "transformers"
+    assert as_gguf_path.fingerprint.hash == model.fingerprint.hash  # same file, same basis
+    assert as_directory.fingerprint.hash != model.fingerprint.hash  # another loader is another basis
+    config = SamplingConfig(max_new_tokens=12)
+    expected = generate(model, prompt_ids, config).output_ids
+    assert generate(as_directory, prompt_ids, config).output_ids == expected
+    assert generate(as_gguf_path, prompt_ids, config).output_ids == expected
+
+
+def test_a_missing_model_is_a_clear_error():
+    from auditor.errors import ModelLoadError
+    from workers.runtime.model import load_model
+
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_model("/nonexistent/model.gguf")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model("/nonexistent/model-directory")

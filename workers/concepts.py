@@ -11,8 +11,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from auditor.errors import FingerprintMismatchError
 from probes.calibration import Calibration, fit_calibration
 from probes.concepts import ConceptDefinition, load_concept, load_neutral
 from probes.errors import InvalidInputError
@@ -120,15 +122,11 @@ def save_vectors(vectors: ConceptVectors, path: Path) -> None:
 
 
 def load_vectors(path: Path, model: LoadedModel) -> ConceptVectors:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     directions = load_file(str(path))["directions"]
     provenance = json.loads(metadata["provenance"])
     if provenance.get("model_fingerprint") != model.fingerprint.hash:
-        from auditor.errors import FingerprintMismatchError
-
         raise FingerprintMismatchError(
             f"{path.name} was extracted from {provenance.get('model_id')} "
             f"(fingerprint {str(provenance.get('model_fingerprint'))[:12]}), not the loaded "

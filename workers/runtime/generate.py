@@ -17,6 +17,7 @@ import torch
 
 from probes.errors import InvalidInputError
 from probes.steering import Steering
+from probes.validation import check_layer, check_vector
 from workers.runtime.hooks import PositionTracker, ResidualCapture, hooked
 from workers.runtime.model import LoadedModel
 
@@ -110,6 +111,9 @@ def generate(
     reference behaviour that tests compare the cached path against)."""
     prompt = list(prompt_ids)
     _check_length(model, len(prompt), config)
+    for steer in steering:
+        check_layer(steer.layer, model.n_layers)
+        check_vector(steer.delta, model.d_model, "steering vector")
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(config.seed)

@@ -44,7 +44,13 @@ class ModelFingerprint:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+        """Identifies the basis, not the name: the same weights file loaded by another path
+        (or under another model id) is the same basis. The name stands in only when no weights
+        hash or revision is known."""
+        basis = dict(self.as_dict())
+        if basis["revision"] != "unknown":
+            basis.pop("model_id")
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -140,22 +146,12 @@ def _load_gguf(path: Path, revision: str, dtype: torch.dtype, cache_dir: Path | 
     """Dequantising a GGUF file takes ~15 s on CPU; the float weights are kept as safetensors
     under `cache_dir`, keyed by the file's hash, so later loads take about a second."""
     import safetensors.torch as safetensors_torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype_name = str(dtype).removeprefix("torch.")
     converted = Path(cache_dir) / f"{path.stem}-{revision[:16]}-{dtype_name}" if cache_dir else None
     if converted is not None and (converted / WEIGHTS_FILE).exists():
-        config = AutoConfig.from_pretrained(converted)
-        # Not on the meta device: rotary inv_freq is a non-persistent buffer that only
-        # construction fills in.
-        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        missing, unexpected = safetensors_torch.load_model(hf_model, converted / WEIGHTS_FILE, strict=False)
-        hf_model.tie_weights()
-        tied = {"model.embed_tokens.weight", "lm_head.weight"}
-        if set(missing) - tied or unexpected:
-            raise ModelLoadError(f"converted weights in {converted} do not match the model: "
-                                 f"missing {missing}, unexpected {unexpected}")
-        hf_model.generation_config = GenerationConfig.from_pretrained(converted)
+        hf_model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
         return hf_model, AutoTokenizer.from_pretrained(converted)
     _silence_gguf_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

