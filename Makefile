@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/auditor demo
 
 test: install
+	@scripts/services-up.sh
 	$(BIN)/python -m pytest
 
 test-fast: install

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "auditor" / "models",
         description="dequantised copies of GGUF weights (first load converts, later loads are fast)",
     )
-    database_url: str = Field("", description="empty = SQLite file in data_dir")
+    database_url: str = Field("", description="empty = SQLite file in data_dir (see auditor.db)")
     broker_url: str = Field("", description="empty = in-process worker")
 
     monitor_layers: str = Field("all", description="'all' or a comma list of layer indices")
@@ -62,10 +62,6 @@ class Settings(BaseSettings):
         if self.torch_threads:
             return self.torch_threads
         return max(1, (os.cpu_count() or 1) // self.processes_per_machine)
-
-    @property
-    def sqlite_url(self) -> str:
-        return f"sqlite:///{self.data_dir / 'auditor.db'}"
 
 
 @lru_cache

@@ -149,14 +149,15 @@ def bench_batch(eng, n_texts: int = 256) -> dict:
 
 
 MEMORY_PROBE = """
-import resource, torch
+import torch
 from auditor.settings import Settings
 from workers.engine import Engine
 engine = Engine(Settings())
 model = engine.model
 from workers.runtime.generate import SamplingConfig, encode_prompt, generate
 generate(model, encode_prompt(model, "Hello there"), SamplingConfig(max_new_tokens=16), list(range(model.n_layers)))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM is this process's own peak; ru_maxrss can carry the forking parent's peak over.
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
 
 
