@@ -284,7 +284,10 @@ def demo(
             "URGENT: reply within the hour or the account will be closed.",
         ]
         scores = engine.probe(samples, bank)
-        probe_table = Table("text", *[f"{n}\n(L{bank.auto_layers[n]})" for n in bank.names], title="probe z-scores vs neutral text")
+        probe_table = Table(title="probe z-scores vs neutral text", expand=True)
+        probe_table.add_column("text", ratio=4)
+        for name in bank.names:
+            probe_table.add_column(f"{name}\nL{bank.auto_layers[name]}", ratio=1, justify="right")
         for t, text in enumerate(samples):
             cells = [_colour_z(float(scores["z"][t, bank.layer_index(bank.auto_layers[n]), k])) for k, n in enumerate(bank.names)]
             probe_table.add_row(text, *cells)
