@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from probes.errors import InvalidInputError
-from probes.validation import MIN_NORM
+from probes.validation import MIN_NORM, check_layer
 
 FORMATS = ("json", "safetensors", "gguf")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -117,7 +117,7 @@ def parse_vectors(
     """
     spec = _Spec(_positive_int(d_model, "d_model"), _positive_int(n_layers, "n_layers"), layer)
     if layer is not None:
-        _check_layer_arg(layer, spec.n_layers)
+        check_layer(layer, spec.n_layers)
     if fmt not in _READERS:
         raise InvalidInputError(f"unknown vector format {fmt!r}: expected one of {FORMATS}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -248,16 +248,6 @@ def _positive_int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _check_layer_arg(layer: Any, n_layers: int) -> int:
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise InvalidInputError(f"layer must be an integer, got {layer!r}")
-    if not 0 <= layer < n_layers:
-        raise InvalidInputError(
-            f"layer {layer} is out of range [0, {n_layers}) for a {n_layers}-layer model"
-        )
-    return layer
 
 
 def _describe(exc: BaseException) -> str:
