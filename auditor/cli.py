@@ -298,6 +298,38 @@ def demo(
 
 
 @app.command()
+def migrate(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Bring the database (AUDITOR_DATABASE_URL, default SQLite in the data dir) to a revision."""
+    from auditor.db import database_url, run_migrations
+
+    with _clear_errors():
+        url = database_url(get_settings())
+        run_migrations(url, revision)
+    console.print(f"database at {revision}: {url.split('@')[-1]}")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="run migrations before serving")] = True,
+) -> None:
+    """Serve the HTTP API (admin concepts, health, OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from auditor.api.main import create_app
+    from auditor.db import database_url, run_migrations
+
+    settings = get_settings()
+    with _clear_errors():
+        if migrate_first:
+            run_migrations(database_url(settings))
+        application = create_app(settings)
+    console.print(f"Auditor API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
 def run() -> None:
     """The main job. Until the service lands this is the demo (see `auditor demo`)."""
     demo()

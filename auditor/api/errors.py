@@ -1,0 +1,33 @@
+"""One JSON error shape for every failure, matching FastAPI's own 422 body:
+{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from auditor.errors import AuditorError, ModelLoadError
+from auditor.store import NotFoundError
+from probes.errors import InvalidInputError
+
+
+def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dict:
+    return {"detail": [{"loc": list(loc), "msg": message, "type": kind}]}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotFoundError)
+    async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "not_found", ("path",)), status_code=404)
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_input"), status_code=422)
+
+    @app.exception_handler(ModelLoadError)
+    async def _model(request: Request, exc: ModelLoadError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "model_unavailable", ("server",)), status_code=503)
+
+    @app.exception_handler(AuditorError)
+    async def _auditor(request: Request, exc: AuditorError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "server_error", ("server",)), status_code=500)

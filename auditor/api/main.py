@@ -1,0 +1,48 @@
+"""`auditor.api.main:app`, built by `create_app()`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fastapi import FastAPI
+
+from auditor import __version__
+from auditor.api.errors import install_error_handlers
+from auditor.api.routes import concepts, health
+from auditor.db import database_url, make_engine, session_factory
+from auditor.model_identity import ModelFingerprint, describe_model
+from auditor.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Everything the app needs is built here from settings; nothing happens at import."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Auditor",
+        version=__version__,
+        description="Monitor what a served language model represents internally.",
+    )
+    engine = make_engine(database_url(settings))
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = session_factory(engine)
+
+    @lru_cache(maxsize=1)
+    def fingerprint() -> ModelFingerprint:
+        # From metadata only: the API process never loads weights (DESIGN.md).
+        return describe_model(settings.model)
+
+    app.state.fingerprint = fingerprint
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(concepts.router)
+    return app
+
+
+def __getattr__(name: str):
+    # `auditor.api.main:app` for uvicorn, built on first access rather than at import time, so
+    # importing this module (tests, the CLI) never touches a database.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

@@ -1,0 +1,152 @@
+"""/admin/concepts: register (JSON or file upload), list, get, activate / deactivate, retire,
+export. Every registration is validated in full before anything is written."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+
+from auditor import store
+from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
+from auditor.model_identity import ModelFingerprint
+from auditor.models import Concept
+from auditor.schemas import ConceptCreate, ConceptRead
+from auditor.vector_io import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
+from probes.errors import InvalidInputError
+
+router = APIRouter(prefix="/admin/concepts", tags=["admin: concepts"])
+
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+MEDIA_TYPES = {"json": "application/json", "safetensors": "application/octet-stream", "gguf": "application/octet-stream"}
+
+
+def concept_read(session, concept: Concept) -> ConceptRead:
+    layers = sorted(store.concept_vectors(session, concept_id=concept.id))
+    return ConceptRead.model_validate({**{c: getattr(concept, c) for c in ConceptRead.model_fields if c != "layers"}, "layers": layers})
+
+
+def _check_fingerprint(claimed: str | None, fingerprint: ModelFingerprint) -> None:
+    if claimed and claimed != fingerprint.hash:
+        raise InvalidInputError(
+            f"vector was made for model fingerprint {claimed[:12]}…, but this deployment serves "
+            f"{fingerprint.model_id} ({fingerprint.hash[:12]}…): a vector only means something "
+            "in the basis it was extracted in"
+        )
+
+
+def _register(session, *, name: str, description: str, vector_set: VectorSet, primary_layer: int | None,
+              source: str, fingerprint: ModelFingerprint, created_by: str) -> Concept:
+    layers = sorted(vector_set.vectors)
+    if primary_layer is None:
+        primary_layer = layers[len(layers) // 2]
+    elif primary_layer not in vector_set.vectors:
+        raise InvalidInputError(f"primary_layer {primary_layer} has no vector (given layers: {layers})")
+    concept = store.add_concept_version(
+        session, name=name, description=description, vectors=vector_set.vectors,
+        primary_layer=primary_layer, created_by=created_by, model_id=fingerprint.model_id,
+        model_revision=fingerprint.revision, model_fingerprint=fingerprint.hash,
+        loader=fingerprint.loader, hook_point=fingerprint.hook_point, d_model=fingerprint.d_model,
+        n_layers_model=fingerprint.n_layers, method="upload", pooling="n/a", source=source,
+        provenance=_json_safe(vector_set.metadata),
+    )
+    session.commit()
+    return concept
+
+
+def _json_safe(metadata: dict) -> dict:
+    """File metadata as stored provenance (JSON object keys must be strings)."""
+    norms = metadata.get("original_norms", {})
+    return {**metadata, "original_norms": {str(layer): norm for layer, norm in norms.items()}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ConceptRead)
+def register_json(body: ConceptCreate, session: SessionDep, fingerprint: FingerprintDep) -> ConceptRead:
+    """Register the next version of a concept from vectors sent as JSON."""
+    _check_fingerprint(body.model_fingerprint, fingerprint)
+    if (body.vector is None) == (body.vectors is None):
+        raise InvalidInputError("send either `vector` with `layer`, or `vectors` (layer -> vector)")
+    if body.vector is not None and body.layer is None:
+        raise InvalidInputError("`vector` needs `layer`")
+    document = {"vectors": {str(k): v for k, v in (body.vectors or {body.layer: body.vector}).items()}}
+    vector_set = parse_vectors(json.dumps(document).encode(), "json", d_model=fingerprint.d_model, n_layers=fingerprint.n_layers)
+    concept = _register(session, name=body.name, description=body.description, vector_set=vector_set,
+                        primary_layer=body.primary_layer, source="upload-json", fingerprint=fingerprint, created_by="api")
+    return concept_read(session, concept)
+
+
+@router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ConceptRead)
+async def register_upload(
+    session: SessionDep,
+    fingerprint: FingerprintDep,
+    file: Annotated[UploadFile, File(description="JSON, safetensors, or a GGUF control vector (repeng / llama.cpp)")],
+    name: Annotated[str, Form(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")],
+    description: Annotated[str, Form(max_length=2000)] = "",
+    layer: Annotated[int | None, Form(ge=0, description="for files holding a single unlabelled vector")] = None,
+    primary_layer: Annotated[int | None, Form(ge=0)] = None,
+    format: Annotated[str | None, Form(description="json | safetensors | gguf; default: sniffed")] = None,
+) -> ConceptRead:
+    """Register the next version of a concept from an uploaded vector file."""
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InvalidInputError(f"file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+    fmt = format or sniff_format(file.filename, data)
+    if fmt not in FORMATS:
+        raise InvalidInputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    vector_set = parse_vectors(data, fmt, d_model=fingerprint.d_model, n_layers=fingerprint.n_layers, layer=layer)
+    _check_fingerprint(vector_set.metadata.get("model_fingerprint"), fingerprint)
+    concept = _register(session, name=name, description=description, vector_set=vector_set,
+                        primary_layer=primary_layer, source=f"upload-{fmt}", fingerprint=fingerprint, created_by="api")
+    return concept_read(session, concept)
+
+
+@router.get("", response_model=list[ConceptRead])
+def list_concepts(session: SessionDep, active: bool | None = None, name: str | None = None) -> list[ConceptRead]:
+    return [concept_read(session, c) for c in store.list_concepts(session, active=active, name=name)]
+
+
+def _require(session, concept_id: int) -> Concept:
+    concept = store.get_concept(session, concept_id=concept_id)
+    if concept is None:
+        raise store.NotFoundError(f"no concept with id {concept_id}")
+    return concept
+
+
+@router.get("/{concept_id}", response_model=ConceptRead)
+def get_concept(concept_id: int, session: SessionDep) -> ConceptRead:
+    return concept_read(session, _require(session, concept_id))
+
+
+@router.post("/{concept_id}/activate", response_model=ConceptRead)
+def activate(concept_id: int, session: SessionDep) -> ConceptRead:
+    concept = store.set_active(session, concept_id=_require(session, concept_id).id, active=True)
+    session.commit()
+    return concept_read(session, concept)
+
+
+@router.post("/{concept_id}/deactivate", response_model=ConceptRead)
+def deactivate(concept_id: int, session: SessionDep) -> ConceptRead:
+    concept = store.set_active(session, concept_id=_require(session, concept_id).id, active=False)
+    session.commit()
+    return concept_read(session, concept)
+
+
+@router.post("/{concept_id}/retire", response_model=ConceptRead)
+def retire(concept_id: int, session: SessionDep) -> ConceptRead:
+    concept = store.retire_concept(session, concept_id=_require(session, concept_id).id)
+    session.commit()
+    return concept_read(session, concept)
+
+
+@router.get("/{concept_id}/export")
+def export(concept_id: int, session: SessionDep, format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json") -> Response:
+    """The stored unit vectors, with provenance, as JSON, safetensors or a GGUF control vector."""
+    concept = _require(session, concept_id)
+    vectors = store.concept_vectors(session, concept_id=concept.id)
+    metadata = {"concept": concept.name, "version": concept.version, "model_fingerprint": concept.model_fingerprint,
+                "model_id": concept.model_id, "vector_hash": concept.vector_hash}
+    data = export_vectors(VectorSet(vectors, metadata), format, model_hint=concept.model_id)
+    suffix = {"json": "json", "safetensors": "safetensors", "gguf": "gguf"}[format]
+    return Response(data, media_type=MEDIA_TYPES[format], headers={
+        "Content-Disposition": f'attachment; filename="{concept.name}-v{concept.version}.{suffix}"'})

@@ -1,0 +1,75 @@
+"""Request and response bodies (pydantic). Families: ConceptCreate / ConceptRead / …"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+MAX_D_MODEL = 65536
+
+
+class ConceptCreate(BaseModel):
+    """Register a vector sent as JSON: one layer (`layer` + `vector`) or several (`vectors`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="concept name; a new vector under an existing name is its next version")
+    description: str = Field("", max_length=2000)
+    layer: int | None = Field(None, ge=0, description="layer of `vector`")
+    vector: list[float] | None = Field(None, max_length=MAX_D_MODEL)
+    vectors: dict[int, list[float]] | None = Field(None, max_length=512, description="layer -> vector")
+    primary_layer: int | None = Field(None, ge=0, description="the layer reports lead with; default: the middle given layer")
+    model_fingerprint: str | None = Field(None, description="if given, must match the served model's")
+
+    @field_validator("vectors")
+    @classmethod
+    def _bounded(cls, value: dict[int, list[float]] | None) -> dict[int, list[float]] | None:
+        if value is not None and any(len(v) > MAX_D_MODEL for v in value.values()):
+            raise ValueError(f"a vector may have at most {MAX_D_MODEL} values")
+        return value
+
+
+class ConceptRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    version: int
+    description: str
+    active: bool
+    retired_at: datetime | None
+    created_by: str
+    created_at: datetime
+    model_id: str
+    model_revision: str | None
+    model_fingerprint: str
+    loader: str
+    hook_point: str
+    d_model: int
+    method: str
+    pooling: str
+    n_pairs: int | None
+    pairs_hash: str | None
+    vector_hash: str
+    source: str
+    primary_layer: int
+    layers: list[int]
+    provenance: dict[str, Any]
+
+
+class ModelRead(BaseModel):
+    model_id: str
+    revision: str
+    loader: str
+    hook_point: str
+    n_layers: int
+    d_model: int
+    fingerprint: str
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

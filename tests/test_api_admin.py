@@ -1,0 +1,152 @@
+"""The admin API over real HTTP (uvicorn on loopback), on real Postgres and on SQLite."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from safetensors.torch import save as save_safetensors
+
+from auditor.api.main import create_app
+from auditor.db import run_migrations
+from auditor.model_identity import describe_model
+from auditor.settings import Settings
+
+from databases import Databases, _postgres_reachable
+
+D_MODEL, N_LAYERS = 576, 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def api(request, tmp_path_factory) -> Iterator[httpx.Client]:
+    if request.param == "postgres" and (reason := _postgres_reachable()):
+        pytest.skip(reason)
+    databases = Databases(request.param, tmp_path_factory.mktemp(f"api-{request.param}"))
+    url = databases.new_url()
+    run_migrations(url)
+    app = create_app(Settings(database_url=url, data_dir=tmp_path_factory.mktemp("data")))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "API server did not start"
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield client
+    server.should_exit = True
+    thread.join(timeout=10)
+    app.state.engine.dispose()
+    databases.drop_all()
+
+
+def unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).normal(size=D_MODEL)
+    return vector / np.linalg.norm(vector)
+
+
+def count(api: httpx.Client) -> int:
+    return len(api.get("/admin/concepts").json())
+
+
+def test_health_and_the_served_model(api):
+    assert api.get("/healthz").json()["status"] == "ok"
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    model = api.get("/v1/model").json()
+    expected = describe_model("smollm2")
+    assert model["fingerprint"] == expected.hash
+    assert (model["n_layers"], model["d_model"]) == (N_LAYERS, D_MODEL)
+
+
+def test_a_new_vector_under_a_name_is_a_new_version(api):
+    first = api.post("/admin/concepts", json={"name": "doom", "layer": 15, "vector": (3 * unit(1)).tolist()})
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert (body["version"], body["layers"], body["primary_layer"], body["active"]) == (1, [15], 15, True)
+    assert body["model_fingerprint"] == api.get("/v1/model").json()["fingerprint"]
+    assert body["provenance"]["original_norms"]["15"] == pytest.approx(3.0)
+    second = api.post("/admin/concepts", json={"name": "doom", "vectors": {"10": unit(2).tolist(), "20": unit(3).tolist()}})
+    assert second.status_code == 201 and second.json()["version"] == 2
+    assert second.json()["layers"] == [10, 20]
+    exported = api.get(f"/admin/concepts/{body['id']}/export", params={"format": "json"})
+    stored = np.array(json.loads(exported.content)["vectors"]["15"])
+    assert np.allclose(stored / np.linalg.norm(stored), unit(1), atol=1e-6)  # v1 untouched
+    versions = [c["version"] for c in api.get("/admin/concepts", params={"name": "doom"}).json()]
+    assert versions == [1, 2]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "json"])
+def test_upload_round_trips_through_every_export_format(api, fmt):
+    tensors = {"direction.12": torch.from_numpy(unit(12)).float(), "direction.18": torch.from_numpy(2 * unit(18)).float()}
+    created = api.post(
+        "/admin/concepts/upload", data={"name": f"upload-{fmt}"},
+        files={"file": ("vectors.safetensors", save_safetensors(tensors), "application/octet-stream")},
+    )
+    assert created.status_code == 201, created.text
+    concept = created.json()
+    assert concept["layers"] == [12, 18] and concept["source"] == "upload-safetensors"
+    exported = api.get(f"/admin/concepts/{concept['id']}/export", params={"format": fmt})
+    assert exported.status_code == 200
+    again = api.post("/admin/concepts/upload", data={"name": f"upload-{fmt}"}, files={"file": (f"v.{fmt}", exported.content)})
+    assert again.status_code == 201, again.text
+    assert again.json()["version"] == 2 and again.json()["layers"] == [12, 18]
+    assert again.json()["vector_hash"] == concept["vector_hash"]  # the same unit vectors came back
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"name": "bad", "layer": 15, "vector": [1.0] * 10}, "dimension 10"),
+    ({"name": "bad", "layer": 15, "vector": [0.0] * D_MODEL}, "norm"),
+    ({"name": "bad", "layer": 30, "vector": [1.0] * D_MODEL}, "out of range"),
+    ({"name": "bad", "vector": [1.0] * D_MODEL}, "needs `layer`"),
+    ({"name": "bad", "layer": 15, "vector": [1.0] * D_MODEL, "model_fingerprint": "0" * 64}, "basis"),
+    ({"name": "bad name!", "layer": 15, "vector": [1.0] * D_MODEL}, "pattern"),
+    ({"name": "bad", "vectors": {"3": [1.0] * D_MODEL}, "primary_layer": 4}, "primary_layer 4"),
+])
+def test_invalid_vectors_get_a_clear_4xx_and_write_nothing(api, payload, message):
+    before = count(api)
+    response = api.post("/admin/concepts", json=payload)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert any(message in item["msg"] for item in detail), detail
+    assert count(api) == before
+
+
+def test_nan_and_garbage_uploads_are_rejected(api):
+    before = count(api)
+    nan = api.post("/admin/concepts", content=b'{"name": "nan", "layer": 1, "vector": [NaN' + b", 1.0" * (D_MODEL - 1) + b"]}",
+                   headers={"content-type": "application/json"})
+    assert nan.status_code == 422
+    garbage = api.post("/admin/concepts/upload", data={"name": "junk"}, files={"file": ("x.gguf", b"GGUF\x03\x00\x00\x00garbage")})
+    assert garbage.status_code == 422 and "gguf" in garbage.text.lower()
+    assert count(api) == before
+
+
+def test_activate_deactivate_retire(api):
+    concept = api.post("/admin/concepts", json={"name": "lifecycle", "layer": 5, "vector": unit(5).tolist()}).json()
+    cid = concept["id"]
+    assert api.post(f"/admin/concepts/{cid}/deactivate").json()["active"] is False
+    assert api.post(f"/admin/concepts/{cid}/activate").json()["active"] is True
+    retired = api.post(f"/admin/concepts/{cid}/retire").json()
+    assert retired["active"] is False and retired["retired_at"] is not None
+    again = api.post(f"/admin/concepts/{cid}/activate")
+    assert again.status_code == 422 and "retired" in again.text
+    assert [c["id"] for c in api.get("/admin/concepts", params={"active": True}).json()].count(cid) == 0
+    missing = api.get("/admin/concepts/999999")
+    assert missing.status_code == 404 and missing.json()["detail"][0]["type"] == "not_found"
