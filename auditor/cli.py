@@ -330,9 +330,57 @@ def api(
 
 
 @app.command()
-def run() -> None:
-    """The main job. Until the service lands this is the demo (see `auditor demo`)."""
-    demo()
+def worker(
+    concurrency: Annotated[int, typer.Option(min=1, help="model processes (each loads its own copy)")] = 1,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a Celery worker on AUDITOR_BROKER_URL. The model loads lazily in the worker child,
+    on its first task, never in the prefork parent."""
+    settings = get_settings()
+    if not settings.broker_url:
+        err_console.print("[bold red]error:[/] AUDITOR_BROKER_URL is not set (the embedded default needs no worker: `auditor run`)")
+        raise typer.Exit(2)
+    from workers.tasks import celery_app
+
+    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork"])
+
+
+@app.command()
+def run(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """The main job: the API with an in-process worker (embedded default: SQLite, no broker).
+    With AUDITOR_BROKER_URL set, the API alone; run `auditor worker` processes beside it."""
+    import uvicorn
+
+    from auditor.api.main import create_app
+    from auditor.db import database_url, run_migrations
+
+    settings = get_settings()
+    dispatcher = None
+    with _clear_errors():
+        url = database_url(settings)
+        run_migrations(url)
+        if not settings.broker_url:
+            from workers.inprocess import InProcessDispatcher
+
+            dispatcher = InProcessDispatcher(settings)
+            with err_console.status("loading the model, registering built-in concepts, calibrating…"):
+                dispatcher.warm_up()
+        application = create_app(settings, dispatcher)
+    base = f"http://{host}:{port}"
+    # print, not rich: the commands must survive copy-paste unwrapped at any terminal width.
+    print(f"""Auditor on {base}  (database: {url.split('@')[-1]}; docs: {base}/docs)
+
+  curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "auditor", "messages": [{{"role": "user", "content": "Any advice for learning guitar?"}}], "max_tokens": 40}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='unused'); \\
+r = c.chat.completions.create(model='auditor', messages=[{{'role': 'user', 'content': 'Hi!'}}], max_tokens=30); \\
+print(r.choices[0].message.content, r.model_extra['auditor'])"
+""")
+    uvicorn.run(application, host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":  # pragma: no cover

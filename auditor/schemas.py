@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -73,3 +73,35 @@ class ModelRead(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+# ---- OpenAI-compatible completions ----
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class _SamplingFields(BaseModel):
+    model: str = Field(max_length=512)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    user: str | None = Field(None, max_length=256)
+
+    def sampling(self, default_max_tokens: int) -> dict:
+        return {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "seed": self.seed}
+
+
+class ChatCompletionCreate(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+
+
+class CompletionCreate(_SamplingFields):
+    prompt: str = Field(min_length=1, max_length=100_000)

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     )
     database_url: str = Field("", description="empty = SQLite file in data_dir (see auditor.db)")
     broker_url: str = Field("", description="empty = in-process worker")
+    result_backend: str = Field("", description="Celery result backend; empty = the broker URL")
+    task_visibility_timeout: int = Field(3600, ge=60, description="seconds before Redis re-delivers an unacked task")
+    request_timeout: float = Field(600.0, gt=0, description="seconds the API waits for a completion")
+    privacy_mode: Literal["full", "redacted", "hash"] = Field("full", description="how prompts and completions are stored")
 
     monitor_layers: str = Field("all", description="'all' or a comma list of layer indices")
     # logistic: best held-out pair separation for the built-in concepts (see README, probe quality)

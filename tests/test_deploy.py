@@ -1,10 +1,13 @@
-"""docker-compose.yml stays valid (checked without a Docker engine)."""
+"""docker-compose.yml stays valid (checked without a Docker engine), and the deployment files
+it mounts exist and parse."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,3 +20,134 @@ def test_compose_file_is_valid(client):
         pytest.skip("docker compose plugin not installed")
     result = subprocess.run([*client, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+# ---- the compose file's shape, read with PyYAML (no Docker needed) ----
+
+SERVICES = {"postgres", "redis", "migrate", "api", "worker", "prometheus", "grafana"}
+APP_IMAGE = "auditor:latest"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    # safe_load resolves the anchors and `<<` merge keys, as docker-compose does.
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def _environment(service: dict) -> dict:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # ["KEY=value", ...] form
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+
+def _depends_on(service: dict) -> dict:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return {name: {"condition": "service_started"} for name in deps}
+    return deps
+
+
+def _app_services(compose: dict) -> dict:
+    return {
+        name: svc for name, svc in compose["services"].items()
+        if "build" in svc or svc.get("image") == APP_IMAGE
+    }
+
+
+def _bind_sources(service: dict) -> list[str]:
+    sources = []
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            source = volume.get("source", "") if volume.get("type", "bind") == "bind" else ""
+        else:
+            source = volume.split(":", 1)[0]
+        if source.startswith("./deploy"):
+            sources.append(source)
+    return sources
+
+
+def test_compose_has_the_seven_services(compose):
+    assert SERVICES <= set(compose["services"])
+
+
+def test_app_services_wait_for_migrations(compose):
+    services = compose["services"]
+    assert services["migrate"]["command"] == ["auditor", "migrate"]
+    assert _depends_on(services["migrate"])["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        deps = _depends_on(services[name])
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["redis"]["condition"] == "service_healthy", name
+    assert "--no-migrate" in services["api"]["command"]
+    assert "8000:8000" in services["api"]["ports"]
+    assert services["worker"]["command"] == ["auditor", "worker"]
+    assert "AUDITOR_TORCH_THREADS" in _environment(services["worker"])
+
+
+def test_backing_services_have_healthchecks(compose):
+    services = compose["services"]
+    for name in ("postgres", "redis", "api"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    env = _environment(services["postgres"])
+    assert env["POSTGRES_USER"] == env["POSTGRES_PASSWORD"] == env["POSTGRES_DB"] == "auditor"
+
+
+def test_every_app_service_gets_database_and_broker(compose):
+    apps = _app_services(compose)
+    assert {"migrate", "api", "worker"} <= set(apps)
+    for name, service in apps.items():
+        env = _environment(service)
+        assert env.get("AUDITOR_DATABASE_URL") == "postgresql://auditor:auditor@postgres:5432/auditor", name
+        assert env.get("AUDITOR_BROKER_URL") == "redis://redis:6379/0", name
+        assert env.get("AUDITOR_DATA_DIR") == "/data", name
+        assert any(str(v).endswith(":/data") for v in service.get("volumes", [])), name
+        assert service.get("image") == APP_IMAGE, name
+
+
+def test_mounted_deploy_files_exist(compose):
+    sources = [src for svc in compose["services"].values() for src in _bind_sources(svc)]
+    assert sources, "nothing is mounted from ./deploy"
+    for source in sources:
+        assert (REPO / source).exists(), f"{source} is mounted but missing from the repo"
+
+
+def test_grafana_provisioning_and_dashboards_parse():
+    grafana = REPO / "deploy" / "grafana"
+    datasources = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert [d["url"] for d in datasources["datasources"]] == ["http://prometheus:9090"]
+    providers = yaml.safe_load((grafana / "provisioning" / "dashboards" / "auditor.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboards = sorted((grafana / "dashboards").glob("*.json"))
+    assert dashboards, "no dashboard JSON under deploy/grafana/dashboards"
+    for path in dashboards:
+        dashboard = json.loads(path.read_text())
+        assert dashboard.get("uid") and dashboard.get("title"), path.name
+        assert isinstance(dashboard.get("panels"), list), path.name
+
+
+def test_prometheus_scrapes_api_and_workers():
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {}
+    for job in config["scrape_configs"]:
+        found = [t for static in job.get("static_configs", []) for t in static["targets"]]
+        found += [f"{name}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for name in sd["names"]]
+        for target in found:
+            targets[target] = job.get("metrics_path", "/metrics")
+    assert targets.get("api:8000") == "/metrics"
+    assert targets.get("worker:9100") == "/metrics"
+
+
+def test_docker_build_context_has_what_the_dockerfile_copies():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", ".auditor", "bench/results"} <= ignored
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+                assert source not in ignored, f"Dockerfile copies {source}, which .dockerignore drops"
+    assert "/opt/auditor-models" in dockerfile  # weights baked in at build time

@@ -194,6 +194,10 @@ class ConceptBank:
     vectors: dict[str, ConceptVectors]
     calibration: Calibration | None = None
     typical_norms: dict[int, float] = field(default_factory=dict)  # layer -> median residual norm
+    # Registry-backed banks: the database id of each concept version, and which (layer, concept)
+    # cells hold a vector ([n_layers, n_concepts]; an uploaded vector may cover a few layers).
+    concept_ids: list[int] | None = None
+    mask: torch.Tensor | None = None
 
     def index(self, name: str) -> int:
         try:

@@ -140,10 +140,13 @@ class Engine:
         sampling: SamplingConfig | None = None,
         steer: Sequence[SteerRequest] = (),
         bank: ConceptBank | None = None,
+        chat: bool | None = None,
     ) -> MonitoredGeneration:
+        """`chat=False` reads a plain prompt as raw text (the /v1/completions contract);
+        None applies the chat template when the model has one."""
         bank = bank or self.bank()
         sampling = sampling or SamplingConfig(max_new_tokens=self.settings.max_new_tokens)
-        prompt_ids = encode_prompt(self.model, prompt)
+        prompt_ids = encode_prompt(self.model, prompt, chat)
         steering = [self.steering(s, bank, len(prompt_ids)) for s in steer]
         generation = generate(self.model, prompt_ids, sampling, bank.layers, steering)
         text = self.model.tokenizer.decode(generation.output_ids, skip_special_tokens=True)

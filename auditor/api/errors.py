@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from auditor.errors import AuditorError, ModelLoadError
@@ -12,10 +14,21 @@ from probes.errors import InvalidInputError
 
 
 def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dict:
-    return {"detail": [{"loc": list(loc), "msg": message, "type": kind}]}
+    """FastAPI's `detail` list, plus OpenAI's `error` object so OpenAI clients show the message."""
+    return {
+        "detail": [{"loc": list(loc), "msg": message, "type": kind}],
+        "error": {"message": message, "type": kind, "param": loc[-1] if len(loc) > 1 else None, "code": kind},
+    }
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = jsonable_encoder(exc.errors())
+        summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in detail)
+        error = {"message": summary, "type": "invalid_request_error", "param": None, "code": "validation_error"}
+        return JSONResponse({"detail": detail, "error": error}, status_code=422)
+
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "not_found", ("path",)), status_code=404)

@@ -8,15 +8,21 @@ from fastapi import FastAPI
 
 from auditor import __version__
 from auditor.api.errors import install_error_handlers
-from auditor.api.routes import concepts, health
+from auditor.api.routes import completions, concepts, health
+from auditor.dispatch import CeleryDispatcher, Dispatcher
 from auditor.db import database_url, make_engine, session_factory
 from auditor.model_identity import ModelFingerprint, describe_model
 from auditor.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Everything the app needs is built here from settings; nothing happens at import."""
+def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """Everything the app needs is built here from settings; nothing happens at import.
+
+    `dispatcher` hands generation to a worker: Celery over the broker when AUDITOR_BROKER_URL is
+    set; the composition root passes an in-process one for the embedded default."""
     settings = settings or get_settings()
+    if dispatcher is None and settings.broker_url:
+        dispatcher = CeleryDispatcher(settings)
     app = FastAPI(
         title="Auditor",
         version=__version__,
@@ -26,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
+    app.state.dispatcher = dispatcher
 
     @lru_cache(maxsize=1)
     def fingerprint() -> ModelFingerprint:
@@ -36,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(concepts.router)
+    app.include_router(completions.router)
     return app
 
 

@@ -1,0 +1,134 @@
+"""Service tier: the API over real HTTP, a real `auditor worker` (Celery) process on real Redis,
+real Postgres, and the official `openai` client."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from sqlalchemy import func, select
+
+from auditor.db import make_engine, run_migrations, session_factory
+from auditor.models import MonitoredRequest, RequestScore
+from auditor.settings import Settings
+
+from databases import Databases, _postgres_reachable
+from test_api_admin import free_port
+
+pytestmark = pytest.mark.model
+REDIS_HOST = "127.0.0.1"
+
+
+def _redis_reachable() -> str | None:
+    import redis
+
+    try:
+        redis.Redis(host=REDIS_HOST, port=6379, socket_connect_timeout=2).ping()
+        return None
+    except Exception as exc:  # the reason is the skip message
+        return f"Redis unreachable at {REDIS_HOST}:6379: {exc}"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
+    """API + one worker process. `bank` first: the worker then reuses this session's extraction
+    cache (same data dir) instead of extracting again."""
+    for reason in (_postgres_reachable(), _redis_reachable()):
+        if reason:
+            pytest.skip(reason)
+    import redis
+
+    redis_db = random.randint(1, 15)
+    redis.Redis(host=REDIS_HOST, db=redis_db).flushdb()
+    databases = Databases("postgres", tmp_path_factory.mktemp("service-db"))
+    db_url = databases.new_url()
+    run_migrations(db_url)
+    broker = f"redis://{REDIS_HOST}:6379/{redis_db}"
+    env = {**os.environ, "AUDITOR_DATABASE_URL": db_url, "AUDITOR_BROKER_URL": broker,
+           "AUDITOR_DATA_DIR": str(data_dir), "AUDITOR_TORCH_THREADS": "2"}
+    worker = subprocess.Popen([sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    settings = Settings(database_url=db_url, broker_url=broker, data_dir=data_dir, request_timeout=300)
+    from auditor.api.main import create_app
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not app.state.dispatcher.app.control.ping(timeout=1.0):
+        assert worker.poll() is None, f"worker exited: {worker.stdout.read()}"
+        assert time.monotonic() < deadline, "worker did not come up"
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield {"base_url": f"http://127.0.0.1:{port}", "db_url": db_url, "app": app}
+    finally:
+        server.should_exit = True
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        thread.join(timeout=10)
+        app.state.engine.dispose()
+        databases.drop_all()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    from openai import OpenAI
+
+    return OpenAI(base_url=service["base_url"] + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+
+
+def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(service, client, engine, bank):
+    from workers.runtime.generate import SamplingConfig
+
+    messages = [{"role": "user", "content": "What should I pack for a weekend trip to the coast?"}]
+    response = client.chat.completions.create(model="auditor", messages=messages, max_tokens=16, temperature=0)
+    text = response.choices[0].message.content
+    auditor = response.model_extra["auditor"]
+    assert text and auditor["request_id"] == response.id
+    assert response.usage.completion_tokens == 16 or response.choices[0].finish_reason == "stop"
+
+    sessions = session_factory(make_engine(service["db_url"]))
+    with sessions() as session:
+        row = session.get(MonitoredRequest, response.id)
+        assert row.status == "done" and row.completion_text == text
+        assert row.completion_tokens == response.usage.completion_tokens
+        n_rows = session.scalar(select(func.count()).select_from(RequestScore).where(RequestScore.request_id == response.id))
+        scores = {(s.layer, s.concept_id): s for s in session.scalars(select(RequestScore).where(RequestScore.request_id == response.id))}
+    assert n_rows == len(bank.names) * len(bank.layers)
+
+    # The same request monitored inline, in this process, gives the same tokens and scores.
+    inline = engine.generate(messages, SamplingConfig(max_new_tokens=16), bank=bank)
+    assert inline.text == text
+    pessimism = auditor["scores"]["pessimism"]
+    assert pessimism["mean"] == pytest.approx(inline.scores.at("pessimism", pessimism["layer"])["mean"], abs=1e-4)
+    layer_means = sorted(s.mean for (layer, _), s in scores.items() if layer == pessimism["layer"])
+    assert any(abs(m - pessimism["mean"]) < 1e-4 for m in layer_means)
+
+
+def test_plain_completion_reads_the_prompt_as_raw_text(client):
+    response = client.completions.create(model="auditor", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in response.choices[0].text
+    assert response.model_extra["auditor"]["scores"]["pessimism"]["layer"] >= 0
+
+
+def test_unknown_model_and_streaming_get_clear_4xx(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert "unknown model 'gpt-4o'" in str(missing.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
