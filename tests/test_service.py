@@ -132,3 +132,26 @@ def test_unknown_model_and_streaming_get_clear_4xx(client):
     assert "unknown model 'gpt-4o'" in str(missing.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+
+
+def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(service, client, bank):
+    import httpx
+    import numpy as np
+
+    from auditor.models import Concept
+
+    direction = bank.vectors["pessimism"].direction(15).numpy()
+    created = httpx.post(service["base_url"] + "/admin/concepts",
+                         json={"name": "uploaded_gloom", "layer": 15, "vector": direction.tolist()}, timeout=30)
+    assert created.status_code == 201, created.text
+    concept_id = created.json()["id"]
+    response = client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "Tell me about rain."}], max_tokens=8, temperature=0)
+    assert "uploaded_gloom" in response.model_extra["auditor"]["scores"]
+    sessions = session_factory(make_engine(service["db_url"]))
+    with sessions() as session:
+        rows = list(session.scalars(select(RequestScore).where(RequestScore.request_id == response.id, RequestScore.concept_id == concept_id)))
+        builtin_id = session.scalar(select(Concept.id).where(Concept.name == "pessimism"))
+        twin = session.get(RequestScore, (response.id, builtin_id, 15))
+    assert [r.layer for r in rows] == [15]  # only the layer it has a vector for
+    assert rows[0].mean == pytest.approx(twin.mean, abs=1e-5)  # same direction, same score
+    assert np.isfinite(rows[0].calibrated_z)

@@ -41,10 +41,20 @@ def register_builtin_concepts(session: Session, engine: Engine) -> list[int]:
     return added
 
 
+def _active_concepts(session: Session, engine: Engine) -> list:
+    fingerprint = engine.model.fingerprint.hash
+    return [c for c in store.list_concepts(session, active=True) if c.model_fingerprint == fingerprint]
+
+
+def active_concept_ids(session: Session, engine: Engine) -> list[int]:
+    """Cheap per-request check of which versions the bank should hold (in bank order)."""
+    return [c.id for c in _active_concepts(session, engine)]
+
+
 def bank_from_registry(session: Session, engine: Engine) -> ConceptBank:
     """Every active concept version registered for the loaded model, at the monitored layers."""
     model, layers = engine.model, engine.layers
-    concepts = [c for c in store.list_concepts(session, active=True) if c.model_fingerprint == model.fingerprint.hash]
+    concepts = _active_concepts(session, engine)
     if not concepts:
         raise InvalidInputError(f"no active concepts are registered for {model.fingerprint.model_id}")
     names = [c.name if sum(o.name == c.name for o in concepts) == 1 else f"{c.name}:v{c.version}" for c in concepts]

@@ -19,7 +19,8 @@ from probes.errors import InvalidInputError
 from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
 from workers.engine import Engine
 from workers.monitor import RequestScores
-from workers.registry import bank_from_registry, register_builtin_concepts
+from probes.concepts import builtin_concepts, load_concept
+from workers.registry import active_concept_ids, bank_from_registry, register_builtin_concepts
 from workers.runtime.generate import SamplingConfig
 
 
@@ -31,17 +32,22 @@ class Runtime:
         # The model and its hooks serve one request at a time per process.
         self.lock = threading.Lock()
         self._bank: ConceptBank | None = None
+        self._builtins_registered = False
 
     def bank(self) -> ConceptBank:
-        if self._bank is None:
-            with self.sessions() as session:
+        """The calibrated bank of active concepts. Rebuilt when the registry's set of active
+        versions changes (a registration, activation or retirement since the last request), so
+        a vector registered through the admin API is monitored from the next request on."""
+        with self.sessions() as session:
+            if not self._builtins_registered:
                 register_builtin_concepts(session, self.engine)
                 session.commit()
+                self._builtins_registered = True
+            active = active_concept_ids(session, self.engine)
+            if self._bank is None or self._bank.concept_ids != active:
                 bank = bank_from_registry(session, self.engine)
-            from probes.concepts import builtin_concepts, load_concept
-
-            texts = calibration_texts([load_concept(n) for n in builtin_concepts()])
-            self._bank = calibrate_bank(self.engine.model, bank, texts, self.settings.batch_size)
+                texts = calibration_texts([load_concept(n) for n in builtin_concepts()])
+                self._bank = calibrate_bank(self.engine.model, bank, texts, self.settings.batch_size)
         return self._bank
 
 
