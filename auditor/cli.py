@@ -374,10 +374,10 @@ def run(
     print(f"""Auditor on {base}  (database: {url.split('@')[-1]}; docs: {base}/docs)
 
   curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model": "auditor", "messages": [{{"role": "user", "content": "Any advice for learning guitar?"}}], "max_tokens": 40}}'
+       -d '{{"model": "auditor", "messages": [{{"role": "user", "content": "Any advice for learning guitar?"}}], "max_tokens": 40, "temperature": 0}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='unused'); \\
-r = c.chat.completions.create(model='auditor', messages=[{{'role': 'user', 'content': 'Hi!'}}], max_tokens=30); \\
+r = c.chat.completions.create(model='auditor', messages=[{{'role': 'user', 'content': 'Hi!'}}], max_tokens=30, temperature=0); \\
 print(r.choices[0].message.content, r.model_extra['auditor'])"
 """)
     uvicorn.run(application, host=host, port=port, log_level="info")
