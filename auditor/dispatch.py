@@ -12,6 +12,7 @@ from auditor.errors import AuditorError
 from auditor.settings import Settings
 
 TASK_GENERATE = "auditor.generate"
+TASK_AUDIT = "auditor.audit"
 
 
 class WorkerUnavailable(AuditorError):
@@ -20,6 +21,8 @@ class WorkerUnavailable(AuditorError):
 
 class Dispatcher(Protocol):
     def run(self, task: str, args: list[Any], *, task_id: str, timeout: float) -> dict: ...
+
+    def submit(self, task: str, args: list[Any], *, task_id: str) -> None: ...
 
 
 def make_celery(settings: Settings):
@@ -45,6 +48,14 @@ def make_celery(settings: Settings):
 class CeleryDispatcher:
     def __init__(self, settings: Settings):
         self.app = make_celery(settings)
+
+    def submit(self, task: str, args: list[Any], *, task_id: str) -> None:
+        from kombu.exceptions import OperationalError
+
+        try:
+            self.app.send_task(task, args=args, task_id=task_id)
+        except OperationalError as exc:
+            raise WorkerUnavailable(f"broker unavailable: {exc}") from exc
 
     def run(self, task: str, args: list[Any], *, task_id: str, timeout: float) -> dict:
         from celery.exceptions import TimeoutError as CeleryTimeout

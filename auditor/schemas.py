@@ -105,3 +105,41 @@ class ChatCompletionCreate(_SamplingFields):
 
 class CompletionCreate(_SamplingFields):
     prompt: str = Field(min_length=1, max_length=100_000)
+
+
+# ---- audits of completions served elsewhere ----
+
+
+class AuditItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1, max_length=100_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    completion: str = Field(min_length=1, max_length=100_000)
+
+
+class AuditCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[AuditItem] = Field(min_length=1, max_length=64)
+
+
+class AuditScore(BaseModel):
+    concept: str
+    concept_id: int
+    version: int
+    layer: int
+    mean: float
+    max: float
+    last: float
+    z: float | None
+    percentile: float | None
+
+
+class AuditRead(BaseModel):
+    id: str
+    status: str
+    error: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    scores: list[AuditScore]

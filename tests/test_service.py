@@ -155,3 +155,37 @@ def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(
     assert [r.layer for r in rows] == [15]  # only the layer it has a vector for
     assert rows[0].mean == pytest.approx(twin.mean, abs=1e-5)  # same direction, same score
     assert np.isfinite(rows[0].calibrated_z)
+
+
+def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(service, engine, bank):
+    import httpx
+
+    from workers.runtime.generate import SamplingConfig
+
+    messages = [{"role": "user", "content": "Describe a rainy Monday morning commute."}]
+    inline = engine.generate(messages, SamplingConfig(max_new_tokens=14, stop_at_eos=False), bank=bank)
+    completion_ids = engine.model.tokenizer(inline.text, add_special_tokens=False)["input_ids"]
+    assert completion_ids == inline.generation.output_ids  # the text re-tokenises to the same tokens
+    submitted = httpx.post(service["base_url"] + "/v1/audits", timeout=30, json={"items": [
+        {"messages": messages, "completion": inline.text},
+        {"prompt": "Plain text prompt:", "completion": " something else entirely"},
+    ]})
+    assert submitted.status_code == 202, submitted.text
+    audit_id = submitted.json()["ids"][0]
+    deadline = time.monotonic() + 180
+    while (audit := httpx.get(f"{service['base_url']}/v1/audits/{audit_id}", timeout=30).json())["status"] != "done":
+        assert audit["status"] in ("queued", "running"), audit
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert audit["completion_tokens"] == 14
+    by_key = {(s["concept"], s["layer"]): s for s in audit["scores"]}
+    for name in ("pessimism", "formality", "urgency"):
+        for layer in (5, 15, 25):
+            expected = inline.scores.at(name, layer)
+            got = by_key[(name, layer)]
+            assert got["mean"] == pytest.approx(expected["mean"], abs=1e-4)
+            assert got["last"] == pytest.approx(expected["last"], abs=1e-4)
+    missing = httpx.get(f"{service['base_url']}/v1/audits/audit-nope", timeout=30)
+    assert missing.status_code == 404
+    bad = httpx.post(service["base_url"] + "/v1/audits", timeout=30, json={"items": [{"completion": "no prompt"}]})
+    assert bad.status_code == 422 and "either `prompt` or `messages`" in bad.text

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from auditor.dispatch import TASK_GENERATE, WorkerUnavailable
+from auditor.dispatch import TASK_AUDIT, TASK_GENERATE, WorkerUnavailable
 from auditor.settings import Settings
 from workers import service
 
@@ -16,11 +16,17 @@ class InProcessDispatcher:
     def __init__(self, settings: Settings):
         self.runtime = service.Runtime(settings)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-worker")
-        self.tasks = {TASK_GENERATE: lambda request_id, payload: service.serve_generation(request_id, payload, self.runtime)}
+        self.tasks = {
+            TASK_GENERATE: lambda request_id, payload: service.serve_generation(request_id, payload, self.runtime),
+            TASK_AUDIT: lambda request_ids, items: service.serve_audits(request_ids, items, self.runtime),
+        }
 
     def warm_up(self) -> None:
         """Load the model and build the calibrated bank now, not on the first request."""
         self.pool.submit(self.runtime.bank).result()
+
+    def submit(self, task: str, args: list[Any], *, task_id: str) -> None:
+        self.pool.submit(self.tasks[task], *args)
 
     def run(self, task: str, args: list[Any], *, task_id: str, timeout: float) -> dict:
         future = self.pool.submit(self.tasks[task], *args)

@@ -140,3 +140,69 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
     return {"request_id": request_id, "status": "done", "text": result.text, "finish_reason": finish,
             "prompt_tokens": len(generation.prompt_ids), "completion_tokens": len(generation.output_ids),
             "scores": headline(bank, result.scores)}
+
+
+def replay_scores(runtime: Runtime, bank: ConceptBank, items: list[dict[str, Any]]) -> list[tuple[RequestScores, int, int]]:
+    """Teacher-forced replay of (prompt, completion) pairs in one padded forward pass.
+
+    Each sequence is prompt + completion tokens; the scored span is the positions that chose the
+    completion's tokens (the last prompt position onward), exactly the span monitored generation
+    scores. Returns (scores, prompt_tokens, completion_tokens) per item.
+    """
+    import torch
+
+    from workers.monitor import score_resid
+    from workers.runtime.generate import encode_prompt
+    from workers.runtime.hooks import ResidualCapture, hooked
+
+    model = runtime.engine.model
+    sequences = []
+    for item in items:
+        prompt = item["messages"] if item.get("messages") else item["prompt"]
+        prompt_ids = encode_prompt(model, prompt, chat=bool(item.get("messages")))
+        completion_ids = model.tokenizer(item["completion"], add_special_tokens=False)["input_ids"]
+        if not completion_ids:
+            raise InvalidInputError("a completion to audit is empty")
+        if len(prompt_ids) + len(completion_ids) > model.max_context:
+            raise InvalidInputError(f"prompt + completion exceed the model's context of {model.max_context} tokens")
+        sequences.append((prompt_ids, completion_ids))
+    width = max(len(p) + len(c) for p, c in sequences)
+    batch = torch.full((len(sequences), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    for row, (p, c) in enumerate(sequences):
+        batch[row, : len(p) + len(c)] = torch.tensor(p + c)
+    capture = ResidualCapture(bank.layers)
+    with torch.inference_mode(), hooked(model, capture=capture):
+        # Right padding: causal attention keeps every real position independent of the pads.
+        model.bridge.forward(batch.to(model.device), return_type=None)
+    resid = capture.stacked()  # [n_layers, batch, width, d_model]
+    results = []
+    for row, (p, c) in enumerate(sequences):
+        span_end = len(p) + len(c) - 1  # the last completion token is never read
+        results.append((score_resid(bank, resid[:, row, :span_end], start=len(p) - 1), len(p), len(c)))
+    return results
+
+
+def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: Runtime | None = None) -> dict[str, Any]:
+    """Score completions served elsewhere, all queued items of one submission in one batch."""
+    runtime = runtime or get_runtime()
+    try:
+        with runtime.lock:
+            bank = runtime.bank()
+            results = replay_scores(runtime, bank, items)
+    except Exception as exc:
+        with runtime.sessions() as session:
+            for request_id in request_ids:
+                store.mark_request(session, request_id=request_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            session.commit()
+        raise
+    fingerprint = runtime.engine.model.fingerprint
+    with runtime.sessions() as session:
+        for request_id, item, (scores, n_prompt, n_completion) in zip(request_ids, items, results):
+            store.mark_request(session, request_id=request_id, status="running")
+            store.delete_scores(session, request_id=request_id)
+            store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, scores))
+            store.mark_request(session, request_id=request_id, status="done", completion_text=item["completion"],
+                               model_id=fingerprint.model_id, model_fingerprint=fingerprint.hash,
+                               prompt_tokens=n_prompt, completion_tokens=n_completion)
+        session.commit()
+    return {"request_ids": request_ids, "status": "done"}

@@ -4,7 +4,7 @@ Start a worker with `auditor worker` (or `celery -A workers.tasks worker`)."""
 
 from __future__ import annotations
 
-from auditor.dispatch import TASK_GENERATE, make_celery
+from auditor.dispatch import TASK_AUDIT, TASK_GENERATE, make_celery
 from auditor.settings import get_settings
 from workers import service
 
@@ -15,3 +15,8 @@ app = celery_app  # `celery -A workers.tasks` looks for `app`
 @celery_app.task(name=TASK_GENERATE)
 def generate_task(request_id: str, payload: dict) -> dict:
     return service.serve_generation(request_id, payload)
+
+
+@celery_app.task(name=TASK_AUDIT)
+def audit_task(request_ids: list[str], items: list[dict]) -> dict:
+    return service.serve_audits(request_ids, items)

@@ -1,0 +1,65 @@
+"""/v1/audits: score (prompt, completion) pairs served by another stack, in the background."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from auditor import store
+from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
+from auditor.api.errors import error_body
+from auditor.dispatch import TASK_AUDIT, WorkerUnavailable
+from auditor.models import Concept, RequestScore
+from auditor.schemas import AuditCreate, AuditRead, AuditScore
+from probes.errors import InvalidInputError
+
+router = APIRouter(prefix="/v1/audits", tags=["audits"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def submit(body: AuditCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep):
+    """Queue the items for scoring (one batched replay); returns their ids to poll."""
+    dispatcher = request.app.state.dispatcher
+    if dispatcher is None:
+        return JSONResponse(error_body("no worker is configured", "worker_unavailable", ("server",)), status_code=503)
+    items = []
+    for index, item in enumerate(body.items):
+        if (item.prompt is None) == (item.messages is None):
+            raise InvalidInputError(f"items[{index}]: give either `prompt` or `messages`")
+        items.append(item.model_dump(exclude_none=True))
+    ids = [f"audit-{uuid.uuid4().hex}" for _ in items]
+    for request_id, item in zip(ids, items):
+        prompt_text = item.get("prompt") or "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
+        store.create_request(session, request_id=request_id, kind="audit", prompt_text=prompt_text,
+                             privacy_mode=settings.privacy_mode, model_id=fingerprint.model_id)
+    session.commit()  # rows first, then the task: a worker never sees an id the database lacks
+    try:
+        dispatcher.submit(TASK_AUDIT, [ids, items], task_id=ids[0])
+    except WorkerUnavailable as exc:
+        return JSONResponse(error_body(str(exc), "worker_unavailable", ("server",)), status_code=503,
+                            headers={"Retry-After": "5"})
+    return {"ids": ids, "status": "queued"}
+
+
+@router.get("/{audit_id}", response_model=AuditRead)
+def get(audit_id: str, session: SessionDep) -> AuditRead:
+    """Status, and once done every score row (each concept version at each of its layers)."""
+    row = store.get_request(session, request_id=audit_id)
+    if row is None or row.kind != "audit":
+        raise store.NotFoundError(f"no audit {audit_id!r}")
+    scores = session.execute(
+        select(RequestScore, Concept.name, Concept.version)
+        .join(Concept, Concept.id == RequestScore.concept_id)
+        .where(RequestScore.request_id == audit_id)
+        .order_by(Concept.name, RequestScore.layer)
+    )
+    return AuditRead(
+        id=row.id, status=row.status, error=row.error, prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        scores=[AuditScore(concept=name, concept_id=s.concept_id, version=version, layer=s.layer, mean=s.mean,
+                           max=s.max, last=s.last, z=s.calibrated_z, percentile=s.percentile)
+                for s, name, version in scores],
+    )
