@@ -150,3 +150,14 @@ def test_activate_deactivate_retire(api):
     assert [c["id"] for c in api.get("/admin/concepts", params={"active": True}).json()].count(cid) == 0
     missing = api.get("/admin/concepts/999999")
     assert missing.status_code == 404 and missing.json()["detail"][0]["type"] == "not_found"
+
+
+def test_completion_requests_are_validated_before_any_worker_is_involved(api):
+    bad = api.post("/v1/chat/completions", json={"model": "auditor", "messages": [{"role": "user", "content": "hi"}], "temperature": 5})
+    assert bad.status_code == 422 and "temperature" in bad.json()["error"]["message"]
+    empty = api.post("/v1/chat/completions", json={"model": "auditor", "messages": []})
+    assert empty.status_code == 422
+    unknown = api.post("/v1/completions", json={"model": "gpt-4o", "prompt": "hi"})
+    assert unknown.status_code == 404 and "unknown model 'gpt-4o'" in unknown.json()["error"]["message"]
+    no_worker = api.post("/v1/completions", json={"model": "auditor", "prompt": "hi"})
+    assert no_worker.status_code == 503 and no_worker.json()["detail"][0]["type"] == "worker_unavailable"
