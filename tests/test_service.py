@@ -189,3 +189,12 @@ def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(servic
     assert missing.status_code == 404
     bad = httpx.post(service["base_url"] + "/v1/audits", timeout=30, json={"items": [{"completion": "no prompt"}]})
     assert bad.status_code == 422 and "either `prompt` or `messages`" in bad.text
+
+
+def test_readiness_sees_the_database_the_broker_and_a_live_worker(service):
+    import httpx
+
+    ready = httpx.get(service["base_url"] + "/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
+    checks = ready.json()["checks"]
+    assert checks["database"] == "ok" and checks["broker"] == "ok" and checks["workers"] == "ok (1 live)"

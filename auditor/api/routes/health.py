@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 
 from auditor.api.deps import FingerprintDep
+from auditor.dispatch import CeleryDispatcher
 from auditor.schemas import Health, ModelRead
 
 router = APIRouter(tags=["health"])
@@ -19,19 +20,45 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health)
 def readyz(request: Request, response: Response) -> Health:
-    """Ready to take traffic: the database answers. (Broker and worker checks arrive with the
-    Celery workers.)"""
-    checks = {}
-    try:
-        with request.app.state.sessions() as session:
-            session.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # any driver error means "not ready", reported, not raised
-        checks["database"] = f"error: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
+    """Ready to take traffic: the database answers and, with a broker configured, the broker
+    answers and at least one worker replies to a ping."""
+    checks = {"database": _check(lambda: _database(request))}
+    dispatcher = request.app.state.dispatcher
+    if isinstance(dispatcher, CeleryDispatcher):
+        checks["broker"] = _check(lambda: _broker(dispatcher))
+        checks["workers"] = _check(lambda: _workers(dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
+    elif dispatcher is not None:
+        checks["workers"] = "ok (in-process)"
+    else:
+        checks["workers"] = "none configured"
+    ready = all(v.startswith("ok") for v in checks.values())
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Health(status="ready" if ready else "not ready", checks=checks)
+
+
+def _check(probe) -> str:
+    try:
+        return probe() or "ok"
+    except Exception as exc:  # any failure means "not ready": reported, not raised
+        return f"error: {type(exc).__name__}: {exc}"[:200]
+
+
+def _database(request: Request) -> None:
+    with request.app.state.sessions() as session:
+        session.execute(text("SELECT 1"))
+
+
+def _broker(dispatcher: CeleryDispatcher) -> None:
+    with dispatcher.app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+
+
+def _workers(dispatcher: CeleryDispatcher) -> str:
+    replies = dispatcher.app.control.ping(timeout=1.0)
+    if not replies:
+        raise RuntimeError("no worker replied to a ping within 1s")
+    return f"ok ({len(replies)} live)"
 
 
 @router.get("/v1/model", response_model=ModelRead, tags=["model"])
