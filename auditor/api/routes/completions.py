@@ -30,6 +30,15 @@ def _unknown_model(name: str, fingerprint: ModelFingerprint, settings: Settings)
     return JSONResponse(error_body(message, "model_not_found", ("body", "model")), status_code=404)
 
 
+def _rejected(body, fingerprint: ModelFingerprint, settings: Settings) -> JSONResponse | None:
+    """Checks both completion routes make before anything is written or queued."""
+    if (error := _unknown_model(body.model, fingerprint, settings)) is not None:
+        return error
+    if body.stream:
+        return JSONResponse(error_body("stream=true is not supported yet", "unsupported", ("body", "stream")), status_code=400)
+    return None
+
+
 def _dispatch(request: Request, session, *, request_id: str, kind: str, prompt_text: str,
               payload: dict, settings: Settings, fingerprint: ModelFingerprint) -> dict | JSONResponse:
     dispatcher = request.app.state.dispatcher
@@ -56,10 +65,8 @@ def _usage(result: dict) -> dict:
 @router.post("/chat/completions")
 def chat_completions(body: ChatCompletionCreate, request: Request, session: SessionDep,
                      settings: SettingsDep, fingerprint: FingerprintDep):
-    if (error := _unknown_model(body.model, fingerprint, settings)) is not None:
+    if (error := _rejected(body, fingerprint, settings)) is not None:
         return error
-    if body.stream:
-        return JSONResponse(error_body("stream=true is not supported yet", "unsupported", ("body", "stream")), status_code=400)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     messages = [m.model_dump() for m in body.messages]
     sampling = body.sampling(settings.max_new_tokens)
@@ -82,10 +89,8 @@ def chat_completions(body: ChatCompletionCreate, request: Request, session: Sess
 @router.post("/completions")
 def completions(body: CompletionCreate, request: Request, session: SessionDep,
                 settings: SettingsDep, fingerprint: FingerprintDep):
-    if (error := _unknown_model(body.model, fingerprint, settings)) is not None:
+    if (error := _rejected(body, fingerprint, settings)) is not None:
         return error
-    if body.stream:
-        return JSONResponse(error_body("stream=true is not supported yet", "unsupported", ("body", "stream")), status_code=400)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     # OpenAI's legacy default is 16 tokens.
     sampling = body.sampling(16)
