@@ -331,18 +331,20 @@ def api(
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(min=1, help="model processes (each loads its own copy)")] = 1,
+    concurrency: Annotated[Optional[int], typer.Option(min=1, help="task threads; default: AUDITOR_BATCH_MAX_SIZE + 2")] = None,
     loglevel: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
-    """Run a Celery worker on AUDITOR_BROKER_URL. The model loads lazily in the worker child,
-    on its first task, never in the prefork parent."""
+    """Run a Celery worker on AUDITOR_BROKER_URL: one process, one model, loaded lazily on the
+    first task. Task threads hand requests to the model thread, which generates the ones that
+    arrive together as one batch. For more model copies, run more workers."""
     settings = get_settings()
     if not settings.broker_url:
         err_console.print("[bold red]error:[/] AUDITOR_BROKER_URL is not set (the embedded default needs no worker: `auditor run`)")
         raise typer.Exit(2)
     from workers.tasks import celery_app
 
-    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork"])
+    threads = concurrency or settings.batch_max_size + 2
+    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={threads}", "--pool=threads"])
 
 
 @app.command()

@@ -265,6 +265,9 @@ class Calibration(Base):
     target_fpr: Mapped[float | None] = mapped_column(Double)
     achieved_fpr: Mapped[float | None] = mapped_column(Double)
     reference: Mapped[list[float]] = mapped_column(JSONType, default=list)  # sorted scores
+    typical_norm: Mapped[float | None] = mapped_column(Double)  # median residual norm at this layer
+    reference_set: Mapped[str] = mapped_column(String(64), default="neutral", server_default="neutral")
+    reference_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of the reference texts
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -83,6 +83,16 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=100_000)
 
 
+class AuditorOptions(BaseModel):
+    """Auditor's extension to the OpenAI request body (`extra_body={"auditor": {...}}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concepts: list[str] | None = Field(
+        None, max_length=256, description="return inline scores for these active concepts only (all are still stored)"
+    )
+
+
 class _SamplingFields(BaseModel):
     model: str = Field(max_length=512)
     max_tokens: int | None = Field(None, ge=1, le=4096)
@@ -92,6 +102,7 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     user: str | None = Field(None, max_length=256)
+    auditor: AuditorOptions | None = None
 
     def sampling(self, default_max_tokens: int) -> dict:
         return {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
@@ -143,3 +154,67 @@ class AuditRead(BaseModel):
     prompt_tokens: int | None
     completion_tokens: int | None
     scores: list[AuditScore]
+
+
+# ---- admin jobs: extraction from pairs, calibration ----
+
+
+class ContrastivePair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    positive: str = Field(min_length=1, max_length=10_000, description="text that expresses the concept")
+    negative: str = Field(min_length=1, max_length=10_000, description="matched text that does not")
+
+
+class ExtractionCreate(BaseModel):
+    """Extract a concept vector from contrastive pairs on the served model (runs as a job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="concept name; registers its next version")
+    description: str = Field("", max_length=2000)
+    pairs: list[ContrastivePair] = Field(min_length=2, max_length=2000)
+    method: Literal["mean_diff", "logistic", "pca"] | None = Field(None, description="default: the deployment's")
+    pooling: Literal["mean", "last"] | None = Field(None, description="default: the deployment's")
+    activate: bool = Field(True, description="monitor it from the next request once registered")
+
+
+class CalibrationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target_fpr: float | None = Field(None, gt=0, lt=1, description="default: the deployment's (0.01)")
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    kind: str
+    status: str
+    poll: str = Field(description="GET this URL until status is done or failed")
+
+
+class JobRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: str
+    status: str
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class CalibrationRead(BaseModel):
+    concept: str
+    concept_id: int
+    version: int
+    layer: int
+    primary: bool
+    mean: float
+    std: float
+    n_reference: int
+    threshold: float | None
+    target_fpr: float | None
+    achieved_fpr: float | None
+    reference_set: str
+    created_at: datetime

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     pooling: Literal["mean", "last"] = "mean"
     batch_size: int = Field(16, ge=1, le=512, description="texts per forward pass when scoring")
     max_new_tokens: int = Field(64, ge=1, le=4096)
+    batch_max_size: int = Field(16, ge=1, le=256, description="requests generated together in one batch")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="alert thresholds sit at this false-positive rate")
 
     @field_validator("monitor_layers")
     @classmethod

@@ -554,7 +554,11 @@ def add_calibration(
     threshold: float | None = None,
     target_fpr: float | None = None,
     achieved_fpr: float | None = None,
+    typical_norm: float | None = None,
+    reference_set: str = "neutral",
+    reference_hash: str | None = None,
 ) -> Calibration:
+    _check_sha256("reference_hash", reference_hash)
     calibration = Calibration(
         concept_id=concept_id,
         layer=layer,
@@ -565,6 +569,9 @@ def add_calibration(
         threshold=_optional_float(threshold),
         target_fpr=_optional_float(target_fpr),
         achieved_fpr=_optional_float(achieved_fpr),
+        typical_norm=_optional_float(typical_norm),
+        reference_set=reference_set,
+        reference_hash=reference_hash,
     )
     session.add(calibration)
     session.flush()
@@ -579,6 +586,25 @@ def latest_calibration(session: Session, *, concept_id: int, layer: int) -> Cali
         .limit(1)
     )
     return session.scalar(query)
+
+
+def latest_calibrations(session: Session, *, concept_ids: Sequence[int]) -> dict[tuple[int, int], Calibration]:
+    """The newest calibration of every (concept version, layer) among `concept_ids`, in one query."""
+    if not concept_ids:
+        return {}
+    newest = (
+        select(Calibration.concept_id, Calibration.layer, func.max(Calibration.id).label("id"))
+        .where(Calibration.concept_id.in_(list(concept_ids)))
+        .group_by(Calibration.concept_id, Calibration.layer)
+        .subquery()
+    )
+    rows = session.scalars(select(Calibration).join(newest, Calibration.id == newest.c.id))
+    return {(row.concept_id, row.layer): row for row in rows}
+
+
+def newest_calibration_id(session: Session) -> int | None:
+    """Changes whenever any calibration is stored: a cheap per-request staleness check."""
+    return session.scalar(select(func.max(Calibration.id)))
 
 
 # ---- jobs ----

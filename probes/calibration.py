@@ -60,3 +60,23 @@ def percentiles(calibration: Calibration, scores: torch.Tensor) -> torch.Tensor:
     equal = (reference.unsqueeze(0) == flat.unsqueeze(1)).sum(dim=1)
     fraction = (below + 0.5 * equal) / reference.shape[0]
     return fraction.reshape(scores.shape)
+
+
+def fpr_thresholds(calibration: Calibration, target_fpr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (layer, concept), the lowest reference score that at most `target_fpr` of the reference
+    set exceeds, and the fraction that actually exceeds it (the achieved false-positive rate,
+    which differs from the target when the reference set is small or has ties).
+
+    A score is flagged when it is strictly above its threshold. -> (thresholds, achieved), each
+    [n_layers, n_concepts].
+    """
+    if not 0 < target_fpr < 1:
+        raise InvalidInputError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    reference = calibration.reference  # sorted along dim 0
+    n = reference.shape[0]
+    # Allow floor(n * fpr) reference scores above the threshold: the threshold is the score at
+    # sorted index n - 1 - floor(n * fpr).
+    allowed = int(n * target_fpr)
+    thresholds = reference[n - 1 - allowed]
+    achieved = (reference > thresholds.unsqueeze(0)).double().mean(dim=0)
+    return thresholds, achieved

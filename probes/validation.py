@@ -55,6 +55,10 @@ def check_pairs(positives: Sequence[str], negatives: Sequence[str]) -> None:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInputError(f"{side} text #{i} is empty")
+    for i, (positive, negative) in enumerate(zip(positives, negatives)):
+        if positive.strip() == negative.strip():
+            # A pair with no contrast adds nothing but noise to the difference of means.
+            raise InvalidInputError(f"pair #{i} has identical positive and negative text")
 
 
 def check_paired_activations(pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> None:

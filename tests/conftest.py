@@ -17,6 +17,11 @@ if not EVAL_DIR.is_dir():  # CI clones the repo with shared/ beside it; allow an
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
+    # AUDITOR_TEST_DATA_DIR reuses extracted vectors between local runs (minutes on 2 cores);
+    # CI leaves it unset, so every run extracts from scratch.
+    if reused := os.environ.get("AUDITOR_TEST_DATA_DIR"):
+        Path(reused).mkdir(parents=True, exist_ok=True)
+        return Path(reused)
     return tmp_path_factory.mktemp("auditor-data")
 
 

@@ -161,3 +161,80 @@ def test_completion_requests_are_validated_before_any_worker_is_involved(api):
     assert unknown.status_code == 404 and "unknown model 'gpt-4o'" in unknown.json()["error"]["message"]
     no_worker = api.post("/v1/completions", json={"model": "auditor", "prompt": "hi"})
     assert no_worker.status_code == 503 and no_worker.json()["detail"][0]["type"] == "worker_unavailable"
+
+
+# ---- broker down: nothing is accepted that cannot be queued ----
+
+
+@pytest.fixture(scope="module")
+def dead_broker_api(tmp_path_factory) -> Iterator[tuple[httpx.Client, str]]:
+    """The API with its broker pointed at a closed port: what a client sees while Redis is down."""
+    databases = Databases("sqlite", tmp_path_factory.mktemp("dead-broker"))
+    url = databases.new_url()
+    run_migrations(url)
+    broker = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = create_app(Settings(database_url=url, broker_url=broker, data_dir=tmp_path_factory.mktemp("data")))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, url
+    server.should_exit = True
+    thread.join(timeout=10)
+    app.state.engine.dispose()
+
+
+def _rows(url: str, model) -> list:
+    from sqlalchemy import select
+
+    from auditor.db import make_engine, session_factory
+
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(select(model)))
+    finally:
+        engine.dispose()
+
+
+def test_broker_down_gives_503_with_retry_after_and_marks_rows_not_queued(dead_broker_api):
+    from auditor.models import Job, MonitoredRequest
+
+    client, url = dead_broker_api
+    started = time.monotonic()
+    chat = client.post("/v1/chat/completions", json={"model": "auditor", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 503 and int(chat.headers["Retry-After"]) > 0
+    assert "broker unavailable" in chat.json()["error"]["message"]
+    assert time.monotonic() - started < 30  # the client hears back promptly, not after request_timeout
+    audit = client.post("/v1/audits", json={"items": [{"prompt": "p", "completion": "c"}]})
+    assert audit.status_code == 503 and "Retry-After" in audit.headers
+    job = client.post("/admin/concepts/extract", json={"name": "x", "pairs": [
+        {"positive": "I love it", "negative": "I hate it"}, {"positive": "Great day", "negative": "Awful day"}]})
+    assert job.status_code == 503 and "Retry-After" in job.headers
+
+    requests = _rows(url, MonitoredRequest)
+    assert len(requests) == 2 and {r.status for r in requests} == {"failed"}
+    assert all(r.error.startswith("not queued") for r in requests)
+    (stored_job,) = _rows(url, Job)
+    assert stored_job.status == "failed" and stored_job.error.startswith("not queued")
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["broker"] != "ok"
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([{"positive": "only one", "negative": "pair"}], "at least 2"),
+    ([{"positive": "same", "negative": "same"}, {"positive": "a", "negative": "b"}], "identical"),
+    ([{"positive": "", "negative": "x"}, {"positive": "a", "negative": "b"}], "at least 1 character"),
+])  # fmt: skip
+def test_invalid_extraction_requests_get_422_and_queue_nothing(dead_broker_api, pairs, message):
+    from auditor.models import Job
+
+    client, url = dead_broker_api
+    before = len(_rows(url, Job))
+    response = client.post("/admin/concepts/extract", json={"name": "bad", "pairs": pairs})
+    assert response.status_code == 422 and message in response.json()["error"]["message"]
+    assert len(_rows(url, Job)) == before
+    assert client.get("/admin/jobs/does-not-exist").status_code == 404

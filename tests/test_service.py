@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import torch
 import uvicorn
 from sqlalchemy import func, select
 
@@ -198,3 +199,91 @@ def test_readiness_sees_the_database_the_broker_and_a_live_worker(service):
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
     assert checks["database"] == "ok" and checks["broker"] == "ok" and checks["workers"] == "ok (1 live)"
+
+
+def test_a_request_for_an_unknown_concept_gets_a_clear_4xx(client):
+    import openai
+
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="auditor", messages=messages, max_tokens=2,
+                                       extra_body={"auditor": {"concepts": ["pessimism", "no_such_concept"]}})
+    assert "no_such_concept" in str(missing.value) and "active concepts: " in str(missing.value)
+    only = client.chat.completions.create(model="auditor", messages=messages, max_tokens=2, temperature=0,
+                                          extra_body={"auditor": {"concepts": ["pessimism"]}})
+    assert list(only.model_extra["auditor"]["scores"]) == ["pessimism"]
+
+
+def _wait_for_job(base_url: str, accepted, timeout: float = 300) -> dict:
+    import httpx
+
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.headers["Location"] == accepted.json()["poll"]
+    deadline = time.monotonic() + timeout
+    while (job := httpx.get(base_url + accepted.json()["poll"], timeout=30).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    return job
+
+
+def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extraction_gives(service, client, engine):
+    import httpx
+
+    from probes.concepts import ConceptDefinition, load_concept
+
+    pessimism = load_concept("pessimism")
+    pairs = [{"positive": p, "negative": n} for p, n in zip(pessimism.positives[:24], pessimism.negatives[:24])]
+    body = {"name": "gloom_from_pairs", "description": "24 pessimism pairs", "pairs": pairs, "method": "mean_diff"}
+    job = _wait_for_job(service["base_url"], httpx.post(service["base_url"] + "/admin/concepts/extract", json=body, timeout=30))
+    assert job["status"] == "done" and job["kind"] == "extract", job
+    result = job["result"]
+    assert result["n_pairs"] == 24 and not result["reused"]
+    assert result["held_out_auroc"] > 0.8  # pessimism pairs separate well even from 24
+    assert 0.25 * 30 <= result["primary_layer"] <= 0.75 * 30
+
+    concept = httpx.get(f"{service['base_url']}/admin/concepts/{result['concept_id']}", timeout=30).json()
+    assert (concept["method"], concept["source"], concept["n_pairs"]) == ("mean_diff", "pairs", 24)
+    exported = httpx.get(f"{service['base_url']}/admin/concepts/{result['concept_id']}/export", timeout=30).json()
+    worker_vector = torch.tensor(exported["vectors"][str(result["primary_layer"])])
+    definition = ConceptDefinition("gloom_from_pairs", "", pessimism.positives[:24], pessimism.negatives[:24])
+    local = engine.vectors(definition, method="mean_diff")
+    assert local.auto_layer == result["primary_layer"]
+    assert float(torch.nn.functional.cosine_similarity(worker_vector, local.direction(result["primary_layer"]), dim=0)) > 0.999
+
+    again = _wait_for_job(service["base_url"], httpx.post(service["base_url"] + "/admin/concepts/extract", json=body, timeout=30))
+    assert again["result"]["reused"] and again["result"]["concept_id"] == result["concept_id"]  # same pairs: no new version
+    response = client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "How was your week?"}],
+                                              max_tokens=4, temperature=0)
+    assert "gloom_from_pairs" in response.model_extra["auditor"]["scores"]
+
+
+def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(service, engine):
+    import httpx
+
+    from auditor.settings import Settings
+    from workers.registry import bank_from_registry, load_stored_calibration, reference_hash
+    from workers.service import Runtime
+
+    base = service["base_url"]
+    job = _wait_for_job(base, httpx.post(base + "/admin/calibrations", json={"target_fpr": 0.05}, timeout=30))
+    assert job["status"] == "done", job
+    result = job["result"]
+    assert result["target_fpr"] == 0.05 and result["n_reference"] > 100
+    for name, row in result["concepts"].items():
+        assert 0 < row["achieved_fpr"] <= 0.05, (name, row)
+    listed = {row["concept"]: row for row in httpx.get(base + "/admin/calibrations", timeout=30).json()}
+    assert set(listed) >= {"pessimism", "formality", "gloom_from_pairs"}
+    assert listed["pessimism"]["threshold"] == pytest.approx(result["concepts"]["pessimism"]["threshold"])
+    assert listed["pessimism"]["target_fpr"] == 0.05 and listed["pessimism"]["primary"]
+
+    # A fresh process reads the stored calibration back instead of recomputing it, and it is
+    # the calibration this process computes itself on the same model and texts.
+    runtime = Runtime(Settings(database_url=service["db_url"], data_dir=engine.settings.data_dir))
+    runtime.engine.__dict__["model"] = engine.model  # share the loaded weights; not the point here
+    with runtime.sessions() as session:
+        bank = bank_from_registry(session, runtime.engine)
+        assert load_stored_calibration(session, bank, reference_hash(runtime.reference_texts))
+    k, li = bank.names.index("pessimism"), bank.layers.index(15)
+    local = engine.bank()
+    assert float(bank.calibration.mean[li, k]) == pytest.approx(float(local.calibration.mean[li, local.names.index("pessimism")]), abs=1e-5)
+    assert bank.typical_norms[15] == pytest.approx(local.typical_norms[15], rel=1e-4)

@@ -1,5 +1,5 @@
-"""The embedded default's worker: the same task functions on one background thread in the API
-process (no broker). One thread, because one model serves one request at a time."""
+"""The embedded default's worker: the same task functions on a thread pool in the API process
+(no broker). The task threads wait on the one model thread, which batches them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from auditor.dispatch import TASK_AUDIT, TASK_GENERATE, WorkerUnavailable
+from auditor.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, WorkerUnavailable
 from auditor.settings import Settings
 from workers import service
 
@@ -15,15 +15,18 @@ from workers import service
 class InProcessDispatcher:
     def __init__(self, settings: Settings):
         self.runtime = service.Runtime(settings)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-worker")
+        # Enough task threads to fill a batch, plus room for audits and admin jobs.
+        self.pool = ThreadPoolExecutor(max_workers=settings.batch_max_size + 4, thread_name_prefix="auditor-task")
         self.tasks = {
             TASK_GENERATE: lambda request_id, payload: service.serve_generation(request_id, payload, self.runtime),
             TASK_AUDIT: lambda request_ids, items: service.serve_audits(request_ids, items, self.runtime),
+            TASK_EXTRACT: lambda job_id: service.serve_extraction(job_id, self.runtime),
+            TASK_CALIBRATE: lambda job_id: service.serve_calibration(job_id, self.runtime),
         }
 
     def warm_up(self) -> None:
         """Load the model and build the calibrated bank now, not on the first request."""
-        self.pool.submit(self.runtime.bank).result()
+        self.runtime.model_thread.call(self.runtime.bank).result()
 
     def submit(self, task: str, args: list[Any], *, task_id: str) -> None:
         self.pool.submit(self.tasks[task], *args)

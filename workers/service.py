@@ -15,12 +15,23 @@ from typing import Any
 from auditor import store
 from auditor.db import database_url, make_engine, session_factory
 from auditor.settings import Settings
+from probes.calibration import fpr_thresholds
+from probes.concepts import builtin_concepts, concept_from_dict, load_concept
 from probes.errors import InvalidInputError
 from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
+from workers.batcher import ModelThread
 from workers.engine import Engine
 from workers.monitor import RequestScores
-from probes.concepts import builtin_concepts, load_concept
-from workers.registry import active_concept_ids, bank_from_registry, register_builtin_concepts
+from workers.registry import (
+    active_concept_ids,
+    bank_from_registry,
+    find_extracted,
+    load_stored_calibration,
+    reference_hash,
+    register_builtin_concepts,
+    register_extracted,
+    save_calibration,
+)
 from workers.runtime.generate import SamplingConfig
 
 
@@ -29,26 +40,44 @@ class Runtime:
         self.settings = settings
         self.engine = Engine(settings)
         self.sessions = session_factory(make_engine(database_url(settings)))
-        # The model and its hooks serve one request at a time per process.
-        self.lock = threading.Lock()
+        # The only thread that touches the model; it batches what arrives together.
+        self.model_thread = ModelThread(self, settings.batch_max_size, settings.batch_wait_ms / 1000)
         self._bank: ConceptBank | None = None
+        self._calibration_id: int | None = None
         self._builtins_registered = False
 
+    @cached_property
+    def reference_texts(self) -> list[str]:
+        return calibration_texts([load_concept(n) for n in builtin_concepts()])
+
     def bank(self) -> ConceptBank:
-        """The calibrated bank of active concepts. Rebuilt when the registry's set of active
+        """(Model thread only.) The calibrated bank of active concepts. Rebuilt when the registry's set of active
         versions changes (a registration, activation or retirement since the last request), so
-        a vector registered through the admin API is monitored from the next request on."""
+        a vector registered through the admin API is monitored from the next request on, and
+        when a newer calibration is stored. The calibration itself is computed once per
+        deployment and stored; later processes read it back."""
         with self.sessions() as session:
             if not self._builtins_registered:
                 register_builtin_concepts(session, self.engine)
                 session.commit()
                 self._builtins_registered = True
             active = active_concept_ids(session, self.engine)
-            if self._bank is None or self._bank.concept_ids != active:
+            calibration_id = store.newest_calibration_id(session)
+            if self._bank is None or self._bank.concept_ids != active or calibration_id != self._calibration_id:
                 bank = bank_from_registry(session, self.engine)
-                texts = calibration_texts([load_concept(n) for n in builtin_concepts()])
-                self._bank = calibrate_bank(self.engine.model, bank, texts, self.settings.batch_size)
+                texts_hash = reference_hash(self.reference_texts)
+                if not load_stored_calibration(session, bank, texts_hash):
+                    self._calibrate(session, bank)
+                self._calibration_id = store.newest_calibration_id(session)
+                self._bank = bank
         return self._bank
+
+    def _calibrate(self, session, bank: ConceptBank, target_fpr: float | None = None) -> int:
+        calibrate_bank(self.engine.model, bank, self.reference_texts, self.settings.batch_size)
+        rows = save_calibration(session, bank, reference_hash(self.reference_texts),
+                                target_fpr or self.settings.target_fpr)
+        session.commit()
+        return rows
 
 
 _runtime: Runtime | None = None
@@ -97,8 +126,9 @@ def headline(bank: ConceptBank, scores: RequestScores) -> dict[str, dict[str, fl
 
 
 def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime | None = None) -> dict[str, Any]:
-    """Generate a monitored completion for a queued request, write its scores in one batch and
-    mark it done. Re-delivery after a crash rewrites the same request's scores (idempotent)."""
+    """Generate a monitored completion for a queued request (inside whatever batch the model
+    thread is running), write its scores in one batch and mark it done. Re-delivery after a
+    crash rewrites the same request's scores (idempotent)."""
     runtime = runtime or get_runtime()
     with runtime.sessions() as session:
         request = store.get_request(session, request_id=request_id)
@@ -114,60 +144,62 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
     try:
         sampling = SamplingConfig(**payload.get("sampling", {}))
         prompt = payload["messages"] if "messages" in payload else payload["prompt"]
-        with runtime.lock:
-            bank = runtime.bank()
-            started = time.time()
-            result = runtime.engine.generate(prompt, sampling, bank=bank, chat="messages" in payload)
+        submitted = time.time()
+        served = runtime.model_thread.generate(prompt, sampling, chat="messages" in payload).result()
     except Exception as exc:
         with runtime.sessions() as session:
             store.mark_request(session, request_id=request_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
             session.commit()
         raise
-    generation = result.generation
+    generation, bank = served.generation, served.bank
     finish = "stop" if generation.finish_reason == "stop" else "length"
     with runtime.sessions() as session:
         store.delete_scores(session, request_id=request_id)
         # COPY on Postgres (53k rows/s vs 34k for batched INSERT, bench/ingest.py); INSERT on SQLite.
-        store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, result.scores))
+        store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, served.scores))
         store.mark_request(
-            session, request_id=request_id, status="done", completion_text=result.text, finish_reason=finish,
+            session, request_id=request_id, status="done", completion_text=served.text, finish_reason=finish,
             model_id=runtime.engine.model.fingerprint.model_id, model_fingerprint=runtime.engine.model.fingerprint.hash,
-            queue_seconds=max(0.0, started - queued_at.timestamp()), prefill_seconds=generation.prefill_seconds,
+            queue_seconds=max(0.0, submitted - queued_at.timestamp()), prefill_seconds=generation.prefill_seconds,
             decode_seconds=generation.decode_seconds, prompt_tokens=len(generation.prompt_ids),
             completion_tokens=len(generation.output_ids),
         )
         session.commit()
-    return {"request_id": request_id, "status": "done", "text": result.text, "finish_reason": finish,
+    return {"request_id": request_id, "status": "done", "text": served.text, "finish_reason": finish,
             "prompt_tokens": len(generation.prompt_ids), "completion_tokens": len(generation.output_ids),
-            "scores": headline(bank, result.scores)}
+            "scores": headline(bank, served.scores)}
 
 
-def replay_scores(runtime: Runtime, bank: ConceptBank, items: list[dict[str, Any]]) -> list[tuple[RequestScores, int, int]]:
-    """Teacher-forced replay of (prompt, completion) pairs in one padded forward pass.
+def encode_replay(model, item: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one (prompt, completion) pair to replay; raises for this
+    item alone."""
+    from workers.runtime.generate import encode_prompt
+
+    prompt = item["messages"] if item.get("messages") else item["prompt"]
+    prompt_ids = encode_prompt(model, prompt, chat=bool(item.get("messages")))
+    completion_ids = model.tokenizer(item["completion"], add_special_tokens=False)["input_ids"]
+    if not completion_ids:
+        raise InvalidInputError("a completion to audit is empty")
+    if len(prompt_ids) + len(completion_ids) > model.max_context:
+        raise InvalidInputError(f"prompt + completion exceed the model's context of {model.max_context} tokens")
+    return prompt_ids, completion_ids
+
+
+def replay_scores(model, bank: ConceptBank, sequences: list[tuple[list[int], list[int]]]) -> list[RequestScores]:
+    """Teacher-forced replay of encoded (prompt, completion) pairs in one padded forward pass.
 
     Each sequence is prompt + completion tokens; the scored span is the positions that chose the
     completion's tokens (the last prompt position onward), exactly the span monitored generation
-    scores. Returns (scores, prompt_tokens, completion_tokens) per item.
+    scores.
     """
     import torch
 
     from workers.monitor import score_resid
-    from workers.runtime.generate import encode_prompt
     from workers.runtime.hooks import ResidualCapture, hooked
 
-    model = runtime.engine.model
-    sequences = []
-    for item in items:
-        prompt = item["messages"] if item.get("messages") else item["prompt"]
-        prompt_ids = encode_prompt(model, prompt, chat=bool(item.get("messages")))
-        completion_ids = model.tokenizer(item["completion"], add_special_tokens=False)["input_ids"]
-        if not completion_ids:
-            raise InvalidInputError("a completion to audit is empty")
-        if len(prompt_ids) + len(completion_ids) > model.max_context:
-            raise InvalidInputError(f"prompt + completion exceed the model's context of {model.max_context} tokens")
-        sequences.append((prompt_ids, completion_ids))
     width = max(len(p) + len(c) for p, c in sequences)
-    batch = torch.full((len(sequences), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    batch = torch.full((len(sequences), width), pad, dtype=torch.long)
     for row, (p, c) in enumerate(sequences):
         batch[row, : len(p) + len(c)] = torch.tensor(p + c)
     capture = ResidualCapture(bank.layers)
@@ -178,31 +210,125 @@ def replay_scores(runtime: Runtime, bank: ConceptBank, items: list[dict[str, Any
     results = []
     for row, (p, c) in enumerate(sequences):
         span_end = len(p) + len(c) - 1  # the last completion token is never read
-        results.append((score_resid(bank, resid[:, row, :span_end], start=len(p) - 1), len(p), len(c)))
+        results.append(score_resid(bank, resid[:, row, :span_end], start=len(p) - 1))
     return results
 
 
 def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: Runtime | None = None) -> dict[str, Any]:
-    """Score completions served elsewhere, all queued items of one submission in one batch."""
+    """Score completions served elsewhere. The model thread replays every audit item queued at
+    the same moment, from any number of submissions, in one padded pass; an item that cannot
+    be replayed fails alone."""
     runtime = runtime or get_runtime()
+    with runtime.sessions() as session:
+        pending = []
+        for request_id, item in zip(request_ids, items):
+            row = store.get_request(session, request_id=request_id)
+            if row is not None and row.status != "done":  # re-delivered: skip what is recorded
+                store.mark_request(session, request_id=request_id, status="running")
+                pending.append((request_id, item))
+        session.commit()
+    if not pending:
+        return {"request_ids": request_ids, "status": "done"}
     try:
-        with runtime.lock:
-            bank = runtime.bank()
-            results = replay_scores(runtime, bank, items)
+        outcomes = runtime.model_thread.replay([item for _, item in pending]).result()
     except Exception as exc:
-        with runtime.sessions() as session:
-            for request_id in request_ids:
-                store.mark_request(session, request_id=request_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-            session.commit()
-        raise
+        outcomes = [exc] * len(pending)
     fingerprint = runtime.engine.model.fingerprint
     with runtime.sessions() as session:
-        for request_id, item, (scores, n_prompt, n_completion) in zip(request_ids, items, results):
-            store.mark_request(session, request_id=request_id, status="running")
+        for (request_id, item), outcome in zip(pending, outcomes):
+            if isinstance(outcome, Exception):
+                store.mark_request(session, request_id=request_id, status="failed",
+                                   error=f"{type(outcome).__name__}: {outcome}"[:2000])
+                continue
+            scores, bank, n_prompt, n_completion = outcome
             store.delete_scores(session, request_id=request_id)
             store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, scores))
             store.mark_request(session, request_id=request_id, status="done", completion_text=item["completion"],
                                model_id=fingerprint.model_id, model_fingerprint=fingerprint.hash,
                                prompt_tokens=n_prompt, completion_tokens=n_completion)
         session.commit()
-    return {"request_ids": request_ids, "status": "done"}
+    failed = sum(isinstance(o, Exception) for o in outcomes)
+    return {"request_ids": request_ids, "status": "done" if not failed else f"{failed} failed"}
+
+
+# ---- admin jobs: extraction from pairs, calibration ----
+
+
+def _run_job(job_id: str, runtime: Runtime, work) -> dict[str, Any]:
+    """Run `work(session)` for a queued job once: a finished job returns its stored result
+    (re-delivery after a crash is harmless); a failure is recorded on the job, then raised."""
+    with runtime.sessions() as session:
+        job = store.get_job(session, job_id=job_id)
+        if job is None:
+            raise InvalidInputError(f"no job {job_id!r}")
+        if job.status in ("done", "failed"):
+            return {"job_id": job_id, "status": job.status, "result": job.result, "error": job.error}
+        store.start_job(session, job_id=job_id)
+        session.commit()
+        payload = dict(job.payload)
+    def run() -> dict[str, Any]:
+        with runtime.sessions() as session:
+            result = work(session, payload)
+            store.finish_job(session, job_id=job_id, result=result)
+            session.commit()
+            return result
+
+    try:
+        # On the model thread, between decode steps: extraction and calibration use the model.
+        result = runtime.model_thread.call(run).result()
+    except Exception as exc:
+        with runtime.sessions() as session:
+            store.finish_job(session, job_id=job_id, error=f"{type(exc).__name__}: {exc}"[:2000])
+            session.commit()
+        raise
+    return {"job_id": job_id, "status": "done", "result": result, "error": None}
+
+
+def serve_extraction(job_id: str, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Extract a concept from the job's contrastive pairs at every layer, sweep for the primary
+    layer, and register it as the concept's next version. The same pairs, method and pooling
+    already registered on this model are reused, not registered twice."""
+    runtime = runtime or get_runtime()
+
+    def work(session, payload: dict) -> dict[str, Any]:
+        definition = concept_from_dict(payload["concept"], origin="job")
+        method, pooling = payload["method"], payload["pooling"]
+        concept = find_extracted(session, runtime.engine, definition, method, pooling)
+        reused = concept is not None
+        if concept is None:
+            vectors = runtime.engine.vectors(definition, method, pooling)
+            concept = register_extracted(session, runtime.engine, definition, vectors,
+                                         created_by=payload.get("created_by", "api"),
+                                         activate=payload.get("activate", True))
+        sweep = {row["layer"]: row for row in concept.provenance.get("sweep", [])}
+        return {
+            "concept_id": concept.id, "name": concept.name, "version": concept.version,
+            "primary_layer": concept.primary_layer, "n_pairs": concept.n_pairs, "reused": reused,
+            "held_out_auroc": sweep.get(concept.primary_layer, {}).get("auroc"),
+        }
+
+    return _run_job(job_id, runtime, work)
+
+
+def serve_calibration(job_id: str, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Recalibrate every active concept on the neutral reference set and store the thresholds at
+    the job's target false-positive rate; workers pick the new calibration up on their next
+    request."""
+    runtime = runtime or get_runtime()
+
+    def work(session, payload: dict) -> dict[str, Any]:
+        bank = bank_from_registry(session, runtime.engine)
+        target_fpr = float(payload.get("target_fpr") or runtime.settings.target_fpr)
+        rows = runtime._calibrate(session, bank, target_fpr)
+        thresholds, achieved = fpr_thresholds(bank.calibration, target_fpr)
+        concepts = {}
+        for k, name in enumerate(bank.names):
+            layer = bank.auto_layers[name]
+            if layer in bank.layers:
+                li = bank.layers.index(layer)
+                concepts[name] = {"concept_id": bank.concept_ids[k], "layer": layer,
+                                  "threshold": float(thresholds[li, k]), "achieved_fpr": float(achieved[li, k])}
+        return {"rows": rows, "target_fpr": target_fpr, "n_reference": bank.calibration.n_reference,
+                "concepts": concepts}
+
+    return _run_job(job_id, runtime, work)

@@ -21,6 +21,15 @@ def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dic
     }
 
 
+RETRY_AFTER_SECONDS = 5
+
+
+def unavailable(exc: Exception) -> JSONResponse:
+    """503 with Retry-After: the broker or every worker is away; the client should try again."""
+    return JSONResponse(error_body(str(exc), "worker_unavailable", ("server",)), status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from auditor import __version__
 from auditor.api.errors import install_error_handlers
-from auditor.api.routes import audits, completions, concepts, health
+from auditor.api.routes import audits, completions, concepts, health, jobs
 from auditor.dispatch import CeleryDispatcher, Dispatcher
 from auditor.db import database_url, make_engine, session_factory
 from auditor.model_identity import ModelFingerprint, describe_model
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(concepts.router)
+    app.include_router(jobs.router)
     app.include_router(completions.router)
     app.include_router(audits.router)
     return app

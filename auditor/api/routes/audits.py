@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from auditor import store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
-from auditor.api.errors import error_body
+from auditor.api.errors import error_body, unavailable
 from auditor.dispatch import TASK_AUDIT, WorkerUnavailable
 from auditor.models import Concept, RequestScore
 from auditor.schemas import AuditCreate, AuditRead, AuditScore
@@ -39,8 +39,10 @@ def submit(body: AuditCreate, request: Request, session: SessionDep, settings: S
     try:
         dispatcher.submit(TASK_AUDIT, [ids, items], task_id=ids[0])
     except WorkerUnavailable as exc:
-        return JSONResponse(error_body(str(exc), "worker_unavailable", ("server",)), status_code=503,
-                            headers={"Retry-After": "5"})
+        for request_id in ids:  # never queued: say so on the rows, nothing will run them
+            store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
+        session.commit()
+        return unavailable(exc)
     return {"ids": ids, "status": "queued"}
 
 

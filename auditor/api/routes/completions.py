@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 
 from auditor import store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
-from auditor.api.errors import error_body
-from auditor.dispatch import TASK_GENERATE, WorkerUnavailable
+from auditor.api.errors import error_body, unavailable
+from auditor.dispatch import TASK_GENERATE, BrokerUnavailable, WorkerUnavailable
 from auditor.model_identity import ModelFingerprint
 from auditor.schemas import ChatCompletionCreate, CompletionCreate
 from auditor.settings import Settings
@@ -30,9 +30,31 @@ def _unknown_model(name: str, fingerprint: ModelFingerprint, settings: Settings)
     return JSONResponse(error_body(message, "model_not_found", ("body", "model")), status_code=404)
 
 
-def _rejected(body, fingerprint: ModelFingerprint, settings: Settings) -> JSONResponse | None:
+def _unknown_concepts(session, body) -> JSONResponse | None:
+    wanted = body.auditor.concepts if body.auditor else None
+    if not wanted:
+        return None
+    active = {c.name for c in store.list_concepts(session, active=True)}
+    unknown = sorted(set(wanted) - active)
+    if not unknown:
+        return None
+    message = f"unknown or inactive concept(s) {', '.join(map(repr, unknown))}; active concepts: {', '.join(sorted(active))}"
+    return JSONResponse(error_body(message, "concept_not_found", ("body", "auditor", "concepts")), status_code=404)
+
+
+def _select_scores(scores: dict, body) -> dict:
+    """Inline scores for the concepts the request named (a name matches all its active versions)."""
+    wanted = body.auditor.concepts if body.auditor else None
+    if not wanted:
+        return scores
+    return {key: value for key, value in scores.items() if key.split(":v")[0] in wanted}
+
+
+def _rejected(session, body, fingerprint: ModelFingerprint, settings: Settings) -> JSONResponse | None:
     """Checks both completion routes make before anything is written or queued."""
     if (error := _unknown_model(body.model, fingerprint, settings)) is not None:
+        return error
+    if (error := _unknown_concepts(session, body)) is not None:
         return error
     if body.stream:
         return JSONResponse(error_body("stream=true is not supported yet", "unsupported", ("body", "stream")), status_code=400)
@@ -53,8 +75,10 @@ def _dispatch(request: Request, session, *, request_id: str, kind: str, prompt_t
     try:
         return dispatcher.run(TASK_GENERATE, [request_id, payload], task_id=request_id, timeout=settings.request_timeout)
     except WorkerUnavailable as exc:
-        return JSONResponse(error_body(str(exc), "worker_unavailable", ("server",)), status_code=503,
-                            headers={"Retry-After": "5"})
+        if isinstance(exc, BrokerUnavailable):  # never queued: say so on the row, nothing will run it
+            store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
+            session.commit()
+        return unavailable(exc)
 
 
 def _usage(result: dict) -> dict:
@@ -65,7 +89,7 @@ def _usage(result: dict) -> dict:
 @router.post("/chat/completions")
 def chat_completions(body: ChatCompletionCreate, request: Request, session: SessionDep,
                      settings: SettingsDep, fingerprint: FingerprintDep):
-    if (error := _rejected(body, fingerprint, settings)) is not None:
+    if (error := _rejected(session, body, fingerprint, settings)) is not None:
         return error
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     messages = [m.model_dump() for m in body.messages]
@@ -82,14 +106,14 @@ def chat_completions(body: ChatCompletionCreate, request: Request, session: Sess
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                      "finish_reason": result["finish_reason"], "logprobs": None}],
         "usage": _usage(result),
-        "auditor": {"request_id": request_id, "scores": result["scores"]},
+        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body)},
     }
 
 
 @router.post("/completions")
 def completions(body: CompletionCreate, request: Request, session: SessionDep,
                 settings: SettingsDep, fingerprint: FingerprintDep):
-    if (error := _rejected(body, fingerprint, settings)) is not None:
+    if (error := _rejected(session, body, fingerprint, settings)) is not None:
         return error
     request_id = f"cmpl-{uuid.uuid4().hex}"
     # OpenAI's legacy default is 16 tokens.
@@ -102,5 +126,5 @@ def completions(body: CompletionCreate, request: Request, session: SessionDep,
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": fingerprint.model_id,
         "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}],
         "usage": _usage(result),
-        "auditor": {"request_id": request_id, "scores": result["scores"]},
+        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body)},
     }

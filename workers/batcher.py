@@ -1,0 +1,225 @@
+"""The model thread: one per worker process, the only thread that touches the model.
+
+Task threads (Celery's `threads` pool, or the embedded default's thread pool) hand it work and
+wait on a future; it batches what arrives together:
+
+- generations join the running batch (workers.runtime.batch_generate) between decode steps,
+  up to `batch_max_size` rows. When the batch is idle, the first arrival waits up to
+  `batch_wait_ms` for company, so a burst starts as one batch rather than a batch of one;
+- audit replays queued at the same moment, from any number of submissions, run as one padded
+  teacher-forced pass;
+- anything else (extraction, calibration) runs alone between steps.
+
+A request that fails validation fails alone; its batch-mates never see it.
+
+Why a thread and not celery-batches: celery-batches buffers whole tasks and runs them as one
+call, so a batch only starts when the buffer flushes and every request waits for the slowest
+one; requests cannot join or leave a running batch. Continuous batching needs a loop that owns
+the KV cache across steps, and per-request Celery tasks keep acks, retries and results
+per request. See DESIGN notes in README ("Worker batching").
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.concepts import ConceptBank
+from workers.monitor import RequestScores, score_generation
+from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
+from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationJob:
+    prompt: str | list[dict]
+    chat: bool
+    sampling: SamplingConfig
+    steer: list = field(default_factory=list)  # engine.SteerRequest, resolved per prompt length
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class ReplayJob:
+    items: list[dict]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class CallJob:
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Served:
+    """A finished monitored generation, with the bank it was scored against."""
+
+    generation: Generation
+    text: str
+    scores: RequestScores
+    bank: ConceptBank
+
+
+class ModelThread:
+    def __init__(self, runtime, max_batch: int, wait_seconds: float):
+        self.runtime = runtime
+        self.max_batch = max_batch
+        self.wait_seconds = wait_seconds
+        self.inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.batch: BatchGenerator | None = None
+        self._banks: dict[Any, ConceptBank] = {}  # row key -> bank it is scored against
+
+    # ---- the task threads' side ----
+
+    def generate(self, prompt: str | list[dict], sampling: SamplingConfig, chat: bool, steer=()) -> Future:
+        """-> Future of a `Served`."""
+        return self._put(GenerationJob(prompt, chat, sampling, steer=list(steer)))
+
+    def replay(self, items: list[dict]) -> Future:
+        """-> Future of a list with, per item, (scores, bank, prompt_tokens, completion_tokens)
+        or the exception that item alone raised."""
+        return self._put(ReplayJob(items))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        return self._put(CallJob(fn))
+
+    def _put(self, job) -> Future:
+        self._ensure_started()
+        self.inbox.put(job)
+        return job.future
+
+    def _ensure_started(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="auditor-model", daemon=True)
+                self._thread.start()
+
+    # ---- the model thread ----
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._turn()
+            except Exception:  # a bug here must not kill the thread every task waits on
+                log.exception("model thread turn failed")
+                self._fail_running()
+
+    def _turn(self) -> None:
+        running = self.batch is not None and len(self.batch) > 0
+        jobs = self._collect(block=not running)
+        generations = [job for job in jobs if isinstance(job, GenerationJob)]
+        replays = [job for job in jobs if isinstance(job, ReplayJob)]
+        for job in jobs:
+            if isinstance(job, CallJob):
+                _settle(job.future, job.fn)
+        if replays:
+            self._replay(replays)
+        if generations:
+            self._admit(generations)
+        if self.batch is not None and len(self.batch):
+            self._finish(self.batch.step())
+
+    def _collect(self, block: bool) -> list:
+        """Everything waiting now; when idle, block for the first job, then give company
+        `wait_seconds` to arrive (up to a full batch)."""
+        jobs = []
+        if block:
+            jobs.append(self.inbox.get())
+            deadline = time.monotonic() + self.wait_seconds
+            while len(jobs) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    jobs.append(self.inbox.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                jobs.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _bank(self) -> ConceptBank:
+        return self.runtime.bank()
+
+    def _admit(self, jobs: list[GenerationJob]) -> None:
+        model = self.runtime.engine.model
+        bank = self._bank()
+        if self.batch is None:
+            self.batch = BatchGenerator(model, bank.layers)
+        room = self.max_batch - len(self.batch)
+        admitted = []
+        for job in jobs:
+            if len(admitted) >= room:
+                self.inbox.put(job)  # the batch is full: next turn
+                continue
+            try:
+                prompt_ids = encode_prompt(model, job.prompt, job.chat)
+                steering = [self.runtime.engine.steering(s, bank, len(prompt_ids)) for s in job.steer]
+                request = SequenceRequest(prompt_ids, job.sampling, steering)
+                validate_request(model, request)
+            except Exception as exc:  # this request alone fails
+                job.future.set_exception(exc)
+                continue
+            admitted.append((job, request))
+            self._banks[id(job)] = bank
+        if admitted:
+            self._finish(self.batch.add([(job, request) for job, request in admitted]))
+
+    def _finish(self, finished: list[tuple[GenerationJob, Generation]]) -> None:
+        tokenizer = self.runtime.engine.model.tokenizer
+        for job, generation in finished:
+            bank = self._banks.pop(id(job))
+            _settle(job.future, lambda: Served(
+                generation, tokenizer.decode(generation.output_ids, skip_special_tokens=True),
+                score_generation(bank, generation), bank))
+
+    def _replay(self, jobs: list[ReplayJob]) -> None:
+        from workers.service import encode_replay, replay_scores
+
+        bank = self._bank()
+        model = self.runtime.engine.model
+        outcomes: list[list[Any]] = []
+        valid = []  # (job index, item index, encoded)
+        for j, job in enumerate(jobs):
+            outcomes.append([None] * len(job.items))
+            for i, item in enumerate(job.items):
+                try:
+                    valid.append((j, i, encode_replay(model, item)))
+                except Exception as exc:
+                    outcomes[j][i] = exc
+        for start in range(0, len(valid), self.max_batch):
+            chunk = valid[start : start + self.max_batch]
+            try:
+                scores = replay_scores(model, bank, [encoded for _, _, encoded in chunk])
+            except Exception as exc:
+                scores = [exc] * len(chunk)
+            for (j, i, encoded), result in zip(chunk, scores):
+                outcomes[j][i] = result if isinstance(result, Exception) else (result, bank, len(encoded[0]), len(encoded[1]))
+        for job, outcome in zip(jobs, outcomes):
+            job.future.set_result(outcome)
+
+    def _fail_running(self) -> None:
+        """After an unexpected error the running batch's state is suspect: fail its rows."""
+        if self.batch is not None:
+            for row in self.batch.rows:
+                if not row.key.future.done():
+                    row.key.future.set_exception(RuntimeError("the model thread hit an internal error"))
+                self._banks.pop(id(row.key), None)
+            self.batch = None
+
+
+def _settle(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as exc:
+        future.set_exception(exc)
