@@ -155,6 +155,7 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runtime, mode
     prompts = [PROMPTS[1], too_long, PROMPTS[3], PROMPTS[4]]
     futures = [runtime.model_thread.generate(p, SamplingConfig(max_new_tokens=10), chat=True) for p in prompts]
     wait(futures, timeout=300)
+    assert runtime.model_thread.peak_batch == 3  # the three valid ones ran as one batch
     with pytest.raises(InvalidInputError, match="exceeds the model's context"):
         futures[1].result()
     bank = runtime.bank()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes.calibration import fit_calibration, percentiles, z_scores
+from probes.calibration import fit_calibration, fpr_thresholds, percentiles, z_scores
 from probes.errors import InvalidInputError
 from probes.extraction import extract_direction, extract_per_layer, mean_difference
 from probes.metrics import auroc, auroc_with_ci
@@ -162,6 +162,21 @@ def test_calibration_z_scores_and_percentiles():
     assert float(percentiles(cal, torch.full((2, 3), 10.0)).min()) == 1.0
     with pytest.raises(InvalidInputError):
         fit_calibration(torch.randn(1, 2, 3))
+
+
+def test_fpr_thresholds_let_through_at_most_the_target_share_of_the_reference():
+    reference = torch.randn(2000, 2, 3, generator=torch.Generator().manual_seed(1))
+    cal = fit_calibration(reference)
+    thresholds, achieved = fpr_thresholds(cal, 0.01)
+    assert torch.allclose(thresholds, torch.full((2, 3), 2.326, dtype=torch.float64), atol=0.25)  # N(0,1) 99th pct
+    assert torch.all(achieved <= 0.01) and torch.all(achieved >= 0.009)
+    exceeded = (reference.double() > thresholds).double().mean(dim=0)
+    assert torch.allclose(exceeded, achieved)
+    # Ties: a reference of identical scores can only flag what is strictly above them.
+    flat = fit_calibration(torch.zeros(50, 1, 1))
+    assert fpr_thresholds(flat, 0.05)[1].item() == 0.0
+    with pytest.raises(InvalidInputError, match="target_fpr"):
+        fpr_thresholds(cal, 1.5)
 
 
 def test_steering_adds_delta_only_from_its_start_position():

@@ -79,6 +79,7 @@ class ModelThread:
         self._start_lock = threading.Lock()
         self.batch: BatchGenerator | None = None
         self._banks: dict[Any, ConceptBank] = {}  # row key -> bank it is scored against
+        self.peak_batch = 0  # most rows generated together so far (observability, tests)
 
     # ---- the task threads' side ----
 
@@ -173,7 +174,9 @@ class ModelThread:
             admitted.append((job, request))
             self._banks[id(job)] = bank
         if admitted:
-            self._finish(self.batch.add([(job, request) for job, request in admitted]))
+            finished = self.batch.add([(job, request) for job, request in admitted])
+            self.peak_batch = max(self.peak_batch, len(self.batch) + len(finished))
+            self._finish(finished)
 
     def _finish(self, finished: list[tuple[GenerationJob, Generation]]) -> None:
         tokenizer = self.runtime.engine.model.tokenizer
