@@ -81,7 +81,8 @@ def _next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     """logits [vocab] -> token id."""
     if config.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    # Sample on the CPU: seeded generators are CPU generators, whatever device the model is on.
+    probs = torch.softmax(logits.float().cpu() / config.temperature, dim=-1)
     if config.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs > config.top_p
