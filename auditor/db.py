@@ -66,7 +66,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # IMMEDIATE: take the write lock up front, waiting out busy_timeout in turn. A deferred
+        # transaction that reads and then writes fails at once with "database is locked" when
+        # another thread committed in between (SQLite cannot upgrade a stale read snapshot),
+        # which the embedded default's concurrent task threads do all the time.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
