@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -344,7 +345,11 @@ def worker(
     from workers.tasks import celery_app
 
     threads = concurrency or settings.batch_max_size + 2
-    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={threads}", "--pool=threads"])
+    # A node name per process: several workers on one host must not all be "celery@host"
+    # (Celery warns, and /readyz could not count them apart).
+    node = f"auditor-{os.getpid()}@%h"
+    os.environ["AUDITOR_WORKER_POOL"] = "threads"  # lets workers.tasks warm the model up at start
+    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={threads}", "--pool=threads", f"--hostname={node}"])
 
 
 @app.command()

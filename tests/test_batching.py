@@ -181,3 +181,31 @@ def test_audits_from_separate_submissions_replay_together_and_a_bad_item_fails_a
         scores, _, n_prompt, n_completion = outcome
         (alone,) = replay_scores(model, bank, [encode_replay(model, item)])
         assert float((scores.aggregates.mean - alone.aggregates.mean).abs().max()) < 1e-4
+
+
+def test_concurrent_task_threads_share_the_embedded_sqlite_store(runtime):
+    """The embedded default: several task threads write request rows and scores into one SQLite
+    file at once (this once failed with "database is locked")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import func, select
+
+    from auditor import store
+    from auditor.models import RequestScore
+    from workers.service import serve_generation
+
+    ids = [f"chatcmpl-sqlite-{i}" for i in range(6)]
+    with runtime.sessions() as session:
+        for request_id in ids:
+            store.create_request(session, request_id=request_id, kind="chat", prompt_text="p")
+        session.commit()
+    payload = {"messages": [{"role": "user", "content": "Name a colour."}], "sampling": {"max_new_tokens": 4}}
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda request_id: serve_generation(request_id, payload, runtime), ids))
+    assert {r["status"] for r in results} == {"done"}
+    bank = runtime.model_thread.call(runtime.bank).result()
+    with runtime.sessions() as session:
+        for request_id in ids:
+            assert store.get_request(session, request_id=request_id).status == "done"
+            n = session.scalar(select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request_id))
+            assert n == len(bank.names) * len(bank.layers)

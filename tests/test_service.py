@@ -82,6 +82,7 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
         thread.join(timeout=10)
         app.state.engine.dispose()
         databases.drop_all()
+        redis.Redis(host=REDIS_HOST, db=redis_db).flushdb()  # leave no task results behind
 
 
 @pytest.fixture(scope="module")

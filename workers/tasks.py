@@ -4,6 +4,8 @@ Start a worker with `auditor worker` (or `celery -A workers.tasks worker`)."""
 
 from __future__ import annotations
 
+from celery.signals import worker_ready
+
 from auditor.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, make_celery
 from auditor.settings import get_settings
 from workers import service
@@ -30,3 +32,21 @@ def extract_task(job_id: str) -> dict:
 @celery_app.task(name=TASK_CALIBRATE)
 def calibrate_task(job_id: str) -> dict:
     return service.serve_calibration(job_id)
+
+
+@worker_ready.connect
+def warm_up(**_) -> None:
+    """Load the model and the calibrated bank as soon as the worker is up, in the background,
+    so the first request does not pay for it. Only under `auditor worker`, whose `threads` pool
+    never forks: a prefork parent (a hand-rolled `celery worker`) must not load the model."""
+    import logging
+    import os
+
+    if os.environ.get("AUDITOR_WORKER_POOL") != "threads":
+        return
+
+    runtime = service.get_runtime()
+    future = runtime.model_thread.call(runtime.bank)
+    future.add_done_callback(
+        lambda f: f.exception() and logging.getLogger(__name__).error("warm-up failed: %s", f.exception())
+    )
