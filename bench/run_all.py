@@ -6,6 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("speed.py", "probe_quality.py"):
+# The service benchmarks need Postgres and Redis on loopback (see bench/service.py).
+for script in ("speed.py", "probe_quality.py", "ingest.py", "service_latency.py", "concurrency.py", "audit_throughput.py"):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)
