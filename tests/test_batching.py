@@ -209,3 +209,22 @@ def test_concurrent_task_threads_share_the_embedded_sqlite_store(runtime):
             assert store.get_request(session, request_id=request_id).status == "done"
             n = session.scalar(select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request_id))
             assert n == len(bank.names) * len(bank.layers)
+
+
+def test_per_token_traces_are_stored_when_asked_and_round_trip(runtime, bank, alone):
+    from auditor import store
+    from workers.service import score_rows
+
+    scores = score_generation(bank, alone[1])
+    bank_ids = bank.__class__(**{**bank.__dict__, "concept_ids": list(range(1, len(bank.names) + 1))})
+    assert all(row["trace"] is None for row in score_rows(bank_ids, scores))  # off by default
+    rows = score_rows(bank_ids, scores, traces=True)
+    with runtime.sessions() as session:
+        store.create_request(session, request_id="chatcmpl-traces", kind="chat", prompt_text="p")
+        store.insert_scores(session, request_id="chatcmpl-traces", rows=rows)
+        stored = {(r.concept_id, r.layer): r.trace for r in store.scores_for_request(session, request_id="chatcmpl-traces")}
+        session.rollback()
+    k, layer = bank.names.index("pessimism"), 15
+    trace = store.trace_from_bytes(stored[(k + 1, layer)])
+    assert trace.shape == (len(alone[1].output_ids),)
+    assert torch.allclose(trace, scores.per_token[bank.layers.index(layer), :, k].float())

@@ -96,8 +96,9 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
         return _runtime
 
 
-def score_rows(bank: ConceptBank, scores: RequestScores) -> list[dict[str, Any]]:
-    """One row per (concept version, layer) that holds a vector."""
+def score_rows(bank: ConceptBank, scores: RequestScores, traces: bool = False) -> list[dict[str, Any]]:
+    """One row per (concept version, layer) that holds a vector; with `traces`, each row also
+    carries its per-token cosine trace (float32, one value per scored token)."""
     rows = []
     for li, layer in enumerate(bank.layers):
         for k, concept_id in enumerate(bank.concept_ids):
@@ -110,6 +111,7 @@ def score_rows(bank: ConceptBank, scores: RequestScores) -> list[dict[str, Any]]
                 "calibrated_z": float(scores.z_mean[li, k]) if scores.z_mean is not None else None,
                 "percentile": float(scores.percentile_mean[li, k]) if scores.percentile_mean is not None else None,
                 "n_tokens": scores.aggregates.n_tokens,
+                "trace": scores.per_token[li, :, k].float() if traces else None,
             })  # fmt: skip
     return rows
 
@@ -156,7 +158,7 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
     with runtime.sessions() as session:
         store.delete_scores(session, request_id=request_id)
         # COPY on Postgres (53k rows/s vs 34k for batched INSERT, bench/ingest.py); INSERT on SQLite.
-        store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, served.scores))
+        store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, served.scores, runtime.settings.store_traces))
         store.mark_request(
             session, request_id=request_id, status="done", completion_text=served.text, finish_reason=finish,
             model_id=runtime.engine.model.fingerprint.model_id, model_fingerprint=runtime.engine.model.fingerprint.hash,
@@ -242,7 +244,7 @@ def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: R
                 continue
             scores, bank, n_prompt, n_completion = outcome
             store.delete_scores(session, request_id=request_id)
-            store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, scores))
+            store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, scores, runtime.settings.store_traces))
             store.mark_request(session, request_id=request_id, status="done", completion_text=item["completion"],
                                model_id=fingerprint.model_id, model_fingerprint=fingerprint.hash,
                                prompt_tokens=n_prompt, completion_tokens=n_completion)
