@@ -16,6 +16,8 @@ from probes.errors import InvalidInputError
 from probes.validation import check_pairs
 
 NEUTRAL_FILE = "neutral.json"
+CONTROL_FILE = "control_prompts.json"  # ordinary requests that alert thresholds are calibrated on
+DATA_FILES = (NEUTRAL_FILE, CONTROL_FILE)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def builtin_concepts() -> list[str]:
     return sorted(
         entry.name.removesuffix(".json")
         for entry in _builtin_dir().iterdir()
-        if entry.name.endswith(".json") and entry.name != NEUTRAL_FILE
+        if entry.name.endswith(".json") and entry.name not in DATA_FILES
     )
 
 
@@ -122,3 +124,9 @@ def load_neutral() -> tuple[str, ...]:
 def reference_texts(concept: ConceptDefinition) -> tuple[str, ...]:
     """Calibration reference for one concept: the shared neutral set plus its own neutral texts."""
     return load_neutral() + concept.neutral
+
+
+def load_control_prompts() -> tuple[str, ...]:
+    """Ordinary assistant requests: the control traffic for calibrating alert thresholds."""
+    data = json.loads(_builtin_dir().joinpath(CONTROL_FILE).read_text(encoding="utf-8"))
+    return tuple(data["prompts"])
