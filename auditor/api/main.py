@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from auditor import __version__
 from auditor.api.errors import install_error_handlers
-from auditor.api.routes import audits, completions, concepts, health, jobs
+from auditor.api.routes import audits, completions, concepts, health, jobs, reports
 from auditor.dispatch import CeleryDispatcher, Dispatcher
 from auditor.db import database_url, make_engine, session_factory
 from auditor.model_identity import ModelFingerprint, describe_model
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.include_router(jobs.router)
     app.include_router(completions.router)
     app.include_router(audits.router)
+    app.include_router(reports.router)
     return app
 
 
