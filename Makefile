@@ -27,6 +27,8 @@ demo: install
 
 test: install
 	@scripts/services-up.sh
+	@scripts/ensure-prometheus.sh
+	@scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
 
 test-fast: install

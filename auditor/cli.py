@@ -349,7 +349,20 @@ def worker(
     # (Celery warns, and /readyz could not count them apart).
     node = f"auditor-{os.getpid()}@%h"
     os.environ["AUDITOR_WORKER_POOL"] = "threads"  # lets workers.tasks warm the model up at start
+    _serve_worker_metrics(settings.worker_metrics_port)
     celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={threads}", "--pool=threads", f"--hostname={node}"])
+
+
+def _serve_worker_metrics(port: int) -> None:
+    """Prometheus scrapes each worker here (the API serves its own /metrics)."""
+    if not port:
+        return
+    from auditor import metrics
+
+    try:
+        metrics.start_worker_metrics_server(port)
+    except OSError as exc:  # another worker on this host has the port: serve without, say so
+        err_console.print(f"[yellow]warning:[/] worker metrics not served on port {port}: {exc}")
 
 
 @app.command()
@@ -375,6 +388,9 @@ def run(
             dispatcher = InProcessDispatcher(settings)
             with err_console.status("loading the model, registering built-in concepts, calibrating…"):
                 dispatcher.warm_up()
+            from auditor import metrics
+
+            metrics.set_worker_up(dispatcher.runtime.engine.model.fingerprint.model_id)
         application = create_app(settings, dispatcher)
     base = f"http://{host}:{port}"
     # print, not rich: the commands must survive copy-paste unwrapped at any terminal width.
@@ -388,6 +404,12 @@ r = c.chat.completions.create(model='auditor', messages=[{{'role': 'user', 'cont
 print(r.choices[0].message.content, r.model_extra['auditor'])"
 """)
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+# Audit reports live in their own module: queries and rendering, no model.
+from auditor.report_cli import report  # noqa: E402
+
+app.command("report")(report)
 
 
 if __name__ == "__main__":  # pragma: no cover

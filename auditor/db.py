@@ -66,11 +66,22 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        # IMMEDIATE: take the write lock up front, waiting out busy_timeout in turn. A deferred
-        # transaction that reads and then writes fails at once with "database is locked" when
-        # another thread committed in between (SQLite cannot upgrade a stale read snapshot),
-        # which the embedded default's concurrent task threads do all the time.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(connection.get_execution_options().get(_SQLITE_BEGIN, "BEGIN"))
+
+
+_SQLITE_BEGIN = "auditor_sqlite_begin"
+
+
+def writer_engine(engine: Engine) -> Engine:
+    """The same engine (and pool) for sessions that read, then write. On SQLite their
+    transactions start IMMEDIATE, taking the write lock up front and waiting out busy_timeout
+    in turn: a deferred transaction that reads and then writes fails at once with "database is
+    locked" if another thread committed in between (SQLite cannot upgrade a stale snapshot),
+    which the embedded default's concurrent task threads do all the time. Readers keep plain
+    deferred transactions, so under WAL they never wait for a writer. No effect on Postgres."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    return engine.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

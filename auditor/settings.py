@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     result_backend: str = Field("", description="Celery result backend; empty = the broker URL")
     task_visibility_timeout: int = Field(3600, ge=60, description="seconds before Redis re-delivers an unacked task")
     request_timeout: float = Field(600.0, gt=0, description="seconds the API waits for a completion")
+    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `auditor worker`; 0 = off")
     store_traces: bool = Field(False, description="also store each score row's per-token trace")
     privacy_mode: Literal["full", "redacted", "hash"] = Field("full", description="how prompts and completions are stored")
 

@@ -52,8 +52,10 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
     db_url = databases.new_url()
     run_migrations(db_url)
     broker = f"redis://{REDIS_HOST}:6379/{redis_db}"
+    metrics_port = free_port()
     env = {**os.environ, "AUDITOR_DATABASE_URL": db_url, "AUDITOR_BROKER_URL": broker,
-           "AUDITOR_DATA_DIR": str(data_dir), "AUDITOR_TORCH_THREADS": "2"}
+           "AUDITOR_DATA_DIR": str(data_dir), "AUDITOR_TORCH_THREADS": "2",
+           "AUDITOR_WORKER_METRICS_PORT": str(metrics_port)}
     worker = subprocess.Popen([sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     settings = Settings(database_url=db_url, broker_url=broker, data_dir=data_dir, request_timeout=300)
@@ -71,7 +73,8 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
     while not server.started:
         time.sleep(0.05)
     try:
-        yield {"base_url": f"http://127.0.0.1:{port}", "db_url": db_url, "app": app}
+        yield {"base_url": f"http://127.0.0.1:{port}", "db_url": db_url, "app": app,
+               "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         server.should_exit = True
         worker.terminate()
@@ -288,3 +291,27 @@ def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(serv
     local = engine.bank()
     assert float(bank.calibration.mean[li, k]) == pytest.approx(float(local.calibration.mean[li, local.names.index("pessimism")]), abs=1e-5)
     assert bank.typical_norms[15] == pytest.approx(local.typical_norms[15], rel=1e-4)
+
+
+def test_worker_and_api_export_prometheus_metrics_for_real_traffic(service, client):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(url: str) -> dict:
+        text = httpx.get(url, timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def value(found: dict, name: str, **labels) -> float:
+        return sum(v for (n, ls), v in found.items() if n == name and labels.items() <= dict(ls).items())
+
+    before = samples(service["worker_metrics"])
+    client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "Say hi."}], max_tokens=3, temperature=0)
+    after = samples(service["worker_metrics"])
+    assert value(after, "auditor_requests_total", kind="chat", status="done") == value(before, "auditor_requests_total", kind="chat", status="done") + 1
+    assert value(after, "auditor_concept_score_count", concept="pessimism") == value(before, "auditor_concept_score_count", concept="pessimism") + 1
+    assert value(after, "auditor_tokens_total", direction="completion") >= value(before, "auditor_tokens_total", direction="completion") + 1
+    assert value(after, "auditor_worker_up") == 1 and value(after, "auditor_model_load_seconds") > 0
+    assert all("request" not in dict(labels) for (_, labels) in after)  # bounded labels only
+    api = samples(service["base_url"] + "/metrics")
+    assert value(api, "auditor_queue_depth", queue="celery") == 0  # nothing waiting now

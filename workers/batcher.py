@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from auditor import metrics
 from workers.concepts import ConceptBank
 from workers.monitor import RequestScores, score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
@@ -129,6 +130,7 @@ class ModelThread:
         if generations:
             self._admit(generations)
         if self.batch is not None and len(self.batch):
+            metrics.observe_batch(len(self.batch))
             self._finish(self.batch.step())
 
     def _collect(self, block: bool) -> list:

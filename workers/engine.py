@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
+from auditor import metrics
 from auditor.settings import Settings
 from probes.calibration import percentiles, z_scores
 from probes.concepts import ConceptDefinition, builtin_concepts, load_concept
@@ -78,9 +80,12 @@ class Engine:
     def model(self) -> LoadedModel:
         # Oversubscribed threads are a 10-100x trap when several model processes share cores.
         torch.set_num_threads(self.settings.resolved_threads())
-        return load_model(
+        started = time.perf_counter()
+        model = load_model(
             self.settings.model, self.settings.device, self.settings.dtype, self.settings.model_cache_dir
         )
+        metrics.set_model_loaded(model.fingerprint.model_id, time.perf_counter() - started)
+        return model
 
     @property
     def layers(self) -> list[int]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from auditor import store
-from auditor.db import database_url, make_engine, session_factory
+from auditor import metrics, store
+from auditor.db import database_url, make_engine, session_factory, writer_engine
 from auditor.settings import Settings
 from probes.calibration import fpr_thresholds
 from probes.concepts import builtin_concepts, concept_from_dict, load_concept
@@ -39,11 +39,12 @@ class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.engine = Engine(settings)
-        self.sessions = session_factory(make_engine(database_url(settings)))
+        self.sessions = session_factory(writer_engine(make_engine(database_url(settings))))
         # The only thread that touches the model; it batches what arrives together.
         self.model_thread = ModelThread(self, settings.batch_max_size, settings.batch_wait_ms / 1000)
         self._bank: ConceptBank | None = None
         self._calibration_id: int | None = None
+        self._thresholds: tuple[ConceptBank, Any] | None = None
         self._builtins_registered = False
 
     @cached_property
@@ -71,6 +72,12 @@ class Runtime:
                 self._calibration_id = store.newest_calibration_id(session)
                 self._bank = bank
         return self._bank
+
+    def thresholds(self, bank: ConceptBank):
+        """Raw-score alert thresholds [n_layers, n_concepts] at the target FPR, per bank."""
+        if self._thresholds is None or self._thresholds[0] is not bank:
+            self._thresholds = (bank, fpr_thresholds(bank.calibration, self.settings.target_fpr)[0])
+        return self._thresholds[1]
 
     def _calibrate(self, session, bank: ConceptBank, target_fpr: float | None = None) -> int:
         calibrate_bank(self.engine.model, bank, self.reference_texts, self.settings.batch_size)
@@ -116,6 +123,24 @@ def score_rows(bank: ConceptBank, scores: RequestScores, traces: bool = False) -
     return rows
 
 
+def record_metrics(runtime: "Runtime", bank: ConceptBank, scores: RequestScores) -> None:
+    """Prometheus: each concept's calibrated score at its primary layer, and whether it crossed
+    the alert threshold (bounded series: concept × primary layer × model, never per layer)."""
+    if bank.calibration is None:
+        return
+    thresholds = runtime.thresholds(bank)
+    samples = []
+    for k, name in enumerate(bank.names):
+        layer = bank.auto_layers[name]
+        if layer not in bank.layers:
+            continue
+        li = bank.layers.index(layer)
+        samples.append(metrics.ScoreSample(
+            name.split(":v")[0], layer, float(scores.z_mean[li, k]),
+            exceeded=bool(scores.aggregates.mean[li, k] > thresholds[li, k])))
+    metrics.record_scores(runtime.engine.model.fingerprint.model_id, samples)
+
+
 def headline(bank: ConceptBank, scores: RequestScores) -> dict[str, dict[str, float]]:
     """Per concept, the scores at its primary layer: what the API returns inline."""
     out = {}
@@ -140,9 +165,10 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
             return {"request_id": request_id, "status": "done", "text": request.completion_text,
                     "finish_reason": request.finish_reason, "prompt_tokens": request.prompt_tokens,
                     "completion_tokens": request.completion_tokens, "scores": {}}
-        queued_at = request.created_at
+        queued_at, kind = request.created_at, request.kind
         store.mark_request(session, request_id=request_id, status="running")
         session.commit()
+    model_id = runtime.engine.model.fingerprint.model_id
     try:
         sampling = SamplingConfig(**payload.get("sampling", {}))
         prompt = payload["messages"] if "messages" in payload else payload["prompt"]
@@ -152,6 +178,7 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
         with runtime.sessions() as session:
             store.mark_request(session, request_id=request_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
             session.commit()
+        metrics.record_request(kind, "failed", model_id, time.time() - queued_at.timestamp())
         raise
     generation, bank = served.generation, served.bank
     finish = "stop" if generation.finish_reason == "stop" else "length"
@@ -167,6 +194,9 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
             completion_tokens=len(generation.output_ids),
         )
         session.commit()
+    metrics.record_request(kind, "done", model_id, time.time() - queued_at.timestamp(),
+                           len(generation.prompt_ids), len(generation.output_ids))
+    record_metrics(runtime, bank, served.scores)
     return {"request_id": request_id, "status": "done", "text": served.text, "finish_reason": finish,
             "prompt_tokens": len(generation.prompt_ids), "completion_tokens": len(generation.output_ids),
             "scores": headline(bank, served.scores)}
@@ -241,6 +271,7 @@ def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: R
             if isinstance(outcome, Exception):
                 store.mark_request(session, request_id=request_id, status="failed",
                                    error=f"{type(outcome).__name__}: {outcome}"[:2000])
+                metrics.record_request("audit", "failed", fingerprint.model_id)
                 continue
             scores, bank, n_prompt, n_completion = outcome
             store.delete_scores(session, request_id=request_id)
@@ -248,6 +279,8 @@ def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: R
             store.mark_request(session, request_id=request_id, status="done", completion_text=item["completion"],
                                model_id=fingerprint.model_id, model_fingerprint=fingerprint.hash,
                                prompt_tokens=n_prompt, completion_tokens=n_completion)
+            metrics.record_request("audit", "done", fingerprint.model_id, None, n_prompt, n_completion)
+            record_metrics(runtime, bank, scores)
         session.commit()
     failed = sum(isinstance(o, Exception) for o in outcomes)
     return {"request_ids": request_ids, "status": "done" if not failed else f"{failed} failed"}

@@ -4,8 +4,9 @@ Start a worker with `auditor worker` (or `celery -A workers.tasks worker`)."""
 
 from __future__ import annotations
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
+from auditor import metrics
 from auditor.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, make_celery
 from auditor.settings import get_settings
 from workers import service
@@ -46,7 +47,21 @@ def warm_up(**_) -> None:
         return
 
     runtime = service.get_runtime()
-    future = runtime.model_thread.call(runtime.bank)
-    future.add_done_callback(
-        lambda f: f.exception() and logging.getLogger(__name__).error("warm-up failed: %s", f.exception())
-    )
+
+    def report(future) -> None:
+        # "Up" only once the model serves: a worker whose model failed to load stays down, and
+        # the no-live-worker alert fires.
+        if future.exception() is not None:
+            logging.getLogger(__name__).error("warm-up failed: %s", future.exception())
+        else:
+            metrics.set_worker_up(runtime.engine.model.fingerprint.model_id)
+
+    runtime.model_thread.call(runtime.bank).add_done_callback(report)
+
+
+@worker_shutdown.connect
+def mark_down(**_) -> None:
+    runtime = service._runtime
+    if runtime is not None and "model" in runtime.engine.__dict__:
+        metrics.set_worker_up(runtime.engine.model.fingerprint.model_id, False)
+    metrics.mark_process_dead()

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from fastapi import FastAPI
 
-from auditor import __version__
+from auditor import __version__, metrics
 from auditor.api.errors import install_error_handlers
 from auditor.api.routes import audits, completions, concepts, health, jobs, reports
 from auditor.dispatch import CeleryDispatcher, Dispatcher
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.include_router(jobs.router)
     app.include_router(completions.router)
     app.include_router(audits.router)
+    # add_route, not mount: a mount answers every scrape of /metrics with a redirect to /metrics/.
+    app.add_route("/metrics", metrics.metrics_asgi_app(settings.broker_url), include_in_schema=False)
     app.include_router(reports.router)
     return app
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from auditor import store
+from auditor import metrics, store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
 from auditor.dispatch import TASK_AUDIT, WorkerUnavailable
@@ -39,7 +39,8 @@ def submit(body: AuditCreate, request: Request, session: SessionDep, settings: S
     try:
         dispatcher.submit(TASK_AUDIT, [ids, items], task_id=ids[0])
     except WorkerUnavailable as exc:
-        for request_id in ids:  # never queued: say so on the rows, nothing will run them
+        for request_id in ids:
+            metrics.record_request("audit", "unavailable", fingerprint.model_id)  # never queued: say so on the rows, nothing will run them
             store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
         session.commit()
         return unavailable(exc)

@@ -10,7 +10,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from auditor import store
+from auditor import metrics, store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
 from auditor.dispatch import TASK_GENERATE, BrokerUnavailable, WorkerUnavailable
@@ -75,6 +75,7 @@ def _dispatch(request: Request, session, *, request_id: str, kind: str, prompt_t
     try:
         return dispatcher.run(TASK_GENERATE, [request_id, payload], task_id=request_id, timeout=settings.request_timeout)
     except WorkerUnavailable as exc:
+        metrics.record_request(kind, "unavailable", fingerprint.model_id)
         if isinstance(exc, BrokerUnavailable):  # never queued: say so on the row, nothing will run it
             store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
             session.commit()

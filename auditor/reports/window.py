@@ -1,0 +1,130 @@
+"""Report time windows: half-open [start, end) in UTC, parsed from what a person types.
+
+An instant is an ISO 8601 time (a naive one is read as UTC), `now`, or how long ago: `90m`,
+`24h`, `7d`, `2w`. The baseline is a duration (that long, ending where the window starts),
+an interval `START/END` of two instants, or by default the window's own length just before it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from probes.errors import InvalidInputError
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+BUCKET_SECONDS = {"hour": 3600, "day": 86400}
+# Hourly points up to this window length (≤ 72 points per concept); daily beyond it.
+HOURLY_UP_TO = timedelta(days=3)
+
+
+class WindowError(InvalidInputError):
+    """A window parameter that cannot be used: `field` names it (since, until, baseline, bucket),
+    `reason` says why; the message is both, for a CLI line."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime  # exclusive
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise InvalidInputError("window bounds must be timezone-aware datetimes")
+        if self.start >= self.end:
+            raise InvalidInputError(
+                f"window start {self.start.isoformat()} is not before its end "
+                f"{self.end.isoformat()}"
+            )
+
+    @property
+    def duration(self) -> timedelta:
+        return self.end - self.start
+
+    def overlaps(self, other: Window) -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """`24h` -> 24 hours; None when `text` is not a duration."""
+    match = _DURATION.match(text)
+    if match is None:
+        return None
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def parse_instant(text: str, *, now: datetime, field: str) -> datetime:
+    if text.strip().lower() == "now":
+        return now
+    ago = parse_duration(text)
+    if ago is not None:
+        return now - ago
+    try:
+        instant = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise WindowError(
+            field, f"cannot read {text!r}: give an ISO time, 'now', or how long ago (24h, 7d)"
+        ) from None
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=timezone.utc)
+    return instant.astimezone(timezone.utc)
+
+
+def report_window(since: str, until: str, *, now: datetime) -> Window:
+    start = parse_instant(since, now=now, field="since")
+    end = parse_instant(until, now=now, field="until")
+    if start >= end:
+        raise WindowError(
+            "until",
+            f"the window is empty: since {start.isoformat()} is not before until {end.isoformat()}",
+        )
+    return Window(start, end)
+
+
+def baseline_window(baseline: str | None, *, window: Window, now: datetime) -> Window:
+    if baseline is None or not baseline.strip():
+        return Window(window.start - window.duration, window.start)
+    length = parse_duration(baseline)
+    if length is not None:
+        if not length:
+            raise WindowError("baseline", "a baseline of length zero holds no scores")
+        chosen = Window(window.start - length, window.start)
+    elif "/" in baseline:
+        first, _, second = baseline.partition("/")
+        start = parse_instant(first, now=now, field="baseline")
+        end = parse_instant(second, now=now, field="baseline")
+        if start >= end:
+            raise WindowError("baseline", f"{baseline!r} is empty: its start is not before its end")
+        chosen = Window(start, end)
+    else:
+        raise WindowError(
+            "baseline", f"cannot read {baseline!r}: give a duration (7d) or an interval START/END"
+        )
+    check_disjoint(window, chosen)
+    return chosen
+
+
+def check_disjoint(window: Window, baseline: Window) -> None:
+    # Shared scores would sit on both sides of the comparison and hide the drift.
+    if baseline.overlaps(window):
+        raise WindowError(
+            "baseline",
+            f"[{baseline.start.isoformat()}, {baseline.end.isoformat()}) overlaps the report "
+            f"window [{window.start.isoformat()}, {window.end.isoformat()})",
+        )
+
+
+def choose_bucket(bucket: str | None, window: Window) -> str:
+    """`hour`, `day`, or None / `auto`: hourly for windows up to HOURLY_UP_TO, else daily."""
+    if bucket is None or bucket == "auto":
+        return "hour" if window.duration <= HOURLY_UP_TO else "day"
+    if bucket not in BUCKET_SECONDS:
+        raise WindowError("bucket", f"must be auto, hour or day; got {bucket!r}")
+    return bucket
