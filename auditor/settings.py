@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_max_size: int = Field(16, ge=1, le=256, description="requests generated together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill")
+    divergence_flags: bool = Field(True, description="flag requests whose internals and text disagree")
+    control_max_tokens: int = Field(32, ge=4, le=512, description="answer length when calibrating on control prompts")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="alert thresholds sit at this false-positive rate")
 
     @field_validator("monitor_layers")

@@ -543,6 +543,11 @@ def add_flag(
     return flag
 
 
+def delete_flags(session: Session, *, request_id: str) -> int:
+    """A re-delivered request rewrites its flags, like its scores."""
+    return session.execute(delete(Flag).where(Flag.request_id == request_id)).rowcount
+
+
 def add_calibration(
     session: Session,
     *,
@@ -588,13 +593,16 @@ def latest_calibration(session: Session, *, concept_id: int, layer: int) -> Cali
     return session.scalar(query)
 
 
-def latest_calibrations(session: Session, *, concept_ids: Sequence[int]) -> dict[tuple[int, int], Calibration]:
-    """The newest calibration of every (concept version, layer) among `concept_ids`, in one query."""
+def latest_calibrations(
+    session: Session, *, concept_ids: Sequence[int], reference_set: str = "neutral"
+) -> dict[tuple[int, int], Calibration]:
+    """The newest calibration from `reference_set` of every (concept version, layer) among
+    `concept_ids`, in one query."""
     if not concept_ids:
         return {}
     newest = (
         select(Calibration.concept_id, Calibration.layer, func.max(Calibration.id).label("id"))
-        .where(Calibration.concept_id.in_(list(concept_ids)))
+        .where(Calibration.concept_id.in_(list(concept_ids)), Calibration.reference_set == reference_set)
         .group_by(Calibration.concept_id, Calibration.layer)
         .subquery()
     )

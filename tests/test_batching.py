@@ -140,7 +140,9 @@ def runtime(engine, tmp_path_factory):
 
     url = f"sqlite:///{tmp_path_factory.mktemp('batching-db') / 'auditor.db'}"
     run_migrations(url)
-    runtime = Runtime(Settings(database_url=url, data_dir=engine.settings.data_dir, batch_max_size=8, batch_wait_ms=50))
+    # Divergence flags off: they are tests/test_monitoring.py's subject, and fitting them costs a minute.
+    runtime = Runtime(Settings(database_url=url, data_dir=engine.settings.data_dir, batch_max_size=8, batch_wait_ms=50,
+                               divergence_flags=False))
     runtime.engine.__dict__["model"] = engine.model  # share the session's loaded weights
     runtime.model_thread.call(runtime.bank).result()
     return runtime

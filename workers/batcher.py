@@ -30,8 +30,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from auditor import metrics
 from workers.concepts import ConceptBank
+from probes.divergence import Divergence, divergences
+from workers.divergence import residual_signal, text_signals
 from workers.monitor import RequestScores, score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
 from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
@@ -68,6 +72,9 @@ class Served:
     text: str
     scores: RequestScores
     bank: ConceptBank
+    residual_z: torch.Tensor | None = None  # [n_concepts] at primary layers
+    text_z: torch.Tensor | None = None  # the completion re-read alone; None for an empty answer
+    flags: list[Divergence] = field(default_factory=list)
 
 
 class ModelThread:
@@ -181,12 +188,41 @@ class ModelThread:
             self._finish(finished)
 
     def _finish(self, finished: list[tuple[GenerationJob, Generation]]) -> None:
-        tokenizer = self.runtime.engine.model.tokenizer
+        """Score each finished row, re-read its text alone (all of this step's answers in one
+        pass) and compare the two signals."""
+        if not finished:
+            return
+        model = self.runtime.engine.model
+        served = []
         for job, generation in finished:
             bank = self._banks.pop(id(job))
-            _settle(job.future, lambda: Served(
-                generation, tokenizer.decode(generation.output_ids, skip_special_tokens=True),
-                score_generation(bank, generation), bank))
+            try:
+                text = model.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
+                scores = score_generation(bank, generation)
+                residual = residual_signal(bank, scores) if scores.z_mean is not None else None
+                served.append((job, Served(generation, text, scores, bank, residual)))
+            except Exception as exc:
+                job.future.set_exception(exc)
+        try:
+            self._diverge([s for _, s in served])
+        except Exception:  # flags are extra: never lose the answers over them
+            log.exception("divergence check failed")
+        for job, result in served:
+            job.future.set_result(result)
+
+    def _diverge(self, served: list[Served]) -> None:
+        readable = [s for s in served if s.text.strip() and s.residual_z is not None]
+        if not readable:
+            return
+        bank = readable[0].bank
+        thresholds = self.runtime.divergence_thresholds(bank)
+        if thresholds is None:
+            return
+        same_bank = [s for s in readable if s.bank is bank]  # a bank change mid-batch is rare: skip the rest
+        text_z = text_signals(self.runtime.engine.model, bank, [s.text for s in same_bank])
+        for s, t in zip(same_bank, text_z):
+            s.text_z = t
+            s.flags = divergences(s.residual_z, t, thresholds, bank.names)
 
     def _replay(self, jobs: list[ReplayJob]) -> None:
         from workers.service import encode_replay, replay_scores

@@ -26,7 +26,7 @@ class InProcessDispatcher:
 
     def warm_up(self) -> None:
         """Load the model and build the calibrated bank now, not on the first request."""
-        self.runtime.model_thread.call(self.runtime.bank).result()
+        self.runtime.model_thread.call(self.runtime.warm_up).result()
 
     def submit(self, task: str, args: list[Any], *, task_id: str) -> None:
         self.pool.submit(self.tasks[task], *args)

@@ -16,7 +16,8 @@ from auditor import metrics, store
 from auditor.db import database_url, make_engine, session_factory, writer_engine
 from auditor.settings import Settings
 from probes.calibration import fpr_thresholds
-from probes.concepts import builtin_concepts, concept_from_dict, load_concept
+from probes.concepts import builtin_concepts, concept_from_dict, load_concept, load_control_prompts
+from probes.divergence import DivergenceThresholds, fit_thresholds
 from probes.errors import InvalidInputError
 from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
 from workers.batcher import ModelThread
@@ -26,12 +27,15 @@ from workers.registry import (
     active_concept_ids,
     bank_from_registry,
     find_extracted,
+    load_divergence_thresholds,
     load_stored_calibration,
     reference_hash,
     register_builtin_concepts,
     register_extracted,
     save_calibration,
+    save_divergence_thresholds,
 )
+from workers.divergence import control_signals
 from workers.runtime.generate import SamplingConfig
 
 
@@ -45,6 +49,7 @@ class Runtime:
         self._bank: ConceptBank | None = None
         self._calibration_id: int | None = None
         self._thresholds: tuple[ConceptBank, Any] | None = None
+        self._divergence: tuple[ConceptBank, DivergenceThresholds | None] | None = None
         self._builtins_registered = False
 
     @cached_property
@@ -78,6 +83,33 @@ class Runtime:
         if self._thresholds is None or self._thresholds[0] is not bank:
             self._thresholds = (bank, fpr_thresholds(bank.calibration, self.settings.target_fpr)[0])
         return self._thresholds[1]
+
+    def warm_up(self) -> ConceptBank:
+        """(Model thread only.) Everything the first request would otherwise wait for: the
+        model, the registered and calibrated bank, the divergence thresholds."""
+        bank = self.bank()
+        self.divergence_thresholds(bank)
+        return bank
+
+    def divergence_thresholds(self, bank: ConceptBank, refit: bool = False, target_fpr: float | None = None):
+        """(Model thread only.) Divergence thresholds for `bank`'s concepts: stored ones, or
+        fitted now on answers to the control prompts and stored (once per deployment and set
+        of active concepts). None when divergence flags are off."""
+        if not self.settings.divergence_flags:
+            return None
+        if not refit and self._divergence is not None and self._divergence[0] is bank:
+            return self._divergence[1]
+        with self.sessions() as session:
+            thresholds = None if refit else load_divergence_thresholds(session, bank)
+            if thresholds is None:
+                target_fpr = target_fpr or self.settings.target_fpr
+                residual, text = control_signals(self.engine.model, bank, load_control_prompts(),
+                                                 self.settings.control_max_tokens, self.settings.batch_max_size)
+                thresholds = fit_thresholds(residual, text, target_fpr)
+                save_divergence_thresholds(session, bank, thresholds, (residual - text).double(), target_fpr)
+                session.commit()
+        self._divergence = (bank, thresholds)
+        return thresholds
 
     def _calibrate(self, session, bank: ConceptBank, target_fpr: float | None = None) -> int:
         calibrate_bank(self.engine.model, bank, self.reference_texts, self.settings.batch_size)
@@ -193,13 +225,24 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
             decode_seconds=generation.decode_seconds, prompt_tokens=len(generation.prompt_ids),
             completion_tokens=len(generation.output_ids),
         )
+        store.delete_flags(session, request_id=request_id)
+        for flag in served.flags:
+            store.add_flag(session, request_id=request_id, concept_id=bank.concept_ids[flag.concept],
+                           layer=bank.auto_layers[bank.names[flag.concept]], kind=flag.kind,
+                           residual_signal=flag.residual_z, text_signal=flag.text_z,
+                           threshold=flag.threshold, reason=flag.reason)
         session.commit()
     metrics.record_request(kind, "done", model_id, time.time() - queued_at.timestamp(),
                            len(generation.prompt_ids), len(generation.output_ids))
     record_metrics(runtime, bank, served.scores)
+    for flag in served.flags:
+        metrics.record_flag(flag.kind, bank.names[flag.concept].split(":v")[0], model_id)
     return {"request_id": request_id, "status": "done", "text": served.text, "finish_reason": finish,
             "prompt_tokens": len(generation.prompt_ids), "completion_tokens": len(generation.output_ids),
-            "scores": headline(bank, served.scores)}
+            "scores": headline(bank, served.scores),
+            "flags": [{"concept": bank.names[f.concept], "kind": f.kind, "residual_z": round(f.residual_z, 4),
+                       "text_z": round(f.text_z, 4), "threshold": round(f.threshold, 4), "reason": f.reason}
+                      for f in served.flags]}
 
 
 def encode_replay(model, item: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -355,6 +398,7 @@ def serve_calibration(job_id: str, runtime: Runtime | None = None) -> dict[str, 
         bank = bank_from_registry(session, runtime.engine)
         target_fpr = float(payload.get("target_fpr") or runtime.settings.target_fpr)
         rows = runtime._calibrate(session, bank, target_fpr)
+        divergence = runtime.divergence_thresholds(bank, refit=True, target_fpr=target_fpr)
         thresholds, achieved = fpr_thresholds(bank.calibration, target_fpr)
         concepts = {}
         for k, name in enumerate(bank.names):
@@ -363,7 +407,13 @@ def serve_calibration(job_id: str, runtime: Runtime | None = None) -> dict[str, 
                 li = bank.layers.index(layer)
                 concepts[name] = {"concept_id": bank.concept_ids[k], "layer": layer,
                                   "threshold": float(thresholds[li, k]), "achieved_fpr": float(achieved[li, k])}
+        if divergence is not None:
+            for k, name in enumerate(bank.names):
+                if name in concepts:
+                    concepts[name].update(hidden_gap=float(divergence.hidden_gap[k]),
+                                          surface_gap=float(divergence.surface_gap[k]),
+                                          divergence_achieved_fpr=float(divergence.achieved_fpr[k]))
         return {"rows": rows, "target_fpr": target_fpr, "n_reference": bank.calibration.n_reference,
-                "concepts": concepts}
+                "n_control": divergence.n_control if divergence is not None else 0, "concepts": concepts}
 
     return _run_job(job_id, runtime, work)

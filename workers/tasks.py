@@ -56,7 +56,7 @@ def warm_up(**_) -> None:
         else:
             metrics.set_worker_up(runtime.engine.model.fingerprint.model_id)
 
-    runtime.model_thread.call(runtime.bank).add_done_callback(report)
+    runtime.model_thread.call(runtime.warm_up).add_done_callback(report)
 
 
 @worker_shutdown.connect

@@ -107,7 +107,8 @@ def chat_completions(body: ChatCompletionCreate, request: Request, session: Sess
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                      "finish_reason": result["finish_reason"], "logprobs": None}],
         "usage": _usage(result),
-        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body)},
+        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body),
+                    "flags": result.get("flags", [])},
     }
 
 
@@ -127,5 +128,6 @@ def completions(body: CompletionCreate, request: Request, session: SessionDep,
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": fingerprint.model_id,
         "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}],
         "usage": _usage(result),
-        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body)},
+        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body),
+                    "flags": result.get("flags", [])},
     }
