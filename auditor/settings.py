@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill")
     divergence_flags: bool = Field(True, description="flag requests whose internals and text disagree")
     control_max_tokens: int = Field(32, ge=4, le=512, description="answer length when calibrating on control prompts")
+    drift_interval_seconds: float = Field(60.0, ge=0, description="how often drift is exported; 0 = never")
+    drift_recent_minutes: float = Field(60.0, gt=0, description="recent traffic window for drift")
+    drift_baseline_minutes: float = Field(1440.0, gt=0, description="baseline window just before it")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="alert thresholds sit at this false-positive rate")
 
     @field_validator("monitor_layers")

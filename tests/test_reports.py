@@ -668,3 +668,22 @@ def test_headless_chromium_paints_the_series_colours(html_page, tmp_path):
     for rgb in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
         close = np.abs(pixels - np.array(rgb) / 255).max(axis=-1) < 0.1
         assert close.sum() > 2000, (rgb, int(close.sum()))
+
+
+def test_drift_on_live_traffic_is_exported_for_alerting(seeded, report):
+    """The worker's periodic drift export sets auditor_drift_psi to the report's PSI."""
+    from prometheus_client import REGISTRY
+
+    from auditor.drift_export import DriftExporter
+
+    engine = make_engine(seeded.url)
+    exporter = DriftExporter(session_factory(engine), "test-model", recent=RECENT.duration,
+                             baseline=BASELINE.duration, interval=0)
+    rows = exporter.run_once(now=RECENT.end)
+    engine.dispose()
+    expected = {(r.concept, r.version): r.psi for r in report.drift}
+    assert {(r.concept, r.version): r.psi for r in rows} == expected
+    v2 = by_label(report.drift)[PESSIMISM_V2]
+    exported = REGISTRY.get_sample_value(
+        "auditor_drift_psi", {"concept": f"{v2.concept}:v{v2.version}", "layer": str(v2.layer), "model": "test-model"})
+    assert exported == pytest.approx(v2.psi) and exported > 0.5

@@ -9,11 +9,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
 from auditor import metrics, store
 from auditor.db import database_url, make_engine, session_factory, writer_engine
+from auditor.drift_export import DriftExporter
 from auditor.settings import Settings
 from probes.calibration import fpr_thresholds
 from probes.concepts import builtin_concepts, concept_from_dict, load_concept, load_control_prompts
@@ -50,6 +52,7 @@ class Runtime:
         self._calibration_id: int | None = None
         self._thresholds: tuple[ConceptBank, Any] | None = None
         self._divergence: tuple[ConceptBank, DivergenceThresholds | None] | None = None
+        self._drift: DriftExporter | None = None
         self._builtins_registered = False
 
     @cached_property
@@ -86,10 +89,20 @@ class Runtime:
 
     def warm_up(self) -> ConceptBank:
         """(Model thread only.) Everything the first request would otherwise wait for: the
-        model, the registered and calibrated bank, the divergence thresholds."""
+        model, the registered and calibrated bank, the divergence thresholds. Then starts the
+        drift export."""
         bank = self.bank()
         self.divergence_thresholds(bank)
+        self.drift_exporter().start()
         return bank
+
+    def drift_exporter(self) -> DriftExporter:
+        if self._drift is None:
+            s = self.settings
+            self._drift = DriftExporter(self.sessions, self.engine.model.fingerprint.model_id,
+                                        timedelta(minutes=s.drift_recent_minutes),
+                                        timedelta(minutes=s.drift_baseline_minutes), s.drift_interval_seconds)
+        return self._drift
 
     def divergence_thresholds(self, bank: ConceptBank, refit: bool = False, target_fpr: float | None = None):
         """(Model thread only.) Divergence thresholds for `bank`'s concepts: stored ones, or
