@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     drift_interval_seconds: float = Field(60.0, ge=0, description="how often drift is exported; 0 = never")
     drift_recent_minutes: float = Field(60.0, gt=0, description="recent traffic window for drift")
     drift_baseline_minutes: float = Field(1440.0, gt=0, description="baseline window just before it")
+    inject_steering: str = Field(
+        "", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.\-]*:-?[0-9.]+$",
+        description="drills only: 'concept:alpha' steers every generation (α relative to the layer's "
+        "typical norm), as a tampered serving pipeline would; the monitor must flag it")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="alert thresholds sit at this false-positive rate")
 
     @field_validator("monitor_layers")

@@ -83,3 +83,59 @@ def test_steering_injected_into_serving_is_flagged_hidden_and_ordinary_answers_a
     for s in steered:
         if hidden(s):
             assert s.residual_z[pessimism] - s.text_z[pessimism] > 2
+
+
+def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(engine, tmp_path):
+    """End to end: the service (embedded: API + in-process model thread) with steering injected
+    into its serving path, scraped by a real Prometheus running deploy/prometheus/rules.yml."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import uvicorn
+    from openai import OpenAI
+
+    from auditor.api.main import create_app
+    from auditor.db import run_migrations
+    from auditor.settings import Settings
+    from prometheus_harness import PROMETHEUS, SKIP_REASON, free_port, rules_with_short_for, start_prometheus
+    from workers.inprocess import InProcessDispatcher
+
+    if PROMETHEUS is None:
+        pytest.skip(SKIP_REASON)
+    url = f"sqlite:///{tmp_path / 'auditor.db'}"
+    run_migrations(url)
+    settings = Settings(database_url=url, data_dir=engine.settings.data_dir, inject_steering="pessimism:0.1",
+                        control_max_tokens=16, drift_interval_seconds=0)
+    dispatcher = InProcessDispatcher(settings)
+    dispatcher.runtime.engine.__dict__["model"] = engine.model  # share the session's loaded weights
+    dispatcher.warm_up()
+    app = create_app(settings, dispatcher)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    rules = rules_with_short_for(Path(__file__).resolve().parents[1] / "deploy/prometheus/rules.yml",
+                                 tmp_path / "rules.yml", hold="1s")
+    try:
+        with start_prometheus(tmp_path / "prometheus", {"auditor-api": [f"127.0.0.1:{port}"]}, rule_files=[rules]) as prometheus:
+            prometheus.wait_for_target_up("auditor-api")
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+
+            def ask(i: int):
+                return client.chat.completions.create(
+                    model="auditor", max_tokens=8, temperature=0,
+                    messages=[{"role": "user", "content": HELD_OUT[i % len(HELD_OUT)]}])
+
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(ask, range(24)))
+            flagged = sum(any(f["kind"] == "hidden" and f["concept"] == "pessimism" for f in a.model_extra["auditor"]["flags"])
+                          for a in answers)
+            assert flagged >= 20  # the monitor saw the tampering in nearly every answer
+            alert = prometheus.wait_for_alert("AuditorDivergenceFlagRateHigh", "firing", timeout=120,
+                                              labels={"concept": "pessimism", "kind": "hidden"})
+            assert alert["labels"]["severity"] == "critical"
+    finally:
+        server.should_exit = True

@@ -174,7 +174,8 @@ class ModelThread:
                 continue
             try:
                 prompt_ids = encode_prompt(model, job.prompt, job.chat)
-                steering = [self.runtime.engine.steering(s, bank, len(prompt_ids)) for s in job.steer]
+                steer = [*job.steer, *self.runtime.injected_steering]
+                steering = [self.runtime.engine.steering(s, bank, len(prompt_ids)) for s in steer]
                 request = SequenceRequest(prompt_ids, job.sampling, steering)
                 validate_request(model, request)
             except Exception as exc:  # this request alone fails

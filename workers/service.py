@@ -23,7 +23,7 @@ from probes.divergence import DivergenceThresholds, fit_thresholds
 from probes.errors import InvalidInputError
 from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
 from workers.batcher import ModelThread
-from workers.engine import Engine
+from workers.engine import Engine, SteerRequest
 from workers.monitor import RequestScores
 from workers.registry import (
     active_concept_ids,
@@ -54,6 +54,15 @@ class Runtime:
         self._divergence: tuple[ConceptBank, DivergenceThresholds | None] | None = None
         self._drift: DriftExporter | None = None
         self._builtins_registered = False
+
+    @cached_property
+    def injected_steering(self) -> list[SteerRequest]:
+        """The drill setting AUDITOR_INJECT_STEERING: steering applied to every generation the
+        way a tampered pipeline would, to prove the monitor catches it."""
+        if not self.settings.inject_steering:
+            return []
+        concept, alpha = self.settings.inject_steering.rsplit(":", 1)
+        return [SteerRequest(concept, float(alpha), relative=True)]
 
     @cached_property
     def reference_texts(self) -> list[str]:

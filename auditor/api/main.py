@@ -10,7 +10,7 @@ from auditor import __version__, metrics
 from auditor.api.errors import install_error_handlers
 from auditor.api.routes import audits, completions, concepts, health, jobs, reports
 from auditor.dispatch import CeleryDispatcher, Dispatcher
-from auditor.db import database_url, make_engine, session_factory
+from auditor.db import database_url, make_engine, session_factory, writer_engine
 from auditor.model_identity import ModelFingerprint, describe_model
 from auditor.settings import Settings, get_settings
 
@@ -31,7 +31,9 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     engine = make_engine(database_url(settings))
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessions = session_factory(engine)
+    # Handlers read, then write (check, then insert): on SQLite their transactions must take the
+    # write lock up front (see auditor.db.writer_engine). No effect on Postgres.
+    app.state.sessions = session_factory(writer_engine(engine))
     app.state.dispatcher = dispatcher
 
     @lru_cache(maxsize=1)
