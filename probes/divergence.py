@@ -34,6 +34,10 @@ class DivergenceThresholds:
     surface_gap: torch.Tensor
     achieved_fpr: torch.Tensor
     n_control: int
+    # The concept-score alert: the residual z that at most target_fpr of control answers exceed
+    # (answers, not standalone text: generation reads concepts differently), and the rate achieved.
+    alert_z: torch.Tensor | None = None
+    alert_achieved_fpr: torch.Tensor | None = None
 
 
 def _check_signals(residual_z: torch.Tensor, text_z: torch.Tensor) -> None:
@@ -59,7 +63,10 @@ def fit_thresholds(residual_z: torch.Tensor, text_z: torch.Tensor, target_fpr: f
     surface_gap = (-gap).sort(dim=0).values[n - 1 - allowed]
     thresholds = DivergenceThresholds(hidden_gap, surface_gap, torch.zeros(gap.shape[1], dtype=torch.float64), n)
     flagged = torch.stack([flags_matrix(r, t, thresholds).any(dim=-1) for r, t in zip(residual_z, text_z)])
-    return DivergenceThresholds(hidden_gap, surface_gap, flagged.double().mean(dim=0), n)
+    residual = residual_z.double()
+    alert_z = residual.sort(dim=0).values[n - 1 - int(n * target_fpr)]
+    alert_achieved = (residual > alert_z).double().mean(dim=0)
+    return DivergenceThresholds(hidden_gap, surface_gap, flagged.double().mean(dim=0), n, alert_z, alert_achieved)
 
 
 def flags_matrix(residual_z: torch.Tensor, text_z: torch.Tensor, thresholds: DivergenceThresholds) -> torch.Tensor:

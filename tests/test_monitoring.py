@@ -5,6 +5,7 @@ leave ordinary held-out answers alone."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from probes.concepts import load_control_prompts
 from workers.engine import SteerRequest
@@ -76,6 +77,12 @@ def test_steering_injected_into_serving_is_flagged_hidden_and_ordinary_answers_a
 
     false_alarms = sum(hidden(s) for s in ordinary)
     detected = sum(hidden(s) for s in steered)
+    # The concept-score alert threshold, fitted on control answers: ordinary held-out answers
+    # stay under it for every concept, steered ones go over it for pessimism.
+    alert_z = runtime.divergence_thresholds(ordinary[0].bank).alert_z
+    over = torch.stack([s.residual_z > alert_z for s in ordinary]).double().mean(dim=0)
+    assert (over <= 0.1).all(), dict(zip(ordinary[0].bank.names, over.tolist()))
+    assert sum(bool(s.residual_z[pessimism] > alert_z[pessimism]) for s in steered) >= 9
     assert false_alarms <= 1, [f.reason for s in ordinary for f in s.flags]
     assert detected >= 9, [(s.text, s.residual_z[pessimism].item(), s.text_z[pessimism].item()) for s in steered]
     # The flag comes from the internals, not from the words: the steered answers' own text

@@ -128,7 +128,7 @@ class Runtime:
                 residual, text = control_signals(self.engine.model, bank, load_control_prompts(),
                                                  self.settings.control_max_tokens, self.settings.batch_max_size)
                 thresholds = fit_thresholds(residual, text, target_fpr)
-                save_divergence_thresholds(session, bank, thresholds, (residual - text).double(), target_fpr)
+                save_divergence_thresholds(session, bank, thresholds, residual, text, target_fpr)
                 session.commit()
         self._divergence = (bank, thresholds)
         return thresholds
@@ -182,6 +182,9 @@ def record_metrics(runtime: "Runtime", bank: ConceptBank, scores: RequestScores)
     the alert threshold (bounded series: concept × primary layer × model, never per layer)."""
     if bank.calibration is None:
         return
+    # The alert threshold fitted on answers to control prompts when there is one; otherwise the
+    # neutral-text threshold (standalone text reads concepts differently from answers).
+    control = runtime._divergence[1] if runtime._divergence is not None and runtime._divergence[0] is bank else None
     thresholds = runtime.thresholds(bank)
     samples = []
     for k, name in enumerate(bank.names):
@@ -189,9 +192,12 @@ def record_metrics(runtime: "Runtime", bank: ConceptBank, scores: RequestScores)
         if layer not in bank.layers:
             continue
         li = bank.layers.index(layer)
-        samples.append(metrics.ScoreSample(
-            name.split(":v")[0], layer, float(scores.z_mean[li, k]),
-            exceeded=bool(scores.aggregates.mean[li, k] > thresholds[li, k])))
+        z = float(scores.z_mean[li, k])
+        if control is not None and control.alert_z is not None:
+            exceeded = z > float(control.alert_z[k])
+        else:
+            exceeded = bool(scores.aggregates.mean[li, k] > thresholds[li, k])
+        samples.append(metrics.ScoreSample(name.split(":v")[0], layer, z, exceeded=exceeded))
     metrics.record_scores(runtime.engine.model.fingerprint.model_id, samples)
 
 
@@ -432,7 +438,9 @@ def serve_calibration(job_id: str, runtime: Runtime | None = None) -> dict[str, 
         if divergence is not None:
             for k, name in enumerate(bank.names):
                 if name in concepts:
-                    concepts[name].update(hidden_gap=float(divergence.hidden_gap[k]),
+                    concepts[name].update(alert_z=float(divergence.alert_z[k]),
+                                          alert_achieved_fpr=float(divergence.alert_achieved_fpr[k]),
+                                          hidden_gap=float(divergence.hidden_gap[k]),
                                           surface_gap=float(divergence.surface_gap[k]),
                                           divergence_achieved_fpr=float(divergence.achieved_fpr[k]))
         return {"rows": rows, "target_fpr": target_fpr, "n_reference": bank.calibration.n_reference,

@@ -3,7 +3,9 @@ contrastive pairs, and calibrating the active concepts. Each returns 202 with a 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from auditor import store
@@ -54,12 +56,18 @@ def calibrate(request: Request, session: SessionDep, settings: SettingsDep, body
 
 
 @router.get("/calibrations", response_model=list[CalibrationRead])
-def calibrations(session: SessionDep, all_layers: bool = False) -> list[CalibrationRead]:
-    """The calibration in force for each active concept: its alert threshold, the false-positive
-    rate it targets and the rate it achieved on the reference set. Primary layers only unless
-    `all_layers`."""
+def calibrations(
+    session: SessionDep,
+    all_layers: bool = False,
+    reference_set: Annotated[str, Query(pattern="^(neutral|control:residual|control:hidden|control:surface)$")] = "neutral",
+) -> list[CalibrationRead]:
+    """The calibration in force for each active concept: its threshold, the false-positive rate
+    it targets and the rate it achieved on its reference set. `neutral`: scores of standalone
+    neutral text (raw-score thresholds; z-scores are relative to it). `control:residual`: the
+    concept-score alert threshold (z) on answers to control prompts; `control:hidden` /
+    `control:surface`: the divergence gap thresholds. Primary layers only unless `all_layers`."""
     concepts = {c.id: c for c in store.list_concepts(session, active=True)}
-    rows = store.latest_calibrations(session, concept_ids=list(concepts))
+    rows = store.latest_calibrations(session, concept_ids=list(concepts), reference_set=reference_set)
     out = []
     for (concept_id, layer), row in sorted(rows.items(), key=lambda kv: (concepts[kv[0][0]].name, kv[0])):
         concept: Concept = concepts[concept_id]
