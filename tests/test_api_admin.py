@@ -238,3 +238,16 @@ def test_invalid_extraction_requests_get_422_and_queue_nothing(dead_broker_api, 
     assert response.status_code == 422 and message in response.json()["error"]["message"]
     assert len(_rows(url, Job)) == before
     assert client.get("/admin/jobs/does-not-exist").status_code == 404
+
+
+def test_bad_calibration_requests_get_422_and_queue_nothing(dead_broker_api):
+    from auditor.models import Job
+
+    client, url = dead_broker_api
+    before = len(_rows(url, Job))
+    for body in ({"target_fpr": 1.5}, {"target_fpr": 0}, {"target_fpr": "often"}, {"unknown": 1}):
+        response = client.post("/admin/calibrations", json=body)
+        assert response.status_code == 422, (body, response.text)
+    assert len(_rows(url, Job)) == before
+    bad_set = client.get("/admin/calibrations", params={"reference_set": "made-up"})
+    assert bad_set.status_code == 422 and "reference_set" in bad_set.text
