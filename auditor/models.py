@@ -46,6 +46,7 @@ PRIVACY_MODES = ("full", "redacted", "hash")
 FLAG_KINDS = ("hidden", "surface", "threshold", "drift")
 JOB_KINDS = ("extract", "calibrate")
 JOB_STATUSES = ("queued", "running", "done", "failed")
+SCOPES = ("admin", "client", "reader")
 
 # Deterministic constraint names: Alembic needs them to drop or alter constraints, and SQLite's
 # batch mode (copy-and-move) cannot refer to an unnamed one.
@@ -283,6 +284,38 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiToken(Base):
+    """An API bearer token. Only its sha256 is stored: the secret is shown once, at creation.
+    `prefix` is the public part of the token, indexed so a lookup never scans hashes."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSONType)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AdminAction(Base):
+    """Append-only log of admin actions: who (token name and prefix), what, when, and the
+    vector's hash when the action registered or changed a concept."""
+
+    __tablename__ = "admin_audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    actor_prefix: Mapped[str | None] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(256))
+    vector_hash: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
 
 # ---- immutability of registered vectors (ORM-level guard; the store never issues raw UPDATEs) ----

@@ -8,19 +8,33 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
-MAX_D_MODEL = 65536
+
+# Hard ceilings on request shapes, published in the OpenAPI document. Settings (auditor/settings.py,
+# "input limits") can tighten the last three per deployment; the routes check those.
+MAX_D_MODEL = 65536  # values per vector; a vector must still match the served model's d_model
+MAX_VECTOR_LAYERS = 512  # layers per vector set; each must still exist in the served model
+MAX_TEXT_CHARS = 100_000  # one prompt, chat message or completion
+MAX_MESSAGES = 256
+MAX_TOKENS = 4096
+MAX_PAIRS = 2000
+MAX_AUDIT_ITEMS = 64
+# JSON numbers are decoded by Python's json, which takes NaN, Infinity and 1e999 (= inf); a request
+# body with a float field refuses them (422 "Input should be a finite number"), so none is stored.
+FINITE = ConfigDict(allow_inf_nan=False)
+# OpenAI's seed is an int64; torch's generator would overflow past it (a 500 from the worker).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ConceptCreate(BaseModel):
     """Register a vector sent as JSON: one layer (`layer` + `vector`) or several (`vectors`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE)
 
     name: str = Field(pattern=NAME_PATTERN, description="concept name; a new vector under an existing name is its next version")
     description: str = Field("", max_length=2000)
     layer: int | None = Field(None, ge=0, description="layer of `vector`")
     vector: list[float] | None = Field(None, max_length=MAX_D_MODEL)
-    vectors: dict[int, list[float]] | None = Field(None, max_length=512, description="layer -> vector")
+    vectors: dict[int, list[float]] | None = Field(None, max_length=MAX_VECTOR_LAYERS, description="layer -> vector")
     primary_layer: int | None = Field(None, ge=0, description="the layer reports lead with; default: the middle given layer")
     model_fingerprint: str | None = Field(None, description="if given, must match the served model's")
 
@@ -80,7 +94,7 @@ class Health(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=100_000)
+    content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class AuditorOptions(BaseModel):
@@ -94,11 +108,13 @@ class AuditorOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
+    model_config = FINITE
+
     model: str = Field(max_length=512)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     user: str | None = Field(None, max_length=256)
@@ -110,12 +126,12 @@ class _SamplingFields(BaseModel):
 
 
 class ChatCompletionCreate(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
 
 class CompletionCreate(_SamplingFields):
-    prompt: str = Field(min_length=1, max_length=100_000)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 # ---- audits of completions served elsewhere ----
@@ -124,15 +140,15 @@ class CompletionCreate(_SamplingFields):
 class AuditItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1, max_length=100_000)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
-    completion: str = Field(min_length=1, max_length=100_000)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    completion: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 class AuditCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    items: list[AuditItem] = Field(min_length=1, max_length=64)
+    items: list[AuditItem] = Field(min_length=1, max_length=MAX_AUDIT_ITEMS)
 
 
 class AuditScore(BaseModel):
@@ -173,14 +189,14 @@ class ExtractionCreate(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN, description="concept name; registers its next version")
     description: str = Field("", max_length=2000)
-    pairs: list[ContrastivePair] = Field(min_length=2, max_length=2000)
+    pairs: list[ContrastivePair] = Field(min_length=2, max_length=MAX_PAIRS)
     method: Literal["mean_diff", "logistic", "pca"] | None = Field(None, description="default: the deployment's")
     pooling: Literal["mean", "last"] | None = Field(None, description="default: the deployment's")
     activate: bool = Field(True, description="monitor it from the next request once registered")
 
 
 class CalibrationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE)
 
     target_fpr: float | None = Field(None, gt=0, lt=1, description="default: the deployment's (0.01)")
 
@@ -218,3 +234,66 @@ class CalibrationRead(BaseModel):
     achieved_fpr: float | None
     reference_set: str
     created_at: datetime
+
+
+# ---- tokens and the admin audit log ----
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    scopes: list[Literal["admin", "client", "reader"]] = Field(min_length=1, max_length=3)
+
+
+class TokenRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class TokenIssued(TokenRead):
+    token: str = Field(description="the secret: shown once, stored only as its sha256")
+
+
+class AdminActionRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    actor: str
+    actor_prefix: str | None
+    action: str
+    target: str | None
+    vector_hash: str | None
+    details: dict[str, Any]
+
+
+# ---- errors: one body for every 4xx / 5xx (auditor.api.errors) ----
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description="where: ['body', 'messages', 0, 'content'], ['query', 'since'], ['header', ...]")
+    msg: str
+    type: str
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """FastAPI's own 422 `detail` list (extra keys such as `input` may appear), plus OpenAI's
+    `error` object so OpenAI clients show the message."""
+
+    detail: list[ErrorDetail]
+    error: OpenAIError

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +10,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from safetensors.torch import save as save_safetensors
 
 from auditor.api.main import create_app
@@ -21,15 +17,11 @@ from auditor.db import run_migrations
 from auditor.model_identity import describe_model
 from auditor.settings import Settings
 
+from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
+from http_server import free_port, serving
 
 D_MODEL, N_LAYERS = 576, 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
@@ -40,19 +32,9 @@ def api(request, tmp_path_factory) -> Iterator[httpx.Client]:
     url = databases.new_url()
     run_migrations(url)
     app = create_app(Settings(database_url=url, data_dir=tmp_path_factory.mktemp("data")))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "API server did not start"
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    token = issue_token(url, name="admin-tests")
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30, headers=bearer(token)) as client:
         yield client
-    server.should_exit = True
-    thread.join(timeout=10)
-    app.state.engine.dispose()
     databases.drop_all()
 
 
@@ -174,17 +156,9 @@ def dead_broker_api(tmp_path_factory) -> Iterator[tuple[httpx.Client, str]]:
     run_migrations(url)
     broker = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     app = create_app(Settings(database_url=url, broker_url=broker, data_dir=tmp_path_factory.mktemp("data")))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    token = issue_token(url, name="dead-broker-tests")
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60, headers=bearer(token)) as client:
         yield client, url
-    server.should_exit = True
-    thread.join(timeout=10)
-    app.state.engine.dispose()
 
 
 def _rows(url: str, model) -> list:

@@ -92,7 +92,7 @@ def test_steering_injected_into_serving_is_flagged_hidden_and_ordinary_answers_a
             assert s.residual_z[pessimism] - s.text_z[pessimism] > 2
 
 
-def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(engine, tmp_path):
+def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime, engine, tmp_path):
     """End to end: the service (embedded: API + in-process model thread) with steering injected
     into its serving path, scraped by a real Prometheus running deploy/prometheus/rules.yml."""
     import threading
@@ -104,21 +104,23 @@ def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(engine,
     from openai import OpenAI
 
     from auditor.api.main import create_app
-    from auditor.db import run_migrations
     from auditor.settings import Settings
+    from auth import issue_token
     from prometheus_harness import PROMETHEUS, SKIP_REASON, free_port, rules_with_short_for, start_prometheus
     from workers.inprocess import InProcessDispatcher
 
     if PROMETHEUS is None:
         pytest.skip(SKIP_REASON)
-    url = f"sqlite:///{tmp_path / 'auditor.db'}"
-    run_migrations(url)
+    # The `runtime` fixture's database: its calibration and control-prompt thresholds are
+    # stored there, so this service's warm-up reads them instead of fitting them again.
+    url = runtime.settings.database_url
     settings = Settings(database_url=url, data_dir=engine.settings.data_dir, inject_steering="pessimism:0.1",
-                        control_max_tokens=16, drift_interval_seconds=0)
+                        drift_interval_seconds=0)
     dispatcher = InProcessDispatcher(settings)
     dispatcher.runtime.engine.__dict__["model"] = engine.model  # share the session's loaded weights
     dispatcher.warm_up()
     app = create_app(settings, dispatcher)
+    token = issue_token(url, scopes=["client"], name="alert-drill")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -129,7 +131,7 @@ def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(engine,
     try:
         with start_prometheus(tmp_path / "prometheus", {"auditor-api": [f"127.0.0.1:{port}"]}, rule_files=[rules]) as prometheus:
             prometheus.wait_for_target_up("auditor-api")
-            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0, timeout=300)
 
             def ask(i: int):
                 return client.chat.completions.create(

@@ -12,11 +12,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +24,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from auditor import store
 from auditor.api.main import create_app
@@ -40,7 +36,9 @@ from auditor.settings import Settings
 from probes.drift import ks_two_sample, population_stability_index
 from probes.errors import InvalidInputError
 
+from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
+from http_server import serving
 
 UTC = timezone.utc
 BASELINE = Window(datetime(2025, 5, 25, tzinfo=UTC), datetime(2025, 5, 28, tzinfo=UTC))
@@ -445,27 +443,12 @@ def test_build_report_rejects_an_overlapping_baseline_before_reading():
 # ---- the API over real HTTP ----
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def api(seeded, tmp_path_factory) -> Iterator[httpx.Client]:
     app = create_app(Settings(database_url=seeded.url, data_dir=tmp_path_factory.mktemp("data")))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "API server did not start"
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=60) as client:
+    token = issue_token(seeded.url, scopes=["reader"], name="report-reader")
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60, headers=bearer(token)) as client:
         yield client
-    server.should_exit = True
-    thread.join(timeout=10)
-    app.state.engine.dispose()
 
 
 WINDOW_PARAMS = {"since": RECENT.start.isoformat(), "until": RECENT.end.isoformat(),

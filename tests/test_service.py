@@ -7,21 +7,21 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import torch
-import uvicorn
 from sqlalchemy import func, select
 
 from auditor.db import make_engine, run_migrations, session_factory
 from auditor.models import MonitoredRequest, RequestScore
 from auditor.settings import Settings
 
+from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
-from test_api_admin import free_port
+from http_server import free_port, serving
 
 pytestmark = pytest.mark.model
 REDIS_HOST = "127.0.0.1"
@@ -55,35 +55,32 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
     metrics_port = free_port()
     env = {**os.environ, "AUDITOR_DATABASE_URL": db_url, "AUDITOR_BROKER_URL": broker,
            "AUDITOR_DATA_DIR": str(data_dir), "AUDITOR_TORCH_THREADS": "2",
-           "AUDITOR_WORKER_METRICS_PORT": str(metrics_port)}
+           "AUDITOR_WORKER_METRICS_PORT": str(metrics_port),
+           # Short control answers: these tests check plumbing, not flag quality, and the fit
+           # on 121 control prompts dominated the module's time (tests/test_monitoring.py
+           # checks thresholds fitted at full length).
+           "AUDITOR_CONTROL_MAX_TOKENS": "8"}
     worker = subprocess.Popen([sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     settings = Settings(database_url=db_url, broker_url=broker, data_dir=data_dir, request_timeout=300)
     from auditor.api.main import create_app
 
     app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not app.state.dispatcher.app.control.ping(timeout=1.0):
-        assert worker.poll() is None, f"worker exited: {worker.stdout.read()}"
-        assert time.monotonic() < deadline, "worker did not come up"
-    while not server.started:
-        time.sleep(0.05)
+    token = issue_token(db_url, name="service-tests")
     try:
-        yield {"base_url": f"http://127.0.0.1:{port}", "db_url": db_url, "app": app,
-               "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+        with serving(app) as base_url, httpx.Client(base_url=base_url, headers=bearer(token), timeout=30) as http:
+            deadline = time.monotonic() + 120
+            while not app.state.dispatcher.app.control.ping(timeout=1.0):
+                assert worker.poll() is None, f"worker exited: {worker.stdout.read()}"
+                assert time.monotonic() < deadline, "worker did not come up"
+            yield {"base_url": base_url, "db_url": db_url, "app": app, "http": http, "token": token,
+                   "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
-        server.should_exit = True
         worker.terminate()
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-        thread.join(timeout=10)
-        app.state.engine.dispose()
         databases.drop_all()
         redis.Redis(host=REDIS_HOST, db=redis_db).flushdb()  # leave no task results behind
 
@@ -92,7 +89,7 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
 def client(service):
     from openai import OpenAI
 
-    return OpenAI(base_url=service["base_url"] + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+    return OpenAI(base_url=service["base_url"] + "/v1", api_key=service["token"], max_retries=0, timeout=300)
 
 
 def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(service, client, engine, bank):
@@ -140,13 +137,12 @@ def test_unknown_model_and_streaming_get_clear_4xx(client):
 
 
 def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(service, client, bank):
-    import httpx
     import numpy as np
 
     from auditor.models import Concept
 
     direction = bank.vectors["pessimism"].direction(15).numpy()
-    created = httpx.post(service["base_url"] + "/admin/concepts",
+    created = service["http"].post("/admin/concepts",
                          json={"name": "uploaded_gloom", "layer": 15, "vector": direction.tolist()}, timeout=30)
     assert created.status_code == 201, created.text
     concept_id = created.json()["id"]
@@ -163,7 +159,6 @@ def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(
 
 
 def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(service, engine, bank):
-    import httpx
 
     from workers.runtime.generate import SamplingConfig
 
@@ -171,14 +166,14 @@ def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(servic
     inline = engine.generate(messages, SamplingConfig(max_new_tokens=14, stop_at_eos=False), bank=bank)
     completion_ids = engine.model.tokenizer(inline.text, add_special_tokens=False)["input_ids"]
     assert completion_ids == inline.generation.output_ids  # the text re-tokenises to the same tokens
-    submitted = httpx.post(service["base_url"] + "/v1/audits", timeout=30, json={"items": [
+    submitted = service["http"].post("/v1/audits", timeout=30, json={"items": [
         {"messages": messages, "completion": inline.text},
         {"prompt": "Plain text prompt:", "completion": " something else entirely"},
     ]})
     assert submitted.status_code == 202, submitted.text
     audit_id = submitted.json()["ids"][0]
     deadline = time.monotonic() + 180
-    while (audit := httpx.get(f"{service['base_url']}/v1/audits/{audit_id}", timeout=30).json())["status"] != "done":
+    while (audit := service["http"].get(f"/v1/audits/{audit_id}", timeout=30).json())["status"] != "done":
         assert audit["status"] in ("queued", "running"), audit
         assert time.monotonic() < deadline
         time.sleep(0.5)
@@ -190,14 +185,13 @@ def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(servic
             got = by_key[(name, layer)]
             assert got["mean"] == pytest.approx(expected["mean"], abs=1e-4)
             assert got["last"] == pytest.approx(expected["last"], abs=1e-4)
-    missing = httpx.get(f"{service['base_url']}/v1/audits/audit-nope", timeout=30)
+    missing = service["http"].get("/v1/audits/audit-nope", timeout=30)
     assert missing.status_code == 404
-    bad = httpx.post(service["base_url"] + "/v1/audits", timeout=30, json={"items": [{"completion": "no prompt"}]})
+    bad = service["http"].post("/v1/audits", timeout=30, json={"items": [{"completion": "no prompt"}]})
     assert bad.status_code == 422 and "either `prompt` or `messages`" in bad.text
 
 
 def test_readiness_sees_the_database_the_broker_and_a_live_worker(service):
-    import httpx
 
     ready = httpx.get(service["base_url"] + "/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
@@ -218,43 +212,41 @@ def test_a_request_for_an_unknown_concept_gets_a_clear_4xx(client):
     assert list(only.model_extra["auditor"]["scores"]) == ["pessimism"]
 
 
-def _wait_for_job(base_url: str, accepted, timeout: float = 300) -> dict:
-    import httpx
+def _wait_for_job(http, accepted, timeout: float = 300) -> dict:
 
     assert accepted.status_code == 202, accepted.text
     assert accepted.headers["Location"] == accepted.json()["poll"]
     deadline = time.monotonic() + timeout
-    while (job := httpx.get(base_url + accepted.json()["poll"], timeout=30).json())["status"] in ("queued", "running"):
+    while (job := http.get(accepted.json()["poll"]).json())["status"] in ("queued", "running"):
         assert time.monotonic() < deadline, job
         time.sleep(0.5)
     return job
 
 
 def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extraction_gives(service, client, engine):
-    import httpx
 
     from probes.concepts import ConceptDefinition, load_concept
 
     pessimism = load_concept("pessimism")
     pairs = [{"positive": p, "negative": n} for p, n in zip(pessimism.positives[:24], pessimism.negatives[:24])]
     body = {"name": "gloom_from_pairs", "description": "24 pessimism pairs", "pairs": pairs, "method": "mean_diff"}
-    job = _wait_for_job(service["base_url"], httpx.post(service["base_url"] + "/admin/concepts/extract", json=body, timeout=30))
+    job = _wait_for_job(service["http"], service["http"].post("/admin/concepts/extract", json=body, timeout=30))
     assert job["status"] == "done" and job["kind"] == "extract", job
     result = job["result"]
     assert result["n_pairs"] == 24 and not result["reused"]
     assert result["held_out_auroc"] > 0.8  # pessimism pairs separate well even from 24
     assert 0.25 * 30 <= result["primary_layer"] <= 0.75 * 30
 
-    concept = httpx.get(f"{service['base_url']}/admin/concepts/{result['concept_id']}", timeout=30).json()
+    concept = service["http"].get(f"/admin/concepts/{result['concept_id']}", timeout=30).json()
     assert (concept["method"], concept["source"], concept["n_pairs"]) == ("mean_diff", "pairs", 24)
-    exported = httpx.get(f"{service['base_url']}/admin/concepts/{result['concept_id']}/export", timeout=30).json()
+    exported = service["http"].get(f"/admin/concepts/{result['concept_id']}/export", timeout=30).json()
     worker_vector = torch.tensor(exported["vectors"][str(result["primary_layer"])])
     definition = ConceptDefinition("gloom_from_pairs", "", pessimism.positives[:24], pessimism.negatives[:24])
     local = engine.vectors(definition, method="mean_diff")
     assert local.auto_layer == result["primary_layer"]
     assert float(torch.nn.functional.cosine_similarity(worker_vector, local.direction(result["primary_layer"]), dim=0)) > 0.999
 
-    again = _wait_for_job(service["base_url"], httpx.post(service["base_url"] + "/admin/concepts/extract", json=body, timeout=30))
+    again = _wait_for_job(service["http"], service["http"].post("/admin/concepts/extract", json=body, timeout=30))
     assert again["result"]["reused"] and again["result"]["concept_id"] == result["concept_id"]  # same pairs: no new version
     response = client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "How was your week?"}],
                                               max_tokens=4, temperature=0)
@@ -262,20 +254,19 @@ def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extra
 
 
 def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(service, engine):
-    import httpx
 
     from auditor.settings import Settings
     from workers.registry import bank_from_registry, load_stored_calibration, reference_hash
     from workers.service import Runtime
 
-    base = service["base_url"]
-    job = _wait_for_job(base, httpx.post(base + "/admin/calibrations", json={"target_fpr": 0.05}, timeout=30))
+    http = service["http"]
+    job = _wait_for_job(http, http.post("/admin/calibrations", json={"target_fpr": 0.05}, timeout=30))
     assert job["status"] == "done", job
     result = job["result"]
     assert result["target_fpr"] == 0.05 and result["n_reference"] > 100
     for name, row in result["concepts"].items():
         assert 0 < row["achieved_fpr"] <= 0.05, (name, row)
-    listed = {row["concept"]: row for row in httpx.get(base + "/admin/calibrations", timeout=30).json()}
+    listed = {row["concept"]: row for row in http.get("/admin/calibrations").json()}
     assert set(listed) >= {"pessimism", "formality", "gloom_from_pairs"}
     assert listed["pessimism"]["threshold"] == pytest.approx(result["concepts"]["pessimism"]["threshold"])
     assert listed["pessimism"]["target_fpr"] == 0.05 and listed["pessimism"]["primary"]
@@ -294,7 +285,6 @@ def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(serv
 
 
 def test_worker_and_api_export_prometheus_metrics_for_real_traffic(service, client):
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     def samples(url: str) -> dict:

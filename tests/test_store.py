@@ -40,9 +40,10 @@ FINGERPRINT = "ab" * 32
 
 EXPECTED_TABLES = {
     "alembic_version", "concepts", "concept_vectors", "monitored_requests",
-    "request_scores", "flags", "calibrations", "jobs",
+    "request_scores", "flags", "calibrations", "jobs", "api_tokens", "admin_audit_log",
 }  # fmt: skip
 EXPECTED_INDEXES = {
+    "admin_audit_log": {"ix_admin_audit_log_at"},
     "request_scores": {"ix_request_scores_concept_created", "ix_request_scores_created_at"},
     "flags": {"ix_flags_concept_created", "ix_flags_kind_created", "ix_flags_request_id"},
     "monitored_requests": {"ix_monitored_requests_created_at"},

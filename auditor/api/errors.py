@@ -7,8 +7,11 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from auditor.api.security import AuthenticationError, PermissionDeniedError
 from auditor.errors import AuditorError, ModelLoadError
+from auditor.schemas import ErrorBody
 from auditor.store import NotFoundError
 from probes.errors import InvalidInputError
 
@@ -22,6 +25,10 @@ def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dic
 
 
 RETRY_AFTER_SECONDS = 5
+
+# Starlette's and FastAPI's own HTTP errors (unknown path, wrong method, body over its limit, …).
+HTTP_ERROR_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+                    415: "unsupported_media_type"}
 
 
 def unavailable(exc: Exception) -> JSONResponse:
@@ -38,6 +45,15 @@ def install_error_handlers(app: FastAPI) -> None:
         error = {"message": summary, "type": "invalid_request_error", "param": None, "code": "validation_error"}
         return JSONResponse({"detail": detail, "error": error}, status_code=422)
 
+    @app.exception_handler(AuthenticationError)
+    async def _unauthenticated(request: Request, exc: AuthenticationError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "unauthorized", ("header", "authorization")), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(PermissionDeniedError)
+    async def _forbidden(request: Request, exc: PermissionDeniedError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "forbidden", ("header", "authorization")), status_code=403)
+
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "not_found", ("path",)), status_code=404)
@@ -53,3 +69,55 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AuditorError)
     async def _auditor(request: Request, exc: AuditorError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "server_error", ("server",)), status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if (parse_error := _unparseable_body(request, exc)) is not None:
+            return parse_error
+        kind = HTTP_ERROR_KINDS.get(exc.status_code, "http_error")
+        loc = ("body",) if exc.status_code in (400, 413, 415) else ("path",) if exc.status_code in (404, 405) else ("server",)
+        return JSONResponse(error_body(str(exc.detail), kind, loc), status_code=exc.status_code, headers=exc.headers)
+
+    _document_errors(app)
+
+
+def _unparseable_body(request: Request, exc: HTTPException) -> JSONResponse | None:
+    """FastAPI answers a body it cannot decode with a bare 400 "There was an error parsing the
+    body" (a JSON syntax error alone gets its 422). Say what was wrong, as that 422: invalid
+    UTF-8, an integer of more than 4300 digits, nesting too deep for the parser."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, (ValueError, RecursionError)):
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        message = (f"the request body is not valid UTF-8: {cause.reason} "
+                   f"(byte 0x{cause.object[cause.start]:02x} at offset {cause.start})")
+    elif isinstance(cause, RecursionError):
+        message = "the request body is nested too deeply to parse"
+    else:
+        message = f"the request body could not be parsed: {cause}"[:500]
+    json_body = "json" in request.headers.get("content-type", "")
+    kind = "json_invalid" if json_body else "body_invalid"
+    return JSONResponse(error_body(message, kind), status_code=422)
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Publish the error shape in the OpenAPI document: every operation may answer 4XX with an
+    ErrorBody (401/403 auth, 404, 413, 422 …), so clients and schema-driven tests know it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()  # caches itself in app.openapi_schema; completed in place below
+            error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(error_schema.pop("$defs", {}))
+            components["ErrorBody"] = error_schema
+            response = {"description": "Client error: what was wrong, in FastAPI's shape plus OpenAI's `error`",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+            for path_item in schema.get("paths", {}).values():
+                for operation in path_item.values():
+                    if isinstance(operation, dict) and "responses" in operation:
+                        operation["responses"].setdefault("4XX", response)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -8,7 +8,9 @@ from fastapi import FastAPI
 
 from auditor import __version__, metrics
 from auditor.api.errors import install_error_handlers
-from auditor.api.routes import audits, completions, concepts, health, jobs, reports
+from auditor.api.limits import install_body_limit
+from auditor.api.routes import admin_log, audits, completions, concepts, health, jobs, reports
+from auditor.api.security import require
 from auditor.dispatch import CeleryDispatcher, Dispatcher
 from auditor.db import database_url, make_engine, session_factory, writer_engine
 from auditor.model_identity import ModelFingerprint, describe_model
@@ -34,6 +36,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     # Handlers read, then write (check, then insert): on SQLite their transactions must take the
     # write lock up front (see auditor.db.writer_engine). No effect on Postgres.
     app.state.sessions = session_factory(writer_engine(engine))
+    app.state.read_sessions = session_factory(engine)
     app.state.dispatcher = dispatcher
 
     @lru_cache(maxsize=1)
@@ -43,14 +46,20 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
 
     app.state.fingerprint = fingerprint
     install_error_handlers(app)
+    install_body_limit(app, settings)  # 413 before an oversized body is read (AUDITOR_MAX_REQUEST_BYTES)
+    # Every route needs a token with its router's scope, except the probes and /metrics
+    # (auditor.api.security.PUBLIC_PATHS); tests walk the OpenAPI route list to hold this.
+    admin, client, reader = require("admin"), require("client"), require("reader")
     app.include_router(health.router)
-    app.include_router(concepts.router)
-    app.include_router(jobs.router)
-    app.include_router(completions.router)
-    app.include_router(audits.router)
+    app.include_router(health.model_router, dependencies=[client])
+    app.include_router(concepts.router, dependencies=[admin])
+    app.include_router(jobs.router, dependencies=[admin])
+    app.include_router(admin_log.router, dependencies=[admin])
+    app.include_router(completions.router, dependencies=[client])
+    app.include_router(audits.router, dependencies=[client])
     # add_route, not mount: a mount answers every scrape of /metrics with a redirect to /metrics/.
     app.add_route("/metrics", metrics.metrics_asgi_app(settings.broker_url), include_in_schema=False)
-    app.include_router(reports.router)
+    app.include_router(reports.router, dependencies=[reader])
     return app
 
 

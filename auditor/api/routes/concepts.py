@@ -8,8 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
-from auditor import store
-from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
+from auditor import audit_log, store
+from auditor.api.deps import FingerprintDep, SessionDep
+from auditor.api.security import PrincipalDep
 from auditor.model_identity import ModelFingerprint
 from auditor.models import Concept
 from auditor.schemas import ConceptCreate, ConceptRead
@@ -37,7 +38,7 @@ def _check_fingerprint(claimed: str | None, fingerprint: ModelFingerprint) -> No
 
 
 def _register(session, *, name: str, description: str, vector_set: VectorSet, primary_layer: int | None,
-              source: str, fingerprint: ModelFingerprint, created_by: str) -> Concept:
+              source: str, fingerprint: ModelFingerprint, principal) -> Concept:
     layers = sorted(vector_set.vectors)
     if primary_layer is None:
         primary_layer = layers[len(layers) // 2]
@@ -45,14 +46,20 @@ def _register(session, *, name: str, description: str, vector_set: VectorSet, pr
         raise InvalidInputError(f"primary_layer {primary_layer} has no vector (given layers: {layers})")
     concept = store.add_concept_version(
         session, name=name, description=description, vectors=vector_set.vectors,
-        primary_layer=primary_layer, created_by=created_by, model_id=fingerprint.model_id,
+        primary_layer=primary_layer, created_by=principal.name, model_id=fingerprint.model_id,
         model_revision=fingerprint.revision, model_fingerprint=fingerprint.hash,
         loader=fingerprint.loader, hook_point=fingerprint.hook_point, d_model=fingerprint.d_model,
         n_layers_model=fingerprint.n_layers, method="upload", pooling="n/a", source=source,
         provenance=_json_safe(vector_set.metadata),
     )
+    _log(session, principal, "concept.register", concept, source=source, layers=layers)
     session.commit()
     return concept
+
+
+def _log(session, principal, action: str, concept: Concept, **details) -> None:
+    audit_log.record(session, actor=principal, action=action, target=f"concept:{concept.name}:v{concept.version}",
+                     vector_hash=concept.vector_hash, details={"concept_id": concept.id, **details})
 
 
 def _json_safe(metadata: dict) -> dict:
@@ -62,7 +69,7 @@ def _json_safe(metadata: dict) -> dict:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ConceptRead)
-def register_json(body: ConceptCreate, session: SessionDep, fingerprint: FingerprintDep) -> ConceptRead:
+def register_json(body: ConceptCreate, session: SessionDep, fingerprint: FingerprintDep, principal: PrincipalDep) -> ConceptRead:
     """Register the next version of a concept from vectors sent as JSON."""
     _check_fingerprint(body.model_fingerprint, fingerprint)
     if (body.vector is None) == (body.vectors is None):
@@ -72,7 +79,7 @@ def register_json(body: ConceptCreate, session: SessionDep, fingerprint: Fingerp
     document = {"vectors": {str(k): v for k, v in (body.vectors or {body.layer: body.vector}).items()}}
     vector_set = parse_vectors(json.dumps(document).encode(), "json", d_model=fingerprint.d_model, n_layers=fingerprint.n_layers)
     concept = _register(session, name=body.name, description=body.description, vector_set=vector_set,
-                        primary_layer=body.primary_layer, source="upload-json", fingerprint=fingerprint, created_by="api")
+                        primary_layer=body.primary_layer, source="upload-json", fingerprint=fingerprint, principal=principal)
     return concept_read(session, concept)
 
 
@@ -80,6 +87,7 @@ def register_json(body: ConceptCreate, session: SessionDep, fingerprint: Fingerp
 async def register_upload(
     session: SessionDep,
     fingerprint: FingerprintDep,
+    principal: PrincipalDep,
     file: Annotated[UploadFile, File(description="JSON, safetensors, or a GGUF control vector (repeng / llama.cpp)")],
     name: Annotated[str, Form(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")],
     description: Annotated[str, Form(max_length=2000)] = "",
@@ -97,7 +105,7 @@ async def register_upload(
     vector_set = parse_vectors(data, fmt, d_model=fingerprint.d_model, n_layers=fingerprint.n_layers, layer=layer)
     _check_fingerprint(vector_set.metadata.get("model_fingerprint"), fingerprint)
     concept = _register(session, name=name, description=description, vector_set=vector_set,
-                        primary_layer=primary_layer, source=f"upload-{fmt}", fingerprint=fingerprint, created_by="api")
+                        primary_layer=primary_layer, source=f"upload-{fmt}", fingerprint=fingerprint, principal=principal)
     return concept_read(session, concept)
 
 
@@ -119,22 +127,25 @@ def get_concept(concept_id: int, session: SessionDep) -> ConceptRead:
 
 
 @router.post("/{concept_id}/activate", response_model=ConceptRead)
-def activate(concept_id: int, session: SessionDep) -> ConceptRead:
+def activate(concept_id: int, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
     concept = store.set_active(session, concept_id=_require(session, concept_id).id, active=True)
+    _log(session, principal, "concept.activate", concept)
     session.commit()
     return concept_read(session, concept)
 
 
 @router.post("/{concept_id}/deactivate", response_model=ConceptRead)
-def deactivate(concept_id: int, session: SessionDep) -> ConceptRead:
+def deactivate(concept_id: int, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
     concept = store.set_active(session, concept_id=_require(session, concept_id).id, active=False)
+    _log(session, principal, "concept.deactivate", concept)
     session.commit()
     return concept_read(session, concept)
 
 
 @router.post("/{concept_id}/retire", response_model=ConceptRead)
-def retire(concept_id: int, session: SessionDep) -> ConceptRead:
+def retire(concept_id: int, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
     concept = store.retire_concept(session, concept_id=_require(session, concept_id).id)
+    _log(session, principal, "concept.retire", concept)
     session.commit()
     return concept_read(session, concept)
 

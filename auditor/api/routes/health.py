@@ -10,6 +10,7 @@ from auditor.dispatch import CeleryDispatcher
 from auditor.schemas import Health, ModelRead
 
 router = APIRouter(tags=["health"])
+model_router = APIRouter(tags=["model"])
 
 
 @router.get("/healthz", response_model=Health)
@@ -61,7 +62,7 @@ def _workers(dispatcher: CeleryDispatcher) -> str:
     return f"ok ({len(replies)} live)"
 
 
-@router.get("/v1/model", response_model=ModelRead, tags=["model"])
+@model_router.get("/v1/model", response_model=ModelRead)
 def model(fingerprint: FingerprintDep) -> ModelRead:
     """The served model and the fingerprint every registered vector must match."""
     return ModelRead(**fingerprint.as_dict(), fingerprint=fingerprint.hash)

@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
 
-from auditor import store
+from auditor import audit_log, store
 from auditor.api.deps import SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
+from auditor.api.security import PrincipalDep
 from auditor.dispatch import TASK_CALIBRATE, TASK_EXTRACT, WorkerUnavailable
 from auditor.models import Concept
 from auditor.schemas import CalibrationCreate, CalibrationRead, ExtractionCreate, JobAccepted, JobRead
@@ -19,11 +20,13 @@ from probes.concepts import concept_from_dict
 router = APIRouter(prefix="/admin", tags=["admin: jobs"])
 
 
-def _enqueue(request: Request, session, *, kind: str, task: str, payload: dict) -> JSONResponse:
+def _enqueue(request: Request, session, principal, *, kind: str, task: str, payload: dict) -> JSONResponse:
     dispatcher = request.app.state.dispatcher
     if dispatcher is None:
         return JSONResponse(error_body("no worker is configured", "worker_unavailable", ("server",)), status_code=503)
     job = store.create_job(session, kind=kind, payload=payload)
+    audit_log.record(session, actor=principal, action=f"job.{kind}", target=f"job:{job.id}",
+                     details={key: value for key, value in payload.items() if key != "concept"})
     session.commit()  # the row first: a worker never sees a job id the database lacks
     try:
         dispatcher.submit(task, [job.id], task_id=f"job-{job.id}")
@@ -37,22 +40,23 @@ def _enqueue(request: Request, session, *, kind: str, task: str, payload: dict) 
 
 
 @router.post("/concepts/extract", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
-def extract(body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep):
+def extract(body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep):
     """Queue extraction of a concept vector from contrastive pairs. When the job is done, its
     result names the registered concept version, its primary layer and held-out separation."""
     concept = {"name": body.name, "description": body.description,
                "pairs": [pair.model_dump() for pair in body.pairs]}
     concept_from_dict(concept, origin="pairs")  # every check the worker would make, before queueing
     payload = {"concept": concept, "method": body.method or settings.extraction_method,
-               "pooling": body.pooling or settings.pooling, "activate": body.activate, "created_by": "api"}
-    return _enqueue(request, session, kind="extract", task=TASK_EXTRACT, payload=payload)
+               "pooling": body.pooling or settings.pooling, "activate": body.activate, "created_by": principal.name}
+    return _enqueue(request, session, principal, kind="extract", task=TASK_EXTRACT, payload=payload)
 
 
 @router.post("/calibrations", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
-def calibrate(request: Request, session: SessionDep, settings: SettingsDep, body: CalibrationCreate | None = None):
+def calibrate(request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep,
+              body: CalibrationCreate | None = None):
     """Queue recalibration of every active concept; thresholds sit at `target_fpr`."""
     target_fpr = (body.target_fpr if body else None) or settings.target_fpr
-    return _enqueue(request, session, kind="calibrate", task=TASK_CALIBRATE, payload={"target_fpr": target_fpr})
+    return _enqueue(request, session, principal, kind="calibrate", task=TASK_CALIBRATE, payload={"target_fpr": target_fpr})
 
 
 @router.get("/calibrations", response_model=list[CalibrationRead])

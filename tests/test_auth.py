@@ -1,0 +1,180 @@
+"""Tokens and scopes on every route, the admin audit log, and `auditor token`, over real HTTP
+on real Postgres and on SQLite."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from auditor import tokens
+from auditor.api.main import create_app
+from auditor.api.security import PUBLIC_PATHS
+from auditor.cli import _embedded_admin_token, app as cli_app
+from auditor.db import make_engine, run_migrations, session_factory
+from auditor.models import AdminAction, ApiToken
+from auditor.settings import Settings
+
+from auth import bearer, issue_token
+from databases import Databases, _postgres_reachable
+from http_server import serving
+
+D_MODEL = 576
+# Which scope each part of the API needs (auditor/api/main.py).
+SCOPE_BY_PREFIX = (("/admin/", "admin"), ("/v1/", "client"), ("/reports/", "reader"))
+
+
+def required_scope(path: str) -> str:
+    return next(scope for prefix, scope in SCOPE_BY_PREFIX if path.startswith(prefix))
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def service(request, tmp_path_factory) -> Iterator[dict]:
+    if request.param == "postgres" and (reason := _postgres_reachable()):
+        pytest.skip(reason)
+    databases = Databases(request.param, tmp_path_factory.mktemp(f"auth-{request.param}"))
+    url = databases.new_url()
+    run_migrations(url)
+    app = create_app(Settings(database_url=url, data_dir=tmp_path_factory.mktemp("data")))
+    scoped = {scope: issue_token(url, scopes=[scope], name=f"only-{scope}") for scope in ("admin", "client", "reader")}
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
+        yield {"url": url, "http": http, "tokens": scoped, "openapi": app.openapi()}
+    databases.drop_all()
+
+
+def operations(openapi: dict) -> list[tuple[str, str, str]]:
+    """(method, concrete path, template) for every operation the API documents."""
+    filled = []
+    for template, methods in openapi["paths"].items():
+        path = re.sub(r"\{[^}]+_id\}", "999999", template)  # no such row: nothing is changed
+        assert "{" not in path, f"add a value for the parameter in {template}"
+        filled += [(method.upper(), path, template) for method in methods]
+    return filled
+
+
+def test_every_documented_route_needs_a_token_with_its_scope(service):
+    http, scoped = service["http"], service["tokens"]
+    ops = operations(service["openapi"])
+    assert len(ops) >= 25  # the walk covers the whole API, not a stub
+    checked = 0
+    for method, path, template in ops:
+        if template in PUBLIC_PATHS:
+            continue
+        needed = required_scope(template)
+        anonymous = http.request(method, path)
+        assert anonymous.status_code == 401, (method, path, anonymous.text)
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        forged = http.request(method, path, headers=bearer(scoped[needed][:-4] + "AAAA"))  # right prefix, wrong secret
+        assert forged.status_code == 401, (method, path)
+        for scope, token in scoped.items():
+            answer = http.request(method, path, headers=bearer(token))
+            if scope == needed:
+                # Past authorisation: whatever the route says about an empty request, not 401/403.
+                assert answer.status_code not in (401, 403), (method, path, scope, answer.text)
+            else:
+                assert answer.status_code == 403, (method, path, scope, answer.text)
+                assert f"lacks scope '{needed}'" in answer.json()["error"]["message"]
+        checked += 1
+    assert checked == len(ops) - len(PUBLIC_PATHS & set(service["openapi"]["paths"]))
+
+
+def test_probes_and_metrics_stay_open(service):
+    http = service["http"]
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/metrics").status_code == 200
+    assert http.get("/readyz").status_code in (200, 503)  # open; this app has no worker
+
+
+def test_tokens_are_stored_hashed_and_a_revoked_token_is_refused(service):
+    http, admin = service["http"], bearer(service["tokens"]["admin"])
+    created = http.post("/admin/tokens", headers=admin, json={"name": "grafana", "scopes": ["reader"]})
+    assert created.status_code == 201, created.text
+    secret, token_id = created.json()["token"], created.json()["id"]
+    assert http.get("/reports/summary", headers=bearer(secret)).status_code == 200
+    engine = make_engine(service["url"])
+    try:
+        with session_factory(engine)() as session:
+            row = session.get(ApiToken, token_id)
+            assert row.token_sha256 == hashlib.sha256(secret.encode()).hexdigest()
+            stored = [v for r in session.scalars(select(ApiToken)) for v in (r.name, r.prefix, r.token_sha256)]
+            assert secret not in stored and all(secret not in v for v in stored)
+    finally:
+        engine.dispose()
+    listed = http.get("/admin/tokens", headers=admin).json()
+    assert "token" not in listed[0] and token_id in [t["id"] for t in listed]
+    assert http.delete(f"/admin/tokens/{token_id}", headers=admin).status_code == 200
+    refused = http.get("/reports/summary", headers=bearer(secret))
+    assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
+    assert token_id not in [t["id"] for t in http.get("/admin/tokens", headers=admin).json()]
+    bad = http.post("/admin/tokens", headers=admin, json={"name": "x", "scopes": ["superuser"]})
+    assert bad.status_code == 422
+
+
+def test_admin_actions_are_in_the_audit_log_with_who_what_and_the_vector_hash(service):
+    http, admin = service["http"], bearer(service["tokens"]["admin"])
+    vector = np.random.default_rng(5).normal(size=D_MODEL)
+    created = http.post("/admin/concepts", headers=admin, json={
+        "name": "audited", "layer": 3, "vector": (vector / np.linalg.norm(vector)).tolist()})
+    assert created.status_code == 201, created.text
+    concept = created.json()
+    assert concept["created_by"] == "only-admin"
+    assert http.post(f"/admin/concepts/{concept['id']}/deactivate", headers=admin).status_code == 200
+    assert http.post(f"/admin/concepts/{concept['id']}/retire", headers=admin).status_code == 200
+    # A refused request is not an action: nothing is logged for it.
+    assert http.post(f"/admin/concepts/{concept['id']}/activate", headers=bearer(service["tokens"]["client"])).status_code == 403
+
+    log = http.get("/admin/audit-log", headers=admin, params={"limit": 50}).json()
+    mine = [e for e in log if e["target"] == f"concept:audited:v{concept['version']}"]
+    assert [e["action"] for e in mine] == ["concept.retire", "concept.deactivate", "concept.register"]
+    admin_prefix = service["tokens"]["admin"].split("_")[1]
+    for entry in mine:
+        assert entry["actor"] == "only-admin" and entry["actor_prefix"] == admin_prefix
+        assert entry["vector_hash"] == concept["vector_hash"]
+    only = http.get("/admin/audit-log", headers=admin, params={"action": "concept.register"}).json()
+    assert {e["action"] for e in only} == {"concept.register"}
+
+
+def test_cli_creates_a_working_token_and_the_embedded_default_rotates_its_own(service, tmp_path, monkeypatch):
+    from auditor.settings import get_settings
+
+    monkeypatch.setenv("AUDITOR_DATABASE_URL", service["url"])
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli_app, ["token", "create", "--name", "ci-bot", "--scope", "client", "--quiet"])
+        assert result.exit_code == 0, result.output
+        secret = result.stdout.strip()
+        assert re.fullmatch(r"aud_[0-9a-f]{12}_[A-Za-z0-9_\-]{43}", secret)
+        assert service["http"].get("/v1/model", headers=bearer(secret)).status_code == 200
+        assert service["http"].get("/reports/summary", headers=bearer(secret)).status_code == 403
+        bad = CliRunner().invoke(cli_app, ["token", "create", "--name", "x", "--scope", "root"])
+        assert bad.exit_code == 2 and "unknown scope" in bad.output
+    finally:
+        get_settings.cache_clear()
+
+    first = _embedded_admin_token(service["url"], tmp_path)
+    second = _embedded_admin_token(service["url"], tmp_path)
+    assert (tmp_path / "admin-token").read_text().strip() == second
+    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert service["http"].get("/admin/tokens", headers=bearer(first)).status_code == 401  # rotated out
+    assert service["http"].get("/admin/tokens", headers=bearer(second)).status_code == 200
+    engine = make_engine(service["url"])
+    try:
+        with session_factory(engine)() as session:
+            created = session.scalars(select(AdminAction).where(AdminAction.action == "token.create")).all()
+            assert {"ci-bot", tokens.EMBEDDED_TOKEN_NAME} <= {row.details["name"] for row in created}
+    finally:
+        engine.dispose()
+
+
+def test_malformed_credentials_are_401_not_500(service):
+    http = service["http"]
+    for header in ("Bearer", "Bearer x y", "Basic dXNlcjpwdw==", "Bearer aud__", "Bearer aud_" + "x" * 200 + "_y",
+                   "Bearer not-a-token", "Bearer aud_zz_\u00e9"):
+        answer = http.get("/reports/summary", headers={"Authorization": header.encode("utf-8")})
+        assert answer.status_code == 401, (header, answer.status_code, answer.text)
