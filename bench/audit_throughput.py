@@ -94,8 +94,8 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 class Auditor:
-    def __init__(self, base_url: str, poll: float, timeout: float):
-        self.http = httpx.Client(base_url=base_url, timeout=60)
+    def __init__(self, base_url: str, headers: dict[str, str], poll: float, timeout: float):
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=60)
         self.poll, self.timeout = poll, timeout
 
     def submit(self, items: list[dict]) -> list[str]:
@@ -181,7 +181,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
 
     with running_service(workers=args.workers, torch_threads=args.threads, concurrency=args.concurrency) as svc:
-        auditor = Auditor(svc.base_url, args.poll, args.timeout)
+        auditor = Auditor(svc.base_url, svc.headers, args.poll, args.timeout)
         t0 = time.perf_counter()
         # A worker loads its model on its first task. With several workers, enough single
         # audits at once that each gets some (one worker reserves at most one task per thread),

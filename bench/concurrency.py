@@ -47,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_level(base_url: str, clients: int, n_requests: int, max_tokens: int) -> dict:
+def run_level(base_url: str, token: str, clients: int, n_requests: int, max_tokens: int) -> dict:
     from openai import OpenAI
 
     lock = threading.Lock()
@@ -55,7 +55,7 @@ def run_level(base_url: str, clients: int, n_requests: int, max_tokens: int) -> 
     records: list[dict] = []
 
     def client_loop(worker: int) -> None:
-        client = OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        client = OpenAI(base_url=base_url + "/v1", api_key=token, max_retries=0, timeout=600)
         while True:
             with lock:
                 index = next(budget, None)
@@ -105,10 +105,10 @@ def main() -> None:
     extra_env = {"AUDITOR_BATCH_MAX_SIZE": str(args.batch_max_size)}
     levels = []
     with running_service(workers=1, extra_env=extra_env) as service:
-        run_level(service.base_url, 1, 2, args.max_tokens)  # warm-up: bank, first-batch allocations
+        run_level(service.base_url, service.token, 1, 2, args.max_tokens)  # warm-up: bank, first-batch allocations
         for clients in args.levels:
             n_requests = args.requests or max(12, 2 * clients)
-            level = run_level(service.base_url, clients, n_requests, args.max_tokens)
+            level = run_level(service.base_url, service.token, clients, n_requests, args.max_tokens)
             rows = service_rows(service.db_url, level["ids"])
             level["recorded_with_scores"] = sum(1 for r in rows.values() if r["status"] == "done" and r["n_scores"] > 0)
             level["missing"] = len(level["ids"]) - level["recorded_with_scores"]

@@ -41,6 +41,21 @@ DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
+def _issue_token(db_url: str) -> str:
+    """A token with every scope, as `auditor token create` makes one."""
+    from auditor import tokens
+    from auditor.db import make_engine, session_factory
+
+    engine = make_engine(db_url)
+    try:
+        with session_factory(engine)() as session:
+            issued = tokens.create_token(session, name="bench", scopes=("admin", "client", "reader"), created_by="bench")
+            session.commit()
+            return issued.token
+    finally:
+        engine.dispose()
+
+
 @dataclass
 class Service:
     base_url: str
@@ -49,6 +64,11 @@ class Service:
     workers: int
     torch_threads: int
     log_dir: Path
+    token: str  # all scopes (admin, client, reader)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def logs(self, tail: int = 40) -> str:
         """The last lines of every process log, for a failure message."""
@@ -178,6 +198,7 @@ def running_service(
             redis_client.flushdb()
             db_name, db_url = _create_database(admin_url)
             run_migrations(db_url)
+            token = _issue_token(db_url)
             env = {
                 **os.environ,
                 "AUDITOR_DATABASE_URL": db_url,
@@ -195,7 +216,7 @@ def running_service(
             port = free_port()
             procs.append(_start("api", [sys.executable, "-m", "auditor.cli", "api", "--host", "127.0.0.1",
                                         "--port", str(port), "--no-migrate"], env, log_dir))
-            service = Service(f"http://127.0.0.1:{port}", db_url, broker, workers, threads, log_dir)
+            service = Service(f"http://127.0.0.1:{port}", db_url, broker, workers, threads, log_dir, token)
             _wait_ready(service, procs, ready_timeout)
             yield service
             failed = False

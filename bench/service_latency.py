@@ -99,7 +99,7 @@ def served(prompts: list[str], repeats: int, max_tokens: int, threads: int, work
     from openai import OpenAI
 
     with running_service(workers=workers, torch_threads=threads, concurrency=concurrency) as svc:
-        client = OpenAI(base_url=svc.base_url + "/v1", api_key="x", max_retries=0, timeout=600)
+        client = OpenAI(base_url=svc.base_url + "/v1", api_key=svc.token, max_retries=0, timeout=600)
 
         def ask(prompt: str, tokens: int = max_tokens):
             return client.chat.completions.create(
