@@ -28,6 +28,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole and greppable
 
+LogLevel = Annotated[str, typer.Option("--log-level", help="uvicorn's: critical, error, warning, info, debug, trace")]
 Method = Annotated[Optional[str], typer.Option(help="mean_diff (article), logistic or pca; default from settings")]
 Pooling = Annotated[Optional[str], typer.Option(help="mean (sink excluded) or last token; default from settings")]
 
@@ -314,6 +315,7 @@ def api(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="run migrations before serving")] = True,
+    log_level: LogLevel = "info",
 ) -> None:
     """Serve the HTTP API (admin concepts, health, OpenAPI docs at /docs)."""
     import uvicorn
@@ -327,7 +329,7 @@ def api(
             run_migrations(database_url(settings))
         application = create_app(settings)
     console.print(f"Auditor API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
 @app.command()
@@ -353,6 +355,28 @@ def worker(
     celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={threads}", "--pool=threads", f"--hostname={node}"])
 
 
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run Celery beat on AUDITOR_BROKER_URL: it sends the retention job (auditor.retention, every
+    AUDITOR_RETENTION_INTERVAL_SECONDS) to the workers, which fold requests older than
+    AUDITOR_RETENTION_DAYS into daily rollups and delete them. One per deployment (a second
+    would only repeat the work: retention is safe to run concurrently). `auditor run` without a
+    broker runs retention in-process instead."""
+    settings = get_settings()
+    if not settings.broker_url:
+        err_console.print("[bold red]error:[/] AUDITOR_BROKER_URL is not set (`auditor run` runs retention in-process)")
+        raise typer.Exit(2)
+    from auditor.dispatch import make_celery
+
+    celery_app = make_celery(settings)
+    if not celery_app.conf.beat_schedule:
+        err_console.print("[yellow]warning:[/] retention is off (AUDITOR_RETENTION_DAYS or "
+                          "AUDITOR_RETENTION_INTERVAL_SECONDS is 0): nothing to schedule")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schedule_file = settings.data_dir / "celerybeat-schedule"  # when each entry last ran
+    celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule_file}"])
+
+
 def _serve_worker_metrics(port: int) -> None:
     """Prometheus scrapes each worker here (the API serves its own /metrics)."""
     if not port:
@@ -369,6 +393,7 @@ def _serve_worker_metrics(port: int) -> None:
 def run(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    log_level: LogLevel = "info",
 ) -> None:
     """The main job: the API with an in-process worker (embedded default: SQLite, no broker).
     With AUDITOR_BROKER_URL set, the API alone; run `auditor worker` processes beside it."""
@@ -391,6 +416,9 @@ def run(
             from auditor import metrics
 
             metrics.set_worker_up(dispatcher.runtime.engine.model.fingerprint.model_id)
+            from auditor.retention import RetentionLoop
+
+            RetentionLoop(settings, dispatcher.runtime.sessions).start()  # no broker, so no beat
         application = create_app(settings, dispatcher)
         token = _embedded_admin_token(url, settings.data_dir)
     base = f"http://{host}:{port}"
@@ -408,7 +436,7 @@ Admin token for this run (scopes admin, client, reader; also in {settings.data_d
 r = c.chat.completions.create(model='auditor', messages=[{{'role': 'user', 'content': 'Hi!'}}], max_tokens=30, temperature=0); \\
 print(r.choices[0].message.content, r.model_extra['auditor'])"
 """)
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
 TOKEN_FILE = "admin-token"

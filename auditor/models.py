@@ -10,13 +10,14 @@ little-endian bytes; free-form data is JSON (JSONB on Postgres).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     Dialect,
     Double,
@@ -316,6 +317,37 @@ class AdminAction(Base):
     target: Mapped[str | None] = mapped_column(String(256))
     vector_hash: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class DailyRollup(Base):
+    """What retention (auditor/retention.py) keeps of requests older than its window: per UTC
+    day, serving model and concept version, the count, sum, sum of squares, min and max of the
+    primary-layer raw score and of the calibrated z (over the rows that have one), and the
+    requests flagged for the concept (at any layer), in all and by kind. Sums rather than means,
+    so that batches and concurrent runs add up exactly: mean = sum / n, var = sumsq / n − mean²."""
+
+    __tablename__ = "daily_rollups"
+    __table_args__ = (Index("ix_daily_rollups_concept_day", "concept_id", "day"),)
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(512), primary_key=True)  # "" when unknown
+    concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id"), primary_key=True, autoincrement=False)
+    layer: Mapped[int] = mapped_column(Integer)  # the concept version's primary layer
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    score_sum: Mapped[float] = mapped_column(Double, default=0.0)
+    score_sumsq: Mapped[float] = mapped_column(Double, default=0.0)
+    score_min: Mapped[float | None] = mapped_column(Double)
+    score_max: Mapped[float | None] = mapped_column(Double)
+    z_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    z_sum: Mapped[float] = mapped_column(Double, default=0.0)
+    z_sumsq: Mapped[float] = mapped_column(Double, default=0.0)
+    z_min: Mapped[float | None] = mapped_column(Double)
+    z_max: Mapped[float | None] = mapped_column(Double)
+    flagged: Mapped[int] = mapped_column(BigInteger, default=0)
+    flagged_hidden: Mapped[int] = mapped_column(BigInteger, default=0)
+    flagged_surface: Mapped[int] = mapped_column(BigInteger, default=0)
+    flagged_threshold: Mapped[int] = mapped_column(BigInteger, default=0)
+    flagged_drift: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 # ---- immutability of registered vectors (ORM-level guard; the store never issues raw UPDATEs) ----

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
@@ -24,6 +26,43 @@ FINITE = ConfigDict(allow_inf_nan=False)
 # OpenAI's seed is an int64; torch's generator would overflow past it (a 500 from the worker).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+# Text no database can store: NUL (Postgres text and jsonb refuse it) and unpaired surrogates
+# (JSON's "\udXXX" escapes decode to them; they are not Unicode and have no UTF-8 encoding).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(value: Any, where: str = "text", *, finite: bool = False) -> str | None:
+    """Why `value` (a string, or JSON-like data: dicts, lists, numbers) cannot be stored, or None.
+    With `finite`, NaN and infinities count too (Postgres jsonb refuses them)."""
+    if isinstance(value, str):
+        if (match := _UNSTORABLE.search(value)) is None:
+            return None
+        char = match.group()
+        what = "a NUL character (U+0000)" if char == "\x00" else f"an unpaired surrogate (U+{ord(char):04X})"
+        return f"{where} contains {what}, which cannot be stored"
+    if isinstance(value, float):
+        return f"{where} is {value}, not a finite number" if finite and not math.isfinite(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        inner = f"{where}[{key!r}]"
+        if problem := (unstorable(key, f"a key of {where}") or unstorable(item, inner, finite=finite)):
+            return problem
+    return None
+
+
+def _storable(text: str) -> str:
+    if problem := unstorable(text, "the text"):
+        raise ValueError(problem)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]  # every free text a request body carries
+
 
 class ConceptCreate(BaseModel):
     """Register a vector sent as JSON: one layer (`layer` + `vector`) or several (`vectors`)."""
@@ -31,12 +70,12 @@ class ConceptCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", **FINITE)
 
     name: str = Field(pattern=NAME_PATTERN, description="concept name; a new vector under an existing name is its next version")
-    description: str = Field("", max_length=2000)
+    description: Text = Field("", max_length=2000)
     layer: int | None = Field(None, ge=0, description="layer of `vector`")
     vector: list[float] | None = Field(None, max_length=MAX_D_MODEL)
     vectors: dict[int, list[float]] | None = Field(None, max_length=MAX_VECTOR_LAYERS, description="layer -> vector")
     primary_layer: int | None = Field(None, ge=0, description="the layer reports lead with; default: the middle given layer")
-    model_fingerprint: str | None = Field(None, description="if given, must match the served model's")
+    model_fingerprint: Text | None = Field(None, description="if given, must match the served model's")
 
     @field_validator("vectors")
     @classmethod
@@ -94,7 +133,7 @@ class Health(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_TEXT_CHARS)
+    content: Text = Field(max_length=MAX_TEXT_CHARS)
 
 
 class AuditorOptions(BaseModel):
@@ -102,7 +141,7 @@ class AuditorOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    concepts: list[str] | None = Field(
+    concepts: list[Text] | None = Field(
         None, max_length=256, description="return inline scores for these active concepts only (all are still stored)"
     )
 
@@ -110,14 +149,14 @@ class AuditorOptions(BaseModel):
 class _SamplingFields(BaseModel):
     model_config = FINITE
 
-    model: str = Field(max_length=512)
+    model: Text = Field(max_length=512)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
     auditor: AuditorOptions | None = None
 
     def sampling(self, default_max_tokens: int) -> dict:
@@ -131,7 +170,7 @@ class ChatCompletionCreate(_SamplingFields):
 
 
 class CompletionCreate(_SamplingFields):
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 # ---- audits of completions served elsewhere ----
@@ -140,9 +179,9 @@ class CompletionCreate(_SamplingFields):
 class AuditItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: Text | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
-    completion: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    completion: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 class AuditCreate(BaseModel):
@@ -178,8 +217,8 @@ class AuditRead(BaseModel):
 class ContrastivePair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    positive: str = Field(min_length=1, max_length=10_000, description="text that expresses the concept")
-    negative: str = Field(min_length=1, max_length=10_000, description="matched text that does not")
+    positive: Text = Field(min_length=1, max_length=10_000, description="text that expresses the concept")
+    negative: Text = Field(min_length=1, max_length=10_000, description="matched text that does not")
 
 
 class ExtractionCreate(BaseModel):
@@ -188,7 +227,7 @@ class ExtractionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="concept name; registers its next version")
-    description: str = Field("", max_length=2000)
+    description: Text = Field("", max_length=2000)
     pairs: list[ContrastivePair] = Field(min_length=2, max_length=MAX_PAIRS)
     method: Literal["mean_diff", "logistic", "pca"] | None = Field(None, description="default: the deployment's")
     pooling: Literal["mean", "last"] | None = Field(None, description="default: the deployment's")
@@ -242,7 +281,7 @@ class CalibrationRead(BaseModel):
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128)
+    name: Text = Field(min_length=1, max_length=128)
     scopes: list[Literal["admin", "client", "reader"]] = Field(min_length=1, max_length=3)
 
 

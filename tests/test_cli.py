@@ -86,3 +86,20 @@ def test_sweep_prints_every_layer_and_draws_the_plot(data_dir, engine, tmp_path)
     auto_line = next(line for line in result.stdout.splitlines() if "◀ auto" in line)
     assert auto_line.split("│")[1].strip() == str(auto)
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("value", ["pessimism", "pessimism:", ":0.1", "pessimism:0.1:2", "pessimism:abc", "bad name:0.1", "pessimism:0..1", "pessimism:."])
+def test_a_malformed_steering_drill_setting_is_refused_at_startup(value):
+    from pydantic import ValidationError
+
+    from auditor.settings import Settings
+
+    with pytest.raises(ValidationError, match="inject_steering"):
+        Settings(inject_steering=value)
+
+
+@pytest.mark.parametrize("value", ["", "pessimism:0.1", "python_bias:-0.05", "my.concept-2:1"])
+def test_a_well_formed_steering_drill_setting_is_accepted(value):
+    from auditor.settings import Settings
+
+    assert Settings(inject_steering=value).inject_steering == value

@@ -50,6 +50,7 @@ D_MODEL, N_LAYERS = 8, 30
 THRESHOLD = 0.07  # pessimism v1's calibrated alert threshold, raw scale (z = 2 below)
 UNCALIBRATED = 6  # model B's first recent requests are stored without a z-score
 LEGACY_HASH_ROW = "recent-a-010"  # a flagged hash-mode request whose row still holds its prompt text
+LEGACY_REDACTED_ROW = "recent-a-020"  # a flagged redacted-mode request whose row holds its raw prompt
 
 # The seeded concept versions: (name, version) -> (model, primary layer, layers with a vector).
 PESSIMISM_V1, PESSIMISM_V2, FORMALITY = ("pessimism", 1), ("pessimism", 2), ("formality", 1)
@@ -95,10 +96,11 @@ class Seeded:
         }  # fmt: skip
 
     def hidden_texts(self) -> list[str]:
-        """Texts of hash- and redacted-mode requests: no report may ever show them."""
+        """Texts of hash- and redacted-mode requests, and the email addresses planted in them: no
+        report may ever show them (a redacted one shows its text with [EMAIL] instead)."""
         return [
             text for r in self.requests.values() if r["mode"] != "full"
-            for text in (r["prompt"], r["completion"])
+            for text in (r["prompt"], r["completion"], r["email"])
         ]  # fmt: skip
 
 
@@ -152,15 +154,16 @@ def _flag(session, seeded: Seeded, request_id: str, concept, kind: str, layer: i
 def _seed_request(session, seeded: Seeded, *, request_id: str, window_name: str, model: str,
                   created_at: datetime, index: int) -> None:
     mode = ("full", "hash", "redacted")[index % 3]
-    prompt, completion = f"prompt secret {request_id}", f"completion secret {request_id}"
+    email = f"{request_id}@example.com"
+    prompt, completion = f"prompt secret {request_id} mail {email}", f"completion secret {request_id} to {email}"
     row = store.create_request(session, request_id=request_id, kind="chat", prompt_text=prompt, privacy_mode=mode,
                                model_id=model, model_fingerprint=FINGERPRINT[model], created_at=created_at)
-    if request_id == LEGACY_HASH_ROW:
-        row.prompt_text = prompt  # as if written in full mode before the mode changed to hash
+    if request_id in (LEGACY_HASH_ROW, LEGACY_REDACTED_ROW):
+        row.prompt_text = prompt  # as if written in full mode before the mode changed
     store.mark_request(session, request_id=request_id, status="running")
     store.mark_request(session, request_id=request_id, status="done", completion_text=completion)
     seeded.requests[request_id] = {"window": window_name, "model": model, "mode": mode, "prompt": prompt,
-                                   "completion": completion, "created_at": created_at}
+                                   "completion": completion, "email": email, "created_at": created_at}
 
 
 def _seed_traffic(session, seeded: Seeded) -> None:
@@ -327,7 +330,7 @@ def test_top_flagged_lists_each_request_once_strongest_first(seeded, report):
 
 def test_flagged_requests_show_only_what_their_privacy_mode_stored(report, seeded):
     assert {r.privacy_mode for r in report.flagged} == {"full", "hash", "redacted"}
-    assert LEGACY_HASH_ROW in {r.request_id for r in report.flagged}
+    assert {LEGACY_HASH_ROW, LEGACY_REDACTED_ROW} <= {r.request_id for r in report.flagged}
     for row in report.flagged:
         stored = seeded.requests[row.request_id]
         if row.privacy_mode == "full":
@@ -335,8 +338,9 @@ def test_flagged_requests_show_only_what_their_privacy_mode_stored(report, seede
         elif row.privacy_mode == "hash":
             assert row.prompt == "sha256:" + hashlib.sha256(stored["prompt"].encode()).hexdigest()
             assert row.completion == "sha256:" + hashlib.sha256(stored["completion"].encode()).hexdigest()
-        else:
-            assert (row.prompt, row.completion) == (None, None)
+        else:  # personal data masked, the rest kept
+            assert row.prompt == f"prompt secret {row.request_id} mail [EMAIL]"
+            assert row.completion == f"completion secret {row.request_id} to [EMAIL]"
 
 
 def test_no_output_format_reveals_text_of_hash_or_redacted_requests(report, seeded):

@@ -60,8 +60,11 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
            # on 121 control prompts dominated the module's time (tests/test_monitoring.py
            # checks thresholds fitted at full length).
            "AUDITOR_CONTROL_MAX_TOKENS": "8"}
+    # The log goes to a file: an unread pipe fills up and blocks the worker on its next write.
+    log_path = tmp_path_factory.mktemp("worker-log") / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True)
+    worker.log_path = log_path
     settings = Settings(database_url=db_url, broker_url=broker, data_dir=data_dir, request_timeout=300)
     from auditor.api.main import create_app
 
@@ -71,8 +74,9 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
         with serving(app) as base_url, httpx.Client(base_url=base_url, headers=bearer(token), timeout=30) as http:
             deadline = time.monotonic() + 120
             while not app.state.dispatcher.app.control.ping(timeout=1.0):
-                assert worker.poll() is None, f"worker exited: {worker.stdout.read()}"
+                assert worker.poll() is None, f"worker exited: {worker.log_path.read_text()[-4000:]}"
                 assert time.monotonic() < deadline, "worker did not come up"
+            _wait_for_warm_up(worker, f"http://127.0.0.1:{metrics_port}/metrics")
             yield {"base_url": base_url, "db_url": db_url, "app": app, "http": http, "token": token,
                    "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
@@ -83,6 +87,23 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
             worker.kill()
         databases.drop_all()
         redis.Redis(host=REDIS_HOST, db=redis_db).flushdb()  # leave no task results behind
+
+
+def _wait_for_warm_up(worker, metrics_url: str, timeout: float = 900) -> None:
+    """A worker answers pings before its model, calibration and control thresholds are ready;
+    it reports `auditor_worker_up 1` once they are. Waiting here keeps that one-off cost (long
+    on a busy machine) out of the first test's request timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, f"worker exited: {worker.log_path.read_text()[-4000:]}"
+        try:
+            if any(line.startswith("auditor_worker_up{") and line.endswith(" 1.0")
+                   for line in httpx.get(metrics_url, timeout=5).text.splitlines()):
+                return
+        except httpx.HTTPError:
+            pass  # the metrics server starts with the process; the warm-up comes after
+        time.sleep(1)
+    raise AssertionError("worker did not finish warming up")
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ FINGERPRINT = "ab" * 32
 EXPECTED_TABLES = {
     "alembic_version", "concepts", "concept_vectors", "monitored_requests",
     "request_scores", "flags", "calibrations", "jobs", "api_tokens", "admin_audit_log",
+    "daily_rollups",
 }  # fmt: skip
 EXPECTED_INDEXES = {
     "admin_audit_log": {"ix_admin_audit_log_at"},
@@ -48,6 +49,7 @@ EXPECTED_INDEXES = {
     "flags": {"ix_flags_concept_created", "ix_flags_kind_created", "ix_flags_request_id"},
     "monitored_requests": {"ix_monitored_requests_created_at"},
     "calibrations": {"ix_calibrations_concept_layer_created"},
+    "daily_rollups": {"ix_daily_rollups_concept_day"},
 }
 
 
@@ -433,11 +435,15 @@ def test_privacy_modes(session: Session):
         session, request_id="h", kind="chat", prompt_text="secret prompt", privacy_mode="hash"
     )
     redacted = store.create_request(
-        session, request_id="x", kind="chat", prompt_text="secret prompt", privacy_mode="redacted"
+        session, request_id="x", kind="chat", prompt_text="mail ann@example.org", privacy_mode="redacted"
     )
     assert (full.prompt_text, full.prompt_sha256) == ("secret prompt", digest)
     assert (hashed.prompt_text, hashed.prompt_sha256) == (None, digest)
-    assert (redacted.prompt_text, redacted.prompt_sha256) == (None, None)
+    # Redacted: personal data masked, and the digest of the original text.
+    assert (redacted.prompt_text, redacted.prompt_sha256) == (
+        "mail [EMAIL]", hashlib.sha256(b"mail ann@example.org").hexdigest())
+    store.mark_request(session, request_id="x", status="failed", error="bad input from ann@example.org")
+    assert redacted.error == "bad input from [EMAIL]"
     store.mark_request(session, request_id="h", status="running")
     done = store.mark_request(session, request_id="h", status="done", completion_text="answer")
     assert done.completion_text is None

@@ -6,6 +6,7 @@ and the calibrated bank of registered concepts.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
-from auditor import metrics, store
+from auditor import audit_log, metrics, privacy, store
 from auditor.db import database_url, make_engine, session_factory, writer_engine
 from auditor.drift_export import DriftExporter
 from auditor.settings import Settings
@@ -39,6 +40,8 @@ from workers.registry import (
 )
 from workers.divergence import control_signals
 from workers.runtime.generate import SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -73,7 +76,23 @@ class Runtime:
         versions changes (a registration, activation or retirement since the last request), so
         a vector registered through the admin API is monitored from the next request on, and
         when a newer calibration is stored. The calibration itself is computed once per
-        deployment and stored; later processes read it back."""
+        deployment and stored; later processes read it back.
+
+        While the database is unreachable, the bank in hand serves on (a registry change
+        reaches this worker once the database is back): the requests already accepted must not
+        fail over a check that usually finds nothing new, and their writes wait in
+        `in_transaction` until the database returns."""
+        if self._bank is None:
+            return self._fresh_bank()
+        try:
+            return self._fresh_bank()
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            log.warning("database unavailable: serving with the concept bank in hand (%s)", type(exc).__name__)
+            return self._bank
+
+    def _fresh_bank(self) -> ConceptBank:
         with self.sessions() as session:
             if not self._builtins_registered:
                 register_builtin_concepts(session, self.engine)
@@ -212,22 +231,121 @@ def headline(bank: ConceptBank, scores: RequestScores) -> dict[str, dict[str, fl
     return out
 
 
+# ---- exactly once, across crashes and restarts ----
+#
+# A task can run more than once: Redis re-delivers it when its worker dies mid-task (acks are
+# late) or holds it past the visibility timeout, and the API sends it again when Redis comes
+# back without it (auditor.dispatch). Each run takes the request's row lock (SELECT … FOR
+# UPDATE; SQLite's BEGIN IMMEDIATE does the same) when it starts and when it writes: a request
+# already done is final, so a later run writes nothing and answers with the recorded result,
+# and of two runs at once the first to write wins. Every write is one transaction, retried
+# whole while the database is away (`in_transaction`).
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A lost or refused connection, a server shutting down or starting up, a serialization
+    failure or deadlock: the same transaction can succeed later. Constraint violations and bad
+    input cannot."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    # COPY runs on the raw driver connection: its errors arrive unwrapped.
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+def in_transaction(runtime: Runtime, work, what: str):
+    """`work(session)` in a session and transaction of its own, then commit; returns what it
+    returns. While the database is unreachable the whole transaction is retried with
+    exponential backoff (0.2 s doubling up to `db_retry_max_backoff`) for up to
+    `db_retry_seconds`, so a database restart delays a worker's writes instead of losing them;
+    after that the error is raised."""
+    settings = runtime.settings
+    deadline = time.monotonic() + settings.db_retry_seconds
+    pause = 0.2
+    while True:
+        try:
+            with runtime.sessions() as session:
+                result = work(session)
+                session.commit()
+                return result
+        except Exception as exc:
+            if not _retryable(exc) or time.monotonic() + pause > deadline:
+                raise
+            first_line = " ".join(str(exc).split())[:200]
+            log.warning("database unavailable while %s, retrying in %.1fs: %s: %s",
+                        what, pause, type(exc).__name__, first_line)
+            time.sleep(pause)
+            pause = min(pause * 2, settings.db_retry_max_backoff)
+
+
+def _display_names(concepts: list) -> dict[int, str]:
+    """Concept id -> the name answers use: the bare name, or name:vN when several versions of
+    it are present (as workers.registry.bank_from_registry names them)."""
+    return {c.id: c.name if sum(o.name == c.name for o in concepts) == 1 else f"{c.name}:v{c.version}"
+            for c in concepts}
+
+
+def recorded_generation(session, request, text: str | None = None) -> dict[str, Any]:
+    """The answer of a finished request as recorded: what its first run returned (headline
+    scores at each concept's primary layer, flags). The text is the stored one in `full`
+    privacy mode; under `hash` (none stored) and `redacted` (masked) `text`, a repeat run's own,
+    stands in."""
+    from sqlalchemy import select
+
+    from auditor.models import Flag
+
+    scores = store.scores_for_request(session, request_id=request.id)
+    concepts = {s.concept_id: store.get_concept(session, concept_id=s.concept_id) for s in scores}
+    names = _display_names([c for c in concepts.values() if c is not None])
+    headline_scores = {}
+    for s in scores:
+        concept = concepts.get(s.concept_id)
+        if concept is None or s.layer != concept.primary_layer:
+            continue
+        row = {"layer": s.layer, "mean": s.mean, "max": s.max, "last": s.last}
+        if s.calibrated_z is not None:
+            row.update(z=s.calibrated_z, percentile=s.percentile)
+        headline_scores[names[s.concept_id]] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+    flags = session.scalars(select(Flag).where(Flag.request_id == request.id).order_by(Flag.id))
+    return {"request_id": request.id, "status": "done",
+            "text": request.completion_text if request.privacy_mode == "full" and request.completion_text is not None else text,
+            "finish_reason": request.finish_reason, "prompt_tokens": request.prompt_tokens,
+            "completion_tokens": request.completion_tokens, "scores": headline_scores,
+            "flags": [{"concept": names.get(f.concept_id, str(f.concept_id)), "kind": f.kind,
+                       "residual_z": round(f.residual_signal, 4),
+                       "text_z": round(f.text_signal, 4) if f.text_signal is not None else None,
+                       "threshold": round(f.threshold, 4), "reason": f.reason} for f in flags]}
+
+
 def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime | None = None) -> dict[str, Any]:
     """Generate a monitored completion for a queued request (inside whatever batch the model
-    thread is running), write its scores in one batch and mark it done. Re-delivery after a
-    crash rewrites the same request's scores (idempotent)."""
+    thread is running), write its scores in one batch and mark it done, exactly once however
+    many times the task runs (see "exactly once" above)."""
     runtime = runtime or get_runtime()
-    with runtime.sessions() as session:
-        request = store.get_request(session, request_id=request_id)
+
+    def start(session) -> dict[str, Any] | tuple:
+        request = store.get_request(session, request_id=request_id, for_update=True)
         if request is None:
             raise InvalidInputError(f"no request {request_id!r}")
         if request.status == "done":
-            return {"request_id": request_id, "status": "done", "text": request.completion_text,
-                    "finish_reason": request.finish_reason, "prompt_tokens": request.prompt_tokens,
-                    "completion_tokens": request.completion_tokens, "scores": {}}
-        queued_at, kind = request.created_at, request.kind
-        store.mark_request(session, request_id=request_id, status="running")
-        session.commit()
+            if request.completion_text is not None and request.privacy_mode == "full":
+                return recorded_generation(session, request)
+            # Recorded without its text (privacy mode): generate again for the caller, record nothing.
+        else:
+            store.mark_request(session, request_id=request_id, status="running")
+        return request.created_at, request.kind
+
+    started = in_transaction(runtime, start, f"starting {request_id}")
+    if isinstance(started, dict):
+        return started
+    queued_at, kind = started
     model_id = runtime.engine.model.fingerprint.model_id
     try:
         sampling = SamplingConfig(**payload.get("sampling", {}))
@@ -235,15 +353,31 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
         submitted = time.time()
         served = runtime.model_thread.generate(prompt, sampling, chat="messages" in payload).result()
     except Exception as exc:
-        with runtime.sessions() as session:
-            store.mark_request(session, request_id=request_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-            session.commit()
+        texts = privacy.request_texts(payload)  # an error may quote them: kept only in full mode
+        modes = {runtime.settings.privacy_mode}  # and the request's own (the row is the truth)
+
+        failure = f"{type(exc).__name__}: {exc}"
+
+        def fail(session) -> None:
+            request = store.get_request(session, request_id=request_id, for_update=True)
+            modes.add(request.privacy_mode if request is not None else "full")
+            if request is not None and request.status != "done":  # another run may have recorded it
+                error = privacy.scrub(failure, request.privacy_mode, texts)
+                store.mark_request(session, request_id=request_id, status="failed", error=error[:2000])
+
+        in_transaction(runtime, fail, f"recording the failure of {request_id}")
         metrics.record_request(kind, "failed", model_id, time.time() - queued_at.timestamp())
-        raise
+        clean = privacy.scrubbed_exception(exc, privacy.strictest(modes), texts)
+        if clean is exc:
+            raise
+        raise clean from None  # Celery logs and stores what is raised; the original quotes the prompt
     generation, bank = served.generation, served.bank
     finish = "stop" if generation.finish_reason == "stop" else "length"
-    with runtime.sessions() as session:
-        store.delete_scores(session, request_id=request_id)
+
+    def record(session) -> dict[str, Any] | None:
+        request = store.get_request(session, request_id=request_id, for_update=True)
+        if request is not None and request.status == "done":  # another run recorded it first
+            return recorded_generation(session, request, text=served.text)
         # COPY on Postgres (53k rows/s vs 34k for batched INSERT, bench/ingest.py); INSERT on SQLite.
         store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, served.scores, runtime.settings.store_traces))
         store.mark_request(
@@ -253,13 +387,16 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
             decode_seconds=generation.decode_seconds, prompt_tokens=len(generation.prompt_ids),
             completion_tokens=len(generation.output_ids),
         )
-        store.delete_flags(session, request_id=request_id)
         for flag in served.flags:
             store.add_flag(session, request_id=request_id, concept_id=bank.concept_ids[flag.concept],
                            layer=bank.auto_layers[bank.names[flag.concept]], kind=flag.kind,
                            residual_signal=flag.residual_z, text_signal=flag.text_z,
                            threshold=flag.threshold, reason=flag.reason)
-        session.commit()
+        return None
+
+    recorded = in_transaction(runtime, record, f"recording {request_id}")
+    if recorded is not None:
+        return recorded  # counted in the metrics by the run that recorded it
     metrics.record_request(kind, "done", model_id, time.time() - queued_at.timestamp(),
                            len(generation.prompt_ids), len(generation.output_ids))
     record_metrics(runtime, bank, served.scores)
@@ -320,16 +457,20 @@ def replay_scores(model, bank: ConceptBank, sequences: list[tuple[list[int], lis
 def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: Runtime | None = None) -> dict[str, Any]:
     """Score completions served elsewhere. The model thread replays every audit item queued at
     the same moment, from any number of submissions, in one padded pass; an item that cannot
-    be replayed fails alone."""
+    be replayed fails alone. Each item is recorded once however many times the task runs (row
+    locks, as for generations), and the writes retry while the database is away."""
     runtime = runtime or get_runtime()
-    with runtime.sessions() as session:
+
+    def start(session) -> list[tuple[str, dict]]:
         pending = []
         for request_id, item in zip(request_ids, items):
-            row = store.get_request(session, request_id=request_id)
+            row = store.get_request(session, request_id=request_id, for_update=True)
             if row is not None and row.status != "done":  # re-delivered: skip what is recorded
                 store.mark_request(session, request_id=request_id, status="running")
                 pending.append((request_id, item))
-        session.commit()
+        return pending
+
+    pending = in_transaction(runtime, start, f"starting audit {request_ids[0]}")
     if not pending:
         return {"request_ids": request_ids, "status": "done"}
     try:
@@ -337,22 +478,33 @@ def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: R
     except Exception as exc:
         outcomes = [exc] * len(pending)
     fingerprint = runtime.engine.model.fingerprint
-    with runtime.sessions() as session:
+
+    def record(session) -> list[tuple[str, Any]]:
+        written = []  # (status, outcome) of the items this run recorded
         for (request_id, item), outcome in zip(pending, outcomes):
+            row = store.get_request(session, request_id=request_id, for_update=True)
+            if row is None or row.status == "done":  # another run recorded it first
+                continue
             if isinstance(outcome, Exception):
-                store.mark_request(session, request_id=request_id, status="failed",
-                                   error=f"{type(outcome).__name__}: {outcome}"[:2000])
-                metrics.record_request("audit", "failed", fingerprint.model_id)
+                error = privacy.scrub(f"{type(outcome).__name__}: {outcome}", row.privacy_mode, privacy.request_texts(item))
+                store.mark_request(session, request_id=request_id, status="failed", error=error[:2000])
+                written.append(("failed", outcome))
                 continue
             scores, bank, n_prompt, n_completion = outcome
-            store.delete_scores(session, request_id=request_id)
             store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, scores, runtime.settings.store_traces))
             store.mark_request(session, request_id=request_id, status="done", completion_text=item["completion"],
                                model_id=fingerprint.model_id, model_fingerprint=fingerprint.hash,
                                prompt_tokens=n_prompt, completion_tokens=n_completion)
-            metrics.record_request("audit", "done", fingerprint.model_id, None, n_prompt, n_completion)
-            record_metrics(runtime, bank, scores)
-        session.commit()
+            written.append(("done", outcome))
+        return written
+
+    for status, outcome in in_transaction(runtime, record, f"recording audit {request_ids[0]}"):
+        if status == "failed":
+            metrics.record_request("audit", "failed", fingerprint.model_id)
+            continue
+        scores, bank, n_prompt, n_completion = outcome
+        metrics.record_request("audit", "done", fingerprint.model_id, None, n_prompt, n_completion)
+        record_metrics(runtime, bank, scores)
     failed = sum(isinstance(o, Exception) for o in outcomes)
     return {"request_ids": request_ids, "status": "done" if not failed else f"{failed} failed"}
 
@@ -406,6 +558,9 @@ def serve_extraction(job_id: str, runtime: Runtime | None = None) -> dict[str, A
             concept = register_extracted(session, runtime.engine, definition, vectors,
                                          created_by=payload.get("created_by", "api"),
                                          activate=payload.get("activate", True))
+            audit_log.record(session, actor=payload.get("created_by"), action="concept.register",
+                             target=f"concept:{concept.name}:v{concept.version}", vector_hash=concept.vector_hash,
+                             details={"concept_id": concept.id, "source": "pairs", "job_id": job_id})
         sweep = {row["layer"]: row for row in concept.provenance.get("sweep", [])}
         return {
             "concept_id": concept.id, "name": concept.name, "version": concept.version,

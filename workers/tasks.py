@@ -6,12 +6,21 @@ from __future__ import annotations
 
 from celery.signals import worker_ready, worker_shutdown
 
-from auditor import metrics
-from auditor.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, make_celery
+from auditor import metrics, privacy, retention
+from auditor.dispatch import (
+    TASK_AUDIT,
+    TASK_CALIBRATE,
+    TASK_EXTRACT,
+    TASK_GENERATE,
+    TASK_RETENTION,
+    make_celery,
+)
 from auditor.settings import get_settings
 from workers import service
 
 celery_app = make_celery(get_settings())
+# Outside full mode no worker log line carries what the mode does not store (auditor.privacy).
+privacy.install_log_redaction(get_settings().privacy_mode)
 app = celery_app  # `celery -A workers.tasks` looks for `app`
 
 
@@ -33,6 +42,12 @@ def extract_task(job_id: str) -> dict:
 @celery_app.task(name=TASK_CALIBRATE)
 def calibrate_task(job_id: str) -> dict:
     return service.serve_calibration(job_id)
+
+
+@celery_app.task(name=TASK_RETENTION)
+def retention_task() -> dict:
+    """Scheduled by `auditor beat`. Database only: runs on any worker, never loads the model."""
+    return retention.run_from_settings(get_settings()).as_dict()
 
 
 @worker_ready.connect

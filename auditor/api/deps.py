@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from auditor.model_identity import ModelFingerprint
@@ -31,3 +31,6 @@ def get_fingerprint(request: Request) -> ModelFingerprint:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 FingerprintDep = Annotated[ModelFingerprint, Depends(get_fingerprint)]
+# A database row id in a path: ids start at 1 and are 32-bit integers (Postgres `integer`). Past
+# that, the lookup itself fails (Postgres: "integer out of range"; SQLite past int64): a 500.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]

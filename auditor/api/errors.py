@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +21,7 @@ from probes.errors import InvalidInputError
 
 def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dict:
     """FastAPI's `detail` list, plus OpenAI's `error` object so OpenAI clients show the message."""
+    message = _json_safe(message)
     return {
         "detail": [{"loc": list(loc), "msg": message, "type": kind}],
         "error": {"message": message, "type": kind, "param": loc[-1] if len(loc) > 1 else None, "code": kind},
@@ -25,10 +29,13 @@ def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dic
 
 
 RETRY_AFTER_SECONDS = 5
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-# Starlette's and FastAPI's own HTTP errors (unknown path, wrong method, body over its limit, …).
-HTTP_ERROR_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
-                    415: "unsupported_media_type"}
+# Starlette's and FastAPI's own HTTP errors (unknown path, wrong method, body over its limit, …):
+# status -> (type, where).
+HTTP_ERRORS = {400: ("bad_request", "body"), 401: ("unauthorized", "header"), 403: ("forbidden", "header"),
+               404: ("not_found", "path"), 405: ("method_not_allowed", "path"), 413: ("request_too_large", "body"),
+               415: ("unsupported_media_type", "body")}
 
 
 def unavailable(exc: Exception) -> JSONResponse:
@@ -40,7 +47,7 @@ def unavailable(exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = jsonable_encoder(exc.errors())
+        detail = _json_safe(jsonable_encoder(exc.errors()))
         summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in detail)
         error = {"message": summary, "type": "invalid_request_error", "param": None, "code": "validation_error"}
         return JSONResponse({"detail": detail, "error": error}, status_code=422)
@@ -74,11 +81,24 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         if (parse_error := _unparseable_body(request, exc)) is not None:
             return parse_error
-        kind = HTTP_ERROR_KINDS.get(exc.status_code, "http_error")
-        loc = ("body",) if exc.status_code in (400, 413, 415) else ("path",) if exc.status_code in (404, 405) else ("server",)
-        return JSONResponse(error_body(str(exc.detail), kind, loc), status_code=exc.status_code, headers=exc.headers)
+        kind, where = HTTP_ERRORS.get(exc.status_code, ("http_error", "server"))
+        return JSONResponse(error_body(str(exc.detail), kind, (where,)), status_code=exc.status_code, headers=exc.headers)
 
     _document_errors(app)
+
+
+def _json_safe(value):
+    """What a 4xx echoes back (the offending input, a name in a message) as strict JSON: NaN and
+    infinities as text, unpaired surrogates escaped. Otherwise encoding the 422 itself fails: a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(value) else value
+    if isinstance(value, dict):
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _unparseable_body(request: Request, exc: HTTPException) -> JSONResponse | None:

@@ -6,9 +6,9 @@ from functools import lru_cache
 
 from fastapi import FastAPI
 
-from auditor import __version__, metrics
+from auditor import __version__, metrics, privacy
 from auditor.api.errors import install_error_handlers
-from auditor.api.limits import install_body_limit
+from auditor.api.limits import install_request_guard
 from auditor.api.routes import admin_log, audits, completions, concepts, health, jobs, reports
 from auditor.api.security import require
 from auditor.dispatch import CeleryDispatcher, Dispatcher
@@ -23,6 +23,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     `dispatcher` hands generation to a worker: Celery over the broker when AUDITOR_BROKER_URL is
     set; the composition root passes an in-process one for the embedded default."""
     settings = settings or get_settings()
+    # Outside full mode no log line of this process carries what the mode does not store.
+    privacy.install_log_redaction(settings.privacy_mode)
     if dispatcher is None and settings.broker_url:
         dispatcher = CeleryDispatcher(settings)
     app = FastAPI(
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
 
     app.state.fingerprint = fingerprint
     install_error_handlers(app)
-    install_body_limit(app, settings)  # 413 before an oversized body is read (AUDITOR_MAX_REQUEST_BYTES)
+    install_request_guard(app, settings)  # 413 before an oversized body is read; 422 for a NUL in path/query
     # Every route needs a token with its router's scope, except the probes and /metrics
     # (auditor.api.security.PUBLIC_PATHS); tests walk the OpenAPI route list to hold this.
     admin, client, reader = require("admin"), require("client"), require("reader")

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from auditor.models import FLAG_KINDS
-from auditor.reports.queries import ConceptRef, FlaggedSet, ScoreSample
+from auditor.reports.queries import ConceptRef, FlaggedSet, RollupDay, ScoreSample
 from auditor.reports.window import BUCKET_SECONDS
 from probes.drift import MIN_SAMPLE_SIZE, ks_two_sample, population_stability_index
 
@@ -107,9 +107,11 @@ def time_series(
     scores: Mapping[int, ScoreSample],
     flagged: Mapping[int, FlaggedSet],
     bucket: str,
+    rollups: Mapping[int, Sequence[RollupDay]] | None = None,
 ) -> list[SeriesPoint]:
     """One point per concept version and UTC hour or day that has scores (empty buckets carry no
-    rate, so they are left out rather than drawn as zero)."""
+    rate, so they are left out rather than drawn as zero). Daily points also count the days
+    rolled up past retention (`rollups`), added to what per-request rows remain of the day."""
     width = BUCKET_SECONDS[bucket]
     points = []
     for ref in refs:
@@ -117,17 +119,25 @@ def time_series(
         starts = np.floor(sample.times / width) * width
         flagged_times = np.array(list(flagged[ref.concept_id].times.values()))
         flagged_starts = np.floor(flagged_times / width) * width
-        for start in np.unique(starts):
+        rolled = {day.start: day for day in (rollups or {}).get(ref.concept_id, ())} if bucket == "day" else {}
+        for start in np.unique(np.concatenate([starts, list(rolled)])):
             in_bucket = starts == start
             z = sample.z[in_bucket]
             z = z[~np.isnan(z)]
             n = int(in_bucket.sum())
             n_flagged = int((flagged_starts == start).sum())
+            mean_z, mean_score = _mean(z), float(sample.score[in_bucket].mean()) if n else None
+            if (day := rolled.get(float(start))) is not None:
+                z_count = z.size + day.z_count
+                mean_z = (float(z.sum()) + day.z_sum) / z_count if z_count else None
+                mean_score = (float(sample.score[in_bucket].sum()) + day.score_sum) / (n + day.requests) if n + day.requests else None
+                n, n_flagged = n + day.requests, n_flagged + day.flagged
+            if not n:
+                continue
             points.append(SeriesPoint(
                 concept=ref.concept, version=ref.version, concept_id=ref.concept_id,
                 bucket_start=datetime.fromtimestamp(start, tz=timezone.utc), requests=n,
-                mean_z=_mean(z), mean_score=float(sample.score[in_bucket].mean()),
-                flagged=n_flagged, flagged_rate=n_flagged / n,
+                mean_z=mean_z, mean_score=mean_score, flagged=n_flagged, flagged_rate=n_flagged / n,
             ))  # fmt: skip
     return points
 

@@ -6,20 +6,24 @@ request, so scores, flags and rates in one window always describe the same reque
 Aggregates SQL can compute portably (counts, averages, rankings) run in the database; what it
 cannot (percentiles, drift statistics, time buckets) is computed from fetched values in
 `aggregate.py`.
+
+Past retention (auditor.retention) a request's rows are gone and only daily rollups remain: the
+daily time series reads them (`fetch_rollups`); summaries, drift, comparisons and the flagged
+list need per-request rows and cover the retention window only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, time, timezone
 
 import numpy as np
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from auditor import store
-from auditor.models import Concept, Flag, MonitoredRequest, RequestScore
+from auditor import privacy, store
+from auditor.models import Concept, DailyRollup, Flag, MonitoredRequest, RequestScore
 from auditor.reports.window import Window
 
 
@@ -89,19 +93,15 @@ class FlaggedRequest:
     margin: float  # |residual_signal − threshold|: how far past its threshold the flag sits
     reason: str
     privacy_mode: str
-    prompt: str | None  # as stored: text, "sha256:<hex>", or None (redacted)
+    prompt: str | None  # as its mode allows: text, redacted text, or "sha256:<hex>"
     completion: str | None
 
 
 def shown_text(privacy_mode: str, text: str | None, sha256: str | None) -> str | None:
-    """What a report may show of a prompt or completion: the text only in `full` mode, the digest
-    in `hash` mode, nothing in `redacted` mode — never more than the mode promises, even if a
-    row holds more (say, one written before a mode change)."""
-    if privacy_mode == "full":
-        return text
-    if privacy_mode == "hash" and sha256 is not None:
-        return f"sha256:{sha256}"
-    return None
+    """What a report may show of a prompt or completion: the text in `full` mode, the text
+    redacted (again) in `redacted` mode, the digest in `hash` mode — never more than the mode
+    promises, even if a row holds more (say, one written before a mode change)."""
+    return privacy.shown_text(privacy_mode, text, sha256)
 
 
 def _in_window(column, window: Window):
@@ -127,12 +127,21 @@ def resolve_concepts(
                 f"unknown concept {unknown[0]!r}; known concepts: {', '.join(sorted(known)) or 'none'}"
             )
         query = query.where(Concept.name.in_(names))
+    windows = list(windows)
     scored_in = [
         exists().where(
             RequestScore.concept_id == Concept.id, _in_window(RequestScore.created_at, window)
         )
         for window in windows
     ]
+    # ... or, past retention, rolled up on a day of the window.
+    scored_in += [
+        exists().where(
+            DailyRollup.concept_id == Concept.id,
+            DailyRollup.day >= window.start.date(), DailyRollup.day <= window.end.date(),
+        )
+        for window in windows
+    ]  # fmt: skip
     query = query.where(or_(Concept.active.is_(True), *scored_in))
     return [
         ConceptRef(c.id, c.name, c.version, c.primary_layer, c.model_id)
@@ -169,6 +178,47 @@ def fetch_scores(
     for concept_id, (times, scores, zs) in columns.items():
         samples[concept_id] = ScoreSample(np.array(times), np.array(scores), np.array(zs))
     return samples
+
+
+@dataclass(frozen=True)
+class RollupDay:
+    """One UTC day of a concept version's traffic past retention (auditor.retention), summed
+    over serving models."""
+
+    start: float  # epoch seconds of the day's midnight (UTC)
+    requests: int
+    score_sum: float
+    z_count: int
+    z_sum: float
+    flagged: int
+
+
+def _midnight(day) -> datetime:
+    return datetime.combine(day, time(), tzinfo=timezone.utc)
+
+
+def fetch_rollups(
+    session: Session, *, refs: Sequence[ConceptRef], window: Window
+) -> dict[int, list[RollupDay]]:
+    """concept id -> its rolled-up days that start inside `window`, oldest first. A day that
+    starts before the window is left out: it would bring requests from before the window."""
+    rollups: dict[int, list[RollupDay]] = {ref.concept_id: [] for ref in refs}
+    if not refs:
+        return rollups
+    r = DailyRollup
+    query = (
+        select(r.concept_id, r.day, func.sum(r.requests), func.sum(r.score_sum), func.sum(r.z_count),
+               func.sum(r.z_sum), func.sum(r.flagged))
+        .where(r.concept_id.in_(list(rollups)), r.day >= window.start.date(), r.day <= window.end.date())
+        .group_by(r.concept_id, r.day)
+        .order_by(r.concept_id, r.day)
+    )  # fmt: skip
+    for concept_id, day, n, score_sum, z_count, z_sum, n_flagged in session.execute(query):
+        start = _midnight(day)
+        if window.start <= start < window.end:
+            rollups[concept_id].append(RollupDay(start.timestamp(), int(n), float(score_sum), int(z_count),
+                                                 float(z_sum), int(n_flagged)))
+    return rollups
 
 
 def fetch_flagged(

@@ -319,8 +319,8 @@ scores; "drift" means PSI ≥ {DRIFT_PSI} and p &lt; {DRIFT_P_VALUE}.</p>
 <h2>By serving model and concept version</h2>
 {_comparison_html(report.comparison)}
 <h2>Top flagged requests</h2>
-<p class="meta">Prompts and completions as stored: text in full mode, sha256 digests in hash
-mode, nothing in redacted mode.</p>
+<p class="meta">Prompts and completions as each request's privacy mode allows: text in full
+mode, text with personal data masked in redacted mode, sha256 digests in hash mode.</p>
 {_flagged_html(report.flagged)}
 </body>
 </html>

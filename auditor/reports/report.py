@@ -53,6 +53,11 @@ def drift_section(
     )
 
 
+def _rollups(session: Session, refs: Sequence[ConceptRef], window: Window, bucket: str):
+    """Days past retention, for daily series (an hour cannot be cut out of a daily rollup)."""
+    return queries.fetch_rollups(session, refs=refs, window=window) if bucket == "day" else None
+
+
 def series_section(
     session: Session, *, refs: Sequence[ConceptRef], window: Window, bucket: str
 ) -> list[SeriesPoint]:
@@ -61,6 +66,7 @@ def series_section(
         queries.fetch_scores(session, refs=refs, window=window),
         queries.fetch_flagged(session, refs=refs, window=window),
         bucket,
+        _rollups(session, refs, window, bucket),
     )
 
 
@@ -96,7 +102,8 @@ def build_report(
         drift=aggregate.drift(refs, old, recent),
         comparison=queries.compare(session, refs=refs, window=window),
         flagged=queries.top_flagged(session, refs=refs, window=window, top=top),
-        series=aggregate.time_series(refs, recent, flagged, chosen_bucket),
+        series=aggregate.time_series(refs, recent, flagged, chosen_bucket,
+                                     _rollups(session, refs, window, chosen_bucket)),
         baseline_scores=old,
         recent_scores=recent,
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from auditor import audit_log, tokens
-from auditor.api.deps import SessionDep
+from auditor.api.deps import RowId, SessionDep
 from auditor.api.security import PrincipalDep
 from auditor.schemas import AdminActionRead, TokenCreate, TokenIssued, TokenRead
 
@@ -31,7 +31,7 @@ def list_tokens(session: SessionDep, include_revoked: bool = False) -> list[Toke
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenRead)
-def revoke_token(token_id: int, session: SessionDep, principal: PrincipalDep) -> TokenRead:
+def revoke_token(token_id: RowId, session: SessionDep, principal: PrincipalDep) -> TokenRead:
     """Revoke a token (idempotent). Its requests get 401 from the next request on."""
     row = tokens.revoke_token(session, token_id=token_id)
     audit_log.record(session, actor=principal, action="token.revoke", target=f"token:{row.id}",

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from auditor import metrics, store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
+from auditor.api.limits import check_audit
 from auditor.dispatch import TASK_AUDIT, WorkerUnavailable
 from auditor.models import Concept, RequestScore
 from auditor.schemas import AuditCreate, AuditRead, AuditScore
@@ -22,6 +23,7 @@ router = APIRouter(prefix="/v1/audits", tags=["audits"])
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def submit(body: AuditCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep):
     """Queue the items for scoring (one batched replay); returns their ids to poll."""
+    check_audit(body, settings)
     dispatcher = request.app.state.dispatcher
     if dispatcher is None:
         return JSONResponse(error_body("no worker is configured", "worker_unavailable", ("server",)), status_code=503)

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from auditor import metrics, store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
+from auditor.api.limits import check_chat, check_completion
 from auditor.dispatch import TASK_GENERATE, BrokerUnavailable, WorkerUnavailable
 from auditor.model_identity import ModelFingerprint
 from auditor.schemas import ChatCompletionCreate, CompletionCreate
@@ -90,6 +91,7 @@ def _usage(result: dict) -> dict:
 @router.post("/chat/completions")
 def chat_completions(body: ChatCompletionCreate, request: Request, session: SessionDep,
                      settings: SettingsDep, fingerprint: FingerprintDep):
+    check_chat(body, settings)
     if (error := _rejected(session, body, fingerprint, settings)) is not None:
         return error
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -115,6 +117,7 @@ def chat_completions(body: ChatCompletionCreate, request: Request, session: Sess
 @router.post("/completions")
 def completions(body: CompletionCreate, request: Request, session: SessionDep,
                 settings: SettingsDep, fingerprint: FingerprintDep):
+    check_completion(body, settings)
     if (error := _rejected(session, body, fingerprint, settings)) is not None:
         return error
     request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -9,17 +9,16 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from auditor import audit_log, store
-from auditor.api.deps import FingerprintDep, SessionDep
+from auditor.api.deps import FingerprintDep, RowId, SessionDep, SettingsDep
 from auditor.api.security import PrincipalDep
 from auditor.model_identity import ModelFingerprint
 from auditor.models import Concept
-from auditor.schemas import ConceptCreate, ConceptRead
+from auditor.schemas import ConceptCreate, ConceptRead, Text
 from auditor.vector_io import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
 from probes.errors import InvalidInputError
 
 router = APIRouter(prefix="/admin/concepts", tags=["admin: concepts"])
 
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 MEDIA_TYPES = {"json": "application/json", "safetensors": "application/octet-stream", "gguf": "application/octet-stream"}
 
 
@@ -86,23 +85,27 @@ def register_json(body: ConceptCreate, session: SessionDep, fingerprint: Fingerp
 @router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ConceptRead)
 async def register_upload(
     session: SessionDep,
+    settings: SettingsDep,
     fingerprint: FingerprintDep,
     principal: PrincipalDep,
     file: Annotated[UploadFile, File(description="JSON, safetensors, or a GGUF control vector (repeng / llama.cpp)")],
     name: Annotated[str, Form(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")],
-    description: Annotated[str, Form(max_length=2000)] = "",
+    description: Annotated[Text, Form(max_length=2000)] = "",
     layer: Annotated[int | None, Form(ge=0, description="for files holding a single unlabelled vector")] = None,
     primary_layer: Annotated[int | None, Form(ge=0)] = None,
     format: Annotated[str | None, Form(description="json | safetensors | gguf; default: sniffed")] = None,
 ) -> ConceptRead:
     """Register the next version of a concept from an uploaded vector file."""
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise InvalidInputError(f"file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+    # The whole request is already bounded by AUDITOR_MAX_UPLOAD_BYTES (auditor.api.limits).
+    limit = settings.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInputError(f"file is larger than this deployment's limit of {limit:,} bytes")
     fmt = format or sniff_format(file.filename, data)
     if fmt not in FORMATS:
         raise InvalidInputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    vector_set = parse_vectors(data, fmt, d_model=fingerprint.d_model, n_layers=fingerprint.n_layers, layer=layer)
+    vector_set = parse_vectors(data, fmt, d_model=fingerprint.d_model, n_layers=fingerprint.n_layers, layer=layer,
+                               max_bytes=limit)
     _check_fingerprint(vector_set.metadata.get("model_fingerprint"), fingerprint)
     concept = _register(session, name=name, description=description, vector_set=vector_set,
                         primary_layer=primary_layer, source=f"upload-{fmt}", fingerprint=fingerprint, principal=principal)
@@ -122,12 +125,12 @@ def _require(session, concept_id: int) -> Concept:
 
 
 @router.get("/{concept_id}", response_model=ConceptRead)
-def get_concept(concept_id: int, session: SessionDep) -> ConceptRead:
+def get_concept(concept_id: RowId, session: SessionDep) -> ConceptRead:
     return concept_read(session, _require(session, concept_id))
 
 
 @router.post("/{concept_id}/activate", response_model=ConceptRead)
-def activate(concept_id: int, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
+def activate(concept_id: RowId, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
     concept = store.set_active(session, concept_id=_require(session, concept_id).id, active=True)
     _log(session, principal, "concept.activate", concept)
     session.commit()
@@ -135,7 +138,7 @@ def activate(concept_id: int, session: SessionDep, principal: PrincipalDep) -> C
 
 
 @router.post("/{concept_id}/deactivate", response_model=ConceptRead)
-def deactivate(concept_id: int, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
+def deactivate(concept_id: RowId, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
     concept = store.set_active(session, concept_id=_require(session, concept_id).id, active=False)
     _log(session, principal, "concept.deactivate", concept)
     session.commit()
@@ -143,7 +146,7 @@ def deactivate(concept_id: int, session: SessionDep, principal: PrincipalDep) ->
 
 
 @router.post("/{concept_id}/retire", response_model=ConceptRead)
-def retire(concept_id: int, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
+def retire(concept_id: RowId, session: SessionDep, principal: PrincipalDep) -> ConceptRead:
     concept = store.retire_concept(session, concept_id=_require(session, concept_id).id)
     _log(session, principal, "concept.retire", concept)
     session.commit()
@@ -151,7 +154,7 @@ def retire(concept_id: int, session: SessionDep, principal: PrincipalDep) -> Con
 
 
 @router.get("/{concept_id}/export")
-def export(concept_id: int, session: SessionDep, format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json") -> Response:
+def export(concept_id: RowId, session: SessionDep, format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json") -> Response:
     """The stored unit vectors, with provenance, as JSON, safetensors or a GGUF control vector."""
     concept = _require(session, concept_id)
     vectors = store.concept_vectors(session, concept_id=concept.id)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from auditor import audit_log, store
 from auditor.api.deps import SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
+from auditor.api.limits import check_extraction
 from auditor.api.security import PrincipalDep
 from auditor.dispatch import TASK_CALIBRATE, TASK_EXTRACT, WorkerUnavailable
 from auditor.models import Concept
@@ -43,6 +44,7 @@ def _enqueue(request: Request, session, principal, *, kind: str, task: str, payl
 def extract(body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep):
     """Queue extraction of a concept vector from contrastive pairs. When the job is done, its
     result names the registered concept version, its primary layer and held-out separation."""
+    check_extraction(body, settings)
     concept = {"name": body.name, "description": body.description,
                "pairs": [pair.model_dump() for pair in body.pairs]}
     concept_from_dict(concept, origin="pairs")  # every check the worker would make, before queueing

@@ -101,7 +101,7 @@ def summary(session: SessionDep, query: ReportQueryDep, format: Format = "json")
 @router.get("/flagged")
 def flagged(session: SessionDep, query: ReportQueryDep, top: Top = 20, format: Format = "json") -> Response:
     """The `top` flagged requests per concept version, strongest first; prompt and completion as
-    stored (text, `sha256:<hex>`, or null when redacted)."""
+    its privacy mode allows (text, redacted text, or `sha256:<hex>`)."""
     return _section(session, query, FlaggedRequest,
                     lambda refs: queries.top_flagged(session, refs=refs, window=query.window, top=top), format)
 
