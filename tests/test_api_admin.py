@@ -225,3 +225,19 @@ def test_bad_calibration_requests_get_422_and_queue_nothing(dead_broker_api):
     assert len(_rows(url, Job)) == before
     bad_set = client.get("/admin/calibrations", params={"reference_set": "made-up"})
     assert bad_set.status_code == 422 and "reference_set" in bad_set.text
+
+
+def test_a_database_that_is_down_gets_503_with_retry_after_not_500(tmp_path):
+    """The API's database unreachable (restarting, say): every route that needs it answers 503
+    with Retry-After, the way a broker outage does; liveness stays up and readiness says why."""
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/auditor"  # nothing listens there
+    app = create_app(Settings(database_url=url, data_dir=tmp_path))
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+        for method, path in (("GET", "/reports/summary"), ("GET", "/admin/concepts"), ("POST", "/v1/audits")):
+            answer = client.request(method, path, headers=bearer("aud_0123456789ab_secret"), json={})
+            assert answer.status_code == 503, (path, answer.text)
+            assert answer.headers["retry-after"] == "5"
+            assert answer.json()["error"]["type"] == "database_unavailable"
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
 from auditor.api.security import AuthenticationError, PermissionDeniedError
@@ -72,6 +73,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelLoadError)
     async def _model(request: Request, exc: ModelLoadError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "model_unavailable", ("server",)), status_code=503)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_away(request: Request, exc: DBAPIError) -> JSONResponse:
+        # The database is unreachable, restarting or refusing connections: a condition that
+        # passes, like a broker outage, so 503 + Retry-After rather than a bare 500.
+        message = "the database is unavailable; retry shortly"
+        return JSONResponse(error_body(message, "database_unavailable", ("server",)), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(AuditorError)
     async def _auditor(request: Request, exc: AuditorError) -> JSONResponse:
