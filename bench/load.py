@@ -110,6 +110,22 @@ def active_concepts(service) -> int:
         return len(http.get("/admin/concepts", params={"active": True}).raise_for_status().json())
 
 
+def concepts_scored(db_url: str, request_ids: list[str]) -> dict[str, int]:
+    """Per request id: how many distinct concepts have score rows (each has one per layer)."""
+    from sqlalchemy import text
+
+    from auditor.db import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT request_id, count(DISTINCT concept_id) FROM request_scores"
+                                     " WHERE request_id = ANY(:ids) GROUP BY request_id"), {"ids": list(request_ids)}).all()
+    finally:
+        engine.dispose()
+    return {request_id: n for request_id, n in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
@@ -128,8 +144,9 @@ def main() -> None:
         result = run_load(service, args.clients, args.requests, args.time_limit, args.max_tokens, args.audit_every)
         n_concepts = active_concepts(service)
         rows = service_rows(service.db_url, result["ids"])
+        scored = concepts_scored(service.db_url, result["ids"])
     ids = result.pop("ids")
-    complete = [i for i in ids if i in rows and rows[i]["status"] == "done" and rows[i]["n_scores"] == n_concepts]
+    complete = [i for i in ids if i in rows and rows[i]["status"] == "done" and scored.get(i) == n_concepts]
     result.update({
         "workers": args.workers, "max_tokens": args.max_tokens, "active_concepts": n_concepts,
         "recorded_with_all_scores": len(complete), "missing": len(ids) - len(complete),

@@ -61,3 +61,25 @@ def test_bad_signals_are_rejected():
         fit_thresholds(torch.full((10, 2), float("nan")), torch.zeros(10, 2), 0.01)
     with pytest.raises(InvalidInputError, match="target_fpr"):
         fit_thresholds(torch.zeros(10, 2), torch.zeros(10, 2), 0.0)
+
+
+@pytest.mark.model
+def test_a_refit_replays_the_cached_control_answers_and_matches_generating_them(model, bank, monkeypatch):
+    """Control answers do not depend on the concepts: a refit (new active set) replays them in a
+    teacher-forced pass instead of generating again, and gets the same signals."""
+    from probes.concepts import load_control_prompts
+    from workers import divergence
+
+    prompts = load_control_prompts()[:6]
+    monkeypatch.setattr(divergence, "_CONTROL_ANSWERS", {})
+    generated_residual, generated_text = divergence.control_signals(model, bank, prompts, 8)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the refit generated again instead of replaying")
+
+    monkeypatch.setattr(divergence, "BatchGenerator", no_generation)
+    replayed_residual, replayed_text = divergence.control_signals(model, bank, prompts, 8)
+    assert replayed_residual.shape == generated_residual.shape == (len(generated_text), len(bank.names))
+    # z units: replay and KV-cached decoding differ only by float rounding.
+    torch.testing.assert_close(replayed_residual, generated_residual, atol=1e-3, rtol=0)
+    assert torch.equal(replayed_text, generated_text)
