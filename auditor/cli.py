@@ -28,7 +28,17 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole and greppable
 
-LogLevel = Annotated[str, typer.Option("--log-level", help="uvicorn's: critical, error, warning, info, debug, trace")]
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _check_log_level(value: str) -> str:
+    # Checked here, not by uvicorn: it would fail only after the model has loaded.
+    if value.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"choose one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+LogLevel = Annotated[str, typer.Option("--log-level", callback=_check_log_level, help=f"uvicorn's: {', '.join(LOG_LEVELS)}")]
 Method = Annotated[Optional[str], typer.Option(help="mean_diff (article), logistic or pca; default from settings")]
 Pooling = Annotated[Optional[str], typer.Option(help="mean (sink excluded) or last token; default from settings")]
 
@@ -447,12 +457,13 @@ def _embedded_admin_token(url: str, data_dir: Path) -> str:
     revoked. Also written (mode 0600) to the data dir, for scripts."""
     from auditor import audit_log, tokens
     from auditor.db import make_engine, session_factory
+    from auditor.models import SCOPES
 
     engine = make_engine(url)
     try:
         with session_factory(engine)() as session:
             revoked = tokens.revoke_named(session, name=tokens.EMBEDDED_TOKEN_NAME)
-            issued = tokens.create_token(session, name=tokens.EMBEDDED_TOKEN_NAME, scopes=SCOPE_NAMES,
+            issued = tokens.create_token(session, name=tokens.EMBEDDED_TOKEN_NAME, scopes=SCOPES,
                                          created_by=audit_log.LOCAL_ACTOR)
             audit_log.record(session, actor=None, action="token.create", target=f"token:{issued.row.id}",
                              details={"name": issued.row.name, "scopes": issued.row.scopes, "revoked_previous": revoked})
@@ -469,7 +480,6 @@ def _embedded_admin_token(url: str, data_dir: Path) -> str:
 
 # ---- tokens: `auditor token create|list|revoke` ----
 
-SCOPE_NAMES = ("admin", "client", "reader")
 token_app = typer.Typer(help="API tokens: create (the secret is printed once), list, revoke.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 

@@ -178,3 +178,32 @@ def test_malformed_credentials_are_401_not_500(service):
                    "Bearer not-a-token", "Bearer aud_zz_\u00e9"):
         answer = http.get("/reports/summary", headers={"Authorization": header.encode("utf-8")})
         assert answer.status_code == 401, (header, answer.status_code, answer.text)
+
+
+def test_bad_token_ids_and_audit_log_queries_are_clear_4xx_that_change_nothing(service, monkeypatch):
+    from auditor.settings import get_settings
+
+    http, admin = service["http"], bearer(service["tokens"]["admin"])
+    before = http.get("/admin/tokens", headers=admin).json()
+    log_before = len(http.get("/admin/audit-log", headers=admin, params={"limit": 1000}).json())
+    assert http.delete("/admin/tokens/999999", headers=admin).status_code == 404
+    assert http.delete("/admin/tokens/0", headers=admin).status_code == 422
+    for params in ({"limit": 0}, {"limit": 1001}, {"since": "yesterday"}, {"action": "x" * 65}):
+        assert http.get("/admin/audit-log", headers=admin, params=params).status_code == 422, params
+    bad_name = http.post("/admin/tokens", headers=admin, json={"name": "", "scopes": ["reader"]})
+    no_scope = http.post("/admin/tokens", headers=admin, json={"name": "x", "scopes": []})
+    assert bad_name.status_code == no_scope.status_code == 422
+    monkeypatch.setenv("AUDITOR_DATABASE_URL", service["url"])
+    get_settings.cache_clear()
+    try:
+        revoked = CliRunner().invoke(cli_app, ["token", "revoke", "999999"])
+        assert revoked.exit_code == 2 and "no token with id 999999" in revoked.output
+    finally:
+        get_settings.cache_clear()
+    assert http.get("/admin/tokens", headers=admin).json() == before
+    assert len(http.get("/admin/audit-log", headers=admin, params={"limit": 1000}).json()) == log_before
+
+
+def test_a_bad_log_level_is_refused_before_anything_starts():
+    result = CliRunner().invoke(cli_app, ["api", "--log-level", "loud", "--no-migrate"])
+    assert result.exit_code == 2 and "choose one of critical" in result.output
