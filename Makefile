@@ -28,7 +28,8 @@ demo: install
 test: install
 	@scripts/services-up.sh
 	@scripts/ensure-prometheus.sh
-	@scripts/ensure-chromium.sh
+	@scripts/ensure-apt.sh chromium chromium "the HTML report test"
+	@scripts/ensure-apt.sh docker-compose docker-compose "validating docker-compose.yml"
 	$(BIN)/python -m pytest
 
 test-fast: install

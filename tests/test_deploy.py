@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("client", [["docker-compose"], ["docker", "compose"]])
 def test_compose_file_is_valid(client):
     if shutil.which(client[0]) is None:
-        pytest.skip(f"{client[0]} not installed")
+        pytest.skip(f"{client[0]} not installed (make test installs Debian's docker-compose)")
     if client == ["docker", "compose"] and subprocess.run([*client, "version"], capture_output=True).returncode != 0:
         pytest.skip("docker compose plugin not installed")
     result = subprocess.run([*client, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True, cwd=REPO)

@@ -616,7 +616,7 @@ def test_html_is_self_contained(html_page):
     assert 'href="http' not in page and "<?xml" not in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/ensure-chromium.sh installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it: scripts/ensure-apt.sh)")
 def test_headless_chromium_draws_every_plot(html_page, seeded, report):
     dom = chromium("--dump-dom", html_page.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -643,7 +643,7 @@ def test_headless_chromium_draws_every_plot(html_page, seeded, report):
     assert not [group for group in census.data_vertices if group.endswith(f"-{idle}")]  # nothing to draw
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/ensure-chromium.sh installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it: scripts/ensure-apt.sh)")
 def test_headless_chromium_paints_the_series_colours(html_page, tmp_path):
     import matplotlib.image
 
