@@ -26,6 +26,10 @@ class Calibration:
     def n_reference(self) -> int:
         return self.reference.shape[0]
 
+    def rows(self, layer_rows: list[int]) -> Calibration:
+        """The calibration of these rows of the layer axis only, in this order."""
+        return Calibration(self.mean[layer_rows], self.std[layer_rows], self.reference[:, layer_rows])
+
 
 def fit_calibration(reference_scores: torch.Tensor) -> Calibration:
     """Reference scores [n_texts, n_layers, n_concepts] from neutral text -> Calibration."""

@@ -83,3 +83,18 @@ def test_a_refit_replays_the_cached_control_answers_and_matches_generating_them(
     # z units: replay and KV-cached decoding differ only by float rounding.
     torch.testing.assert_close(replayed_residual, generated_residual, atol=1e-3, rtol=0)
     assert torch.equal(replayed_text, generated_text)
+
+
+@pytest.mark.model
+def test_the_text_signal_read_to_the_primary_layers_only_equals_a_full_read(model, bank):
+    """The serving path re-reads answers only as deep as the deepest primary layer; that must
+    give the same z-scores as reading every layer and picking each concept's primary one."""
+    from probes.calibration import z_scores
+    from workers.concepts import per_text_scores
+    from workers.divergence import primary, text_signals
+
+    texts = ["I doubt this will ever work out; it never does.", "Use a list comprehension in Python.",
+             "Sure! Here is a short, friendly answer."]
+    assert max(bank.auto_layers.values()) < max(bank.layers)  # so the shortcut is exercised
+    full = primary(bank, z_scores(bank.calibration, per_text_scores(model, texts, bank.directions, bank.layers)))
+    torch.testing.assert_close(text_signals(model, bank, texts), full, atol=1e-6, rtol=0)

@@ -103,6 +103,23 @@ def test_no_hook_survives_a_request_even_when_it_raises(model, prompt_ids, all_l
     assert live_hook_count(model) == 0
 
 
+def test_a_read_stopped_after_its_deepest_layer_captures_what_a_full_pass_does(model, prompt_ids):
+    """`stop_after` ends the pass early (no logits): the captured residuals are those of a full
+    forward pass, no hook outlives the read, and the next generation is unaffected."""
+    before = generate(model, prompt_ids, SamplingConfig(max_new_tokens=6))
+    tokens = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        full, stopped = ResidualCapture([3, 11]), ResidualCapture([3, 11])
+        with hooked(model, capture=full):
+            logits = model.bridge.forward(tokens)
+        with hooked(model, capture=stopped, stop_after=11):
+            assert model.bridge.forward(tokens) is None  # ended before the unembedding
+    assert logits.shape[:2] == tokens.shape  # a full pass, for comparison
+    assert torch.equal(stopped.stacked(), full.stacked())
+    assert live_hook_count(model) == 0
+    assert generate(model, prompt_ids, SamplingConfig(max_new_tokens=6)).output_ids == before.output_ids
+
+
 @pytest.mark.parametrize("steer, message", [
     (Steering(layer=3, delta=torch.ones(7)), "dimension 7 but the model's d_model is 576"),
     (Steering(layer=3, delta=torch.zeros(576)), "zero vector"),

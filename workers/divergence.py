@@ -31,9 +31,15 @@ def residual_signal(bank: ConceptBank, scores: RequestScores) -> torch.Tensor:
 
 
 def text_signals(model: LoadedModel, bank: ConceptBank, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """[n_texts, n_concepts]: each completion re-read alone."""
-    raw = per_text_scores(model, texts, bank.directions, bank.layers, batch_size)  # [N, L, K]
-    return primary(bank, z_scores(bank.calibration, raw))
+    """[n_texts, n_concepts]: each completion re-read alone.
+
+    Only the concepts' primary layers are read, so the re-read (on the serving path, once per
+    finished batch) stops at the deepest of them instead of running the whole model."""
+    layers = sorted({bank.auto_layers[name] for name in bank.names})
+    rows = [bank.layers.index(layer) for layer in layers]
+    raw = per_text_scores(model, texts, bank.directions[rows], layers, batch_size)  # [N, n_primary_layers, K]
+    z = z_scores(bank.calibration.rows(rows), raw)
+    return z[:, [layers.index(bank.auto_layers[name]) for name in bank.names], torch.arange(len(bank.names))]
 
 
 # Greedy answers to the control prompts depend on the model, the prompts and the length only, not

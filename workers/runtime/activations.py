@@ -86,7 +86,8 @@ def run_batches(
     results: list[torch.Tensor | None] = [None] * len(texts)
     for batch in length_sorted_batches(encoded, batch_size, pad_id, model.device):
         capture = ResidualCapture(layers)
-        with hooked(model, capture=capture):
+        # No logits are read: the pass ends at the deepest captured layer.
+        with hooked(model, capture=capture, stop_after=max(layers)):
             # Right padding needs no attention mask in a causal model: real tokens never
             # attend to the pads after them, and padded positions are dropped by `reduce`.
             model.bridge.forward(batch.input_ids, return_type=None)

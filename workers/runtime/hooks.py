@@ -51,6 +51,15 @@ class ResidualCapture:
         return torch.stack([torch.cat(self._chunks[layer], dim=1) for layer in self.layers])
 
 
+class StopForward(Exception):
+    """Raised by the hook after the deepest layer a read needs: the blocks above it, the final
+    norm and the unembedding would compute nothing anyone reads. `hooked` swallows it."""
+
+
+def _stop(resid: torch.Tensor, hook) -> None:
+    raise StopForward
+
+
 def steering_hook(steering: Steering, tracker: PositionTracker):
     def steer(resid: torch.Tensor, hook) -> torch.Tensor:
         return apply_steering(resid, steering, tracker.offset)
@@ -64,15 +73,24 @@ def hooked(
     capture: ResidualCapture | None = None,
     steering: Sequence[Steering] = (),
     tracker: PositionTracker | None = None,
+    stop_after: int | None = None,
 ) -> Iterator[PositionTracker]:
-    """Attach steering then capture hooks; all are removed on exit, also when the body raises."""
+    """Attach steering then capture hooks; all are removed on exit, also when the body raises.
+
+    `stop_after`: end the forward pass once this layer's residual has been read (and captured),
+    for reads that need no logits; the body's forward call then returns early, without output."""
     tracker = tracker or PositionTracker()
     fwd_hooks = [(model.hook_name(s.layer), steering_hook(s, tracker)) for s in steering]
     if capture is not None:
         fwd_hooks += [(model.hook_name(layer), capture.hook_for(layer)) for layer in capture.layers]
+    if stop_after is not None:
+        fwd_hooks.append((model.hook_name(stop_after), _stop))  # after the capture at that layer
     # bridge.hooks removes exactly the hooks it added in its own `finally`.
     with model.bridge.hooks(fwd_hooks=fwd_hooks):
-        yield tracker
+        try:
+            yield tracker
+        except StopForward:
+            pass
 
 
 def live_hook_count(model) -> int:

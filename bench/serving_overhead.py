@@ -1,0 +1,106 @@
+"""Where a worker's time goes, in one process: the same greedy chat completion three ways.
+
+    python bench/serving_overhead.py                    # 20 prompts x 2 passes, 32 new tokens
+
+- `plain`: `Engine.generate`, the single-sequence monitored loop (service_latency's baseline);
+- `model_thread`: through the worker's model thread (continuous batching, a batch of one here),
+  divergence flags off;
+- `model_thread+flags`: the same with divergence flags on, i.e. each answer also re-read alone
+  for its text signal.
+
+The three run interleaved prompt by prompt, so a change in machine load hits all of them alike.
+Same greedy requests, so the texts must be equal (checked). The database is a throwaway SQLite
+file; nothing here touches Redis or Postgres, so what the service adds on top (HTTP, queues,
+writes) is service_latency's ratio divided by this one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, write_result  # noqa: E402
+from service_latency import PROMPTS, WARM_UP  # noqa: E402
+
+MODES = ("plain", "model_thread", "model_thread+flags")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use only the first N prompts")
+    args = parser.parse_args()
+
+    from auditor.settings import Settings
+    from workers.runtime.generate import SamplingConfig
+    from workers.service import Runtime
+
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="auditor-overhead-"))
+    settings = Settings(data_dir=REPO / ".auditor", database_url=f"sqlite:///{workdir / 'auditor.db'}",
+                        divergence_flags=True)
+    from auditor.db import run_migrations
+
+    run_migrations(settings.database_url)
+    runtime = Runtime(settings)
+    runtime.model_thread.call(runtime.warm_up).result()  # model, bank, calibration, divergence thresholds
+    bank = runtime.bank()
+    sampling = SamplingConfig(max_new_tokens=args.max_tokens)
+    print(f"warm-up: {time.perf_counter() - started:.1f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    def ask(mode: str, prompt: str) -> tuple[float, str, int]:
+        messages = [{"role": "user", "content": prompt}]
+        settings.divergence_flags = mode == "model_thread+flags"
+        began = time.perf_counter()
+        if mode == "plain":
+            result = runtime.engine.generate(messages, sampling, bank=bank)
+            text, flagged = result.text, 0
+        else:
+            served = runtime.model_thread.generate(messages, sampling, chat=True).result()
+            text, flagged = served.text, int(served.text_z is not None)
+        return time.perf_counter() - began, text, flagged
+
+    for mode in MODES:
+        ask(mode, WARM_UP)
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    reread = 0
+    mismatches = 0
+    for repeat in range(args.repeats):
+        for prompt in PROMPTS[: args.prompts]:
+            texts = []
+            for mode in MODES:
+                took, text, flagged = ask(mode, prompt)
+                seconds[mode].append(took)
+                texts.append(text)
+                reread += flagged
+            mismatches += len(set(texts)) > 1
+        print(f"pass {repeat + 1}/{args.repeats} done", flush=True)
+
+    p50 = {mode: float(np.median(values)) for mode, values in seconds.items()}
+    result = {
+        "prompts": args.prompts, "repeats": args.repeats, "max_tokens": args.max_tokens,
+        "p50_s": {mode: round(value, 4) for mode, value in p50.items()},
+        "model_thread_over_plain_p50": round(p50["model_thread"] / p50["plain"], 3),
+        "flags_over_model_thread_p50": round(p50["model_thread+flags"] / p50["model_thread"], 3),
+        "flags_over_plain_p50": round(p50["model_thread+flags"] / p50["plain"], 3),
+        "answers_reread": reread, "text_mismatches": mismatches,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path = write_result("serving_overhead", result)
+    for mode in MODES:
+        print(f"{mode:>20}: p50 {1000 * p50[mode]:7.0f} ms")
+    print({k: v for k, v in result.items() if k.endswith("_p50") or k in ("answers_reread", "text_mismatches")})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
