@@ -8,6 +8,10 @@
 - `model_thread+flags`: the same with divergence flags on, i.e. each answer also re-read alone
   for its text signal.
 
+Then the re-read alone, on each of those answers one at a time (as a batch of one is re-read):
+`workers.divergence.text_signals`, which reads only as deep as the deepest primary layer,
+against a read of the whole model (every layer, through the unembedding), as it was before.
+
 The three run interleaved prompt by prompt, so a change in machine load hits all of them alike.
 Same greedy requests, so the texts must be equal (checked). The database is a throwaway SQLite
 file; nothing here touches Redis or Postgres, so what the service adds on top (HTTP, queues,
@@ -30,6 +34,33 @@ from common import REPO, write_result  # noqa: E402
 from service_latency import PROMPTS, WARM_UP  # noqa: E402
 
 MODES = ("plain", "model_thread", "model_thread+flags")
+
+
+def full_depth_read(model, text: str) -> None:
+    """The re-read as it was: every layer captured, the forward pass run to the logits."""
+    import torch
+
+    from workers.runtime.activations import tokenize_texts
+    from workers.runtime.hooks import ResidualCapture, hooked
+
+    ids = torch.tensor(tokenize_texts(model, [text]), device=model.device)
+    with torch.inference_mode(), hooked(model, capture=ResidualCapture(range(model.n_layers))):
+        model.bridge.forward(ids)
+
+
+def reread_seconds(runtime, bank, answers: list[str]) -> dict[str, float]:
+    """p50 seconds to re-read one answer: the serving path's text signal vs a full-depth read."""
+    from workers.divergence import text_signals
+
+    model = runtime.engine.model
+    timings: dict[str, list[float]] = {"primary_layers_only": [], "full_depth": []}
+    for text in answers:
+        for name, read in (("primary_layers_only", lambda: text_signals(model, bank, [text])),
+                           ("full_depth", lambda: full_depth_read(model, text))):
+            began = time.perf_counter()
+            runtime.model_thread.call(read).result()
+            timings[name].append(time.perf_counter() - began)
+    return {name: float(np.median(values)) for name, values in timings.items()}
 
 
 def main() -> None:
@@ -71,8 +102,9 @@ def main() -> None:
     for mode in MODES:
         ask(mode, WARM_UP)
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
-    reread = 0
+    rereads = 0
     mismatches = 0
+    answers: list[str] = []
     for repeat in range(args.repeats):
         for prompt in PROMPTS[: args.prompts]:
             texts = []
@@ -80,9 +112,11 @@ def main() -> None:
                 took, text, flagged = ask(mode, prompt)
                 seconds[mode].append(took)
                 texts.append(text)
-                reread += flagged
+                rereads += flagged
             mismatches += len(set(texts)) > 1
+            answers.append(texts[0])
         print(f"pass {repeat + 1}/{args.repeats} done", flush=True)
+    reread = reread_seconds(runtime, bank, [a for a in answers if a.strip()])
 
     p50 = {mode: float(np.median(values)) for mode, values in seconds.items()}
     result = {
@@ -91,7 +125,9 @@ def main() -> None:
         "model_thread_over_plain_p50": round(p50["model_thread"] / p50["plain"], 3),
         "flags_over_model_thread_p50": round(p50["model_thread+flags"] / p50["model_thread"], 3),
         "flags_over_plain_p50": round(p50["model_thread+flags"] / p50["plain"], 3),
-        "answers_reread": reread, "text_mismatches": mismatches,
+        "answers_reread": rereads, "text_mismatches": mismatches,
+        "reread_one_answer_p50_s": {name: round(value, 4) for name, value in reread.items()},
+        "primary_layers": sorted(set(bank.auto_layers.values())),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -99,6 +135,8 @@ def main() -> None:
     for mode in MODES:
         print(f"{mode:>20}: p50 {1000 * p50[mode]:7.0f} ms")
     print({k: v for k, v in result.items() if k.endswith("_p50") or k in ("answers_reread", "text_mismatches")})
+    print(f"re-reading one answer, p50: {1000 * reread['primary_layers_only']:.0f} ms to the deepest primary layer "
+          f"{max(bank.auto_layers.values())}, {1000 * reread['full_depth']:.0f} ms through the whole model")
     print(f"written {path}")
 
 

@@ -152,6 +152,12 @@ class Runtime:
         self._divergence = (bank, thresholds)
         return thresholds
 
+    def fitted_divergence_thresholds(self, bank: ConceptBank) -> DivergenceThresholds | None:
+        """The thresholds already fitted for `bank`, if any; never fits (any thread may ask)."""
+        if self._divergence is not None and self._divergence[0] is bank:
+            return self._divergence[1]
+        return None
+
     def _calibrate(self, session, bank: ConceptBank, target_fpr: float | None = None) -> int:
         calibrate_bank(self.engine.model, bank, self.reference_texts, self.settings.batch_size)
         rows = save_calibration(session, bank, reference_hash(self.reference_texts),
@@ -203,7 +209,7 @@ def record_metrics(runtime: "Runtime", bank: ConceptBank, scores: RequestScores)
         return
     # The alert threshold fitted on answers to control prompts when there is one; otherwise the
     # neutral-text threshold (standalone text reads concepts differently from answers).
-    control = runtime._divergence[1] if runtime._divergence is not None and runtime._divergence[0] is bank else None
+    control = runtime.fitted_divergence_thresholds(bank)
     thresholds = runtime.thresholds(bank)
     samples = []
     for k, name in enumerate(bank.names):
