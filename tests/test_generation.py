@@ -112,9 +112,11 @@ def test_a_read_stopped_after_its_deepest_layer_captures_what_a_full_pass_does(m
         full, stopped = ResidualCapture([3, 11]), ResidualCapture([3, 11])
         with hooked(model, capture=full):
             logits = model.bridge.forward(tokens)
+        returned = []
         with hooked(model, capture=stopped, stop_after=11):
-            assert model.bridge.forward(tokens) is None  # ended before the unembedding
-    assert logits.shape[:2] == tokens.shape  # a full pass, for comparison
+            returned.append(model.bridge.forward(tokens))
+    assert returned == []  # the pass ended at layer 11: the forward call never returned
+    assert logits.shape[:2] == tokens.shape  # the full pass, for comparison
     assert torch.equal(stopped.stacked(), full.stacked())
     assert live_hook_count(model) == 0
     assert generate(model, prompt_ids, SamplingConfig(max_new_tokens=6)).output_ids == before.output_ids

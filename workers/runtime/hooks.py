@@ -78,7 +78,8 @@ def hooked(
     """Attach steering then capture hooks; all are removed on exit, also when the body raises.
 
     `stop_after`: end the forward pass once this layer's residual has been read (and captured),
-    for reads that need no logits; the body's forward call then returns early, without output."""
+    for reads that need no logits. The forward call then never returns: the rest of the `with`
+    body is skipped, so make the forward call its last statement."""
     tracker = tracker or PositionTracker()
     fwd_hooks = [(model.hook_name(s.layer), steering_hook(s, tracker)) for s in steering]
     if capture is not None:
