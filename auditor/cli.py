@@ -420,8 +420,8 @@ def run(
         if not settings.broker_url:
             from workers.inprocess import InProcessDispatcher
 
-            dispatcher = InProcessDispatcher(settings)
-            with err_console.status("loading the model, registering built-in concepts, calibrating…"):
+            with _step_bars() as progress:
+                dispatcher = InProcessDispatcher(settings, progress)
                 dispatcher.warm_up()
             from auditor import metrics
 
@@ -447,6 +447,24 @@ r = c.chat.completions.create(model='auditor', messages=[{{'role': 'user', 'cont
 print(r.choices[0].message.content, r.model_extra['auditor'])"
 """)
     uvicorn.run(application, host=host, port=port, log_level=log_level)
+
+
+@contextmanager
+def _step_bars():
+    """A StepProgress (workers.warmup) drawing one rich bar per long warm-up step, with counts,
+    elapsed time and the time left; the first line says what happens before the first bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), console=err_console, transient=False) as bars:
+        bars.console.print("loading the model, registering the built-in concepts, calibrating on ordinary answers "
+                           "(stored: later starts reuse it)")
+
+        def start(description: str, total: int):
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield start
 
 
 TOKEN_FILE = "admin-token"

@@ -193,6 +193,9 @@ class MonitoredRequest(Base):
     completion_sha256: Mapped[str | None] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     steered: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # How the answer was read: "ok", "insufficient_tokens" (too short: no flag, no alert),
+    # "calibrating" (served before thresholds existed), "off" (divergence flags disabled).
+    monitor_status: Mapped[str | None] = mapped_column(String(24))
 
 
 class RequestScore(Base):
@@ -218,8 +221,13 @@ class RequestScore(Base):
     mean: Mapped[float] = mapped_column(Double)
     max: Mapped[float] = mapped_column(Double)
     last: Mapped[float] = mapped_column(Double)
+    # Read against standalone neutral text (every layer): for comparing layers and texts.
     calibrated_z: Mapped[float | None] = mapped_column(Double)
     percentile: Mapped[float | None] = mapped_column(Double)
+    # Read against ordinary *answers of the same length* (primary layer only): what an alert
+    # means. An ordinary answer reads near 0 here; see probes/answer_null.py.
+    answer_z: Mapped[float | None] = mapped_column(Double)
+    answer_percentile: Mapped[float | None] = mapped_column(Double)
     n_tokens: Mapped[int] = mapped_column(Integer)
     trace: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 LE, n_tokens values
     # Copied from the request so time-range reports need no join.
@@ -270,6 +278,31 @@ class Calibration(Base):
     typical_norm: Mapped[float | None] = mapped_column(Double)  # median residual norm at this layer
     reference_set: Mapped[str] = mapped_column(String(64), default="neutral", server_default="neutral")
     reference_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of the reference texts
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AnswerCalibration(Base):
+    """The length-aware null of ordinary answers for one set of active concept versions
+    (probes.answer_null.LengthNull as JSON), with its family-wise thresholds. Fitted on the
+    control prompts' answers, or on the deployment's own recorded traffic over a window."""
+
+    __tablename__ = "answer_calibrations"
+    __table_args__ = (Index("ix_answer_calibrations_bank_created", "bank_key", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bank_key: Mapped[str] = mapped_column(String(64))  # sha256 of the concept versions read
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    concept_ids: Mapped[list[int]] = mapped_column(JSONType)  # in the null's concept order
+    source: Mapped[str] = mapped_column(String(16))  # "control" or "traffic"
+    window_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    window_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    n_answers: Mapped[int] = mapped_column(Integer)
+    target_fpr: Mapped[float] = mapped_column(Double)
+    confidence: Mapped[float] = mapped_column(Double)
+    min_tokens: Mapped[int] = mapped_column(Integer)
+    certified_length: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    null: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

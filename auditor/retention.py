@@ -129,7 +129,7 @@ def fold(session: Session, *, request_ids: Sequence[str]) -> list[dict[str, Any]
     at_primary = and_(Concept.id == RequestScore.concept_id, Concept.primary_layer == RequestScore.layer)
     scores = session.execute(
         select(MonitoredRequest.created_at, MonitoredRequest.model_id, RequestScore.concept_id,
-               RequestScore.layer, RequestScore.mean, RequestScore.calibrated_z)
+               RequestScore.layer, RequestScore.mean, RequestScore.answer_z)
         .join(MonitoredRequest, MonitoredRequest.id == RequestScore.request_id)
         .join(Concept, at_primary)
         .where(RequestScore.request_id.in_(request_ids))

@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
@@ -198,8 +198,19 @@ class AuditScore(BaseModel):
     mean: float
     max: float
     last: float
-    z: float | None
-    percentile: float | None
+    z: float | None = Field(description="against ordinary answers of the same length (primary layer only)")
+    percentile: float | None = Field(description="against ordinary answers of the same length (primary layer only)")
+    neutral_z: float | None = Field(description="against standalone neutral text (every layer)")
+    neutral_percentile: float | None
+
+
+class AuditFlag(BaseModel):
+    concept: str
+    kind: str = Field(description="hidden / surface (divergence flags) or threshold (concept-score alert)")
+    residual_z: float
+    text_z: float | None
+    threshold: float
+    reason: str
 
 
 class AuditRead(BaseModel):
@@ -208,7 +219,10 @@ class AuditRead(BaseModel):
     error: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    monitor_status: str | None = Field(description="ok, insufficient_tokens, calibrating or off")
     scores: list[AuditScore]
+    flags: list[AuditFlag]
+    alerts: list[AuditFlag]
 
 
 # ---- admin jobs: extraction from pairs, calibration ----
@@ -238,6 +252,42 @@ class CalibrationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", **FINITE)
 
     target_fpr: float | None = Field(None, gt=0, lt=1, description="default: the deployment's (0.01)")
+    source: Literal["control", "traffic"] = Field(
+        "control", description="control: the shipped control prompts' answers; traffic: this deployment's "
+        "own recorded answers in [since, until) (full privacy mode, unsteered)")
+    since: AwareDatetime | None = Field(None, description="start of the baseline window (source=traffic)")
+    until: AwareDatetime | None = Field(None, description="end of the baseline window; default now")
+
+    @model_validator(mode="after")
+    def _window(self) -> "CalibrationCreate":
+        if self.source == "traffic" and self.since is None:
+            raise ValueError("source=traffic needs `since` (the start of the baseline window)")
+        if self.source == "control" and (self.since is not None or self.until is not None):
+            raise ValueError("`since` / `until` apply to source=traffic only")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError("`since` must be before `until`")
+        return self
+
+
+class AnswerCalibrationRead(BaseModel):
+    """A null of ordinary answers: what every generated and audited answer is read against."""
+
+    id: int
+    in_force: bool = Field(description="the one the active concepts are read against now")
+    source: str
+    window_start: datetime | None
+    window_end: datetime | None
+    concepts: list[str]
+    n_answers: int = Field(description="answers at the shortest flagged length")
+    target_fpr: float
+    confidence: float = Field(description="probability, over the draw of the answers, that the rate holds")
+    min_tokens: int = Field(description="shorter answers are marked insufficient_tokens, never flagged")
+    certified_length: int = Field(description="longer answers are read at this length")
+    divergence_achieved_fpr: float = Field(description="worst length's share of these answers with any flag")
+    divergence_upper_95: float = Field(description="Clopper-Pearson 95 % upper bound on it")
+    alert_achieved_fpr: float
+    alert_upper_95: float
+    created_at: datetime
 
 
 class JobAccepted(BaseModel):

@@ -57,7 +57,18 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(16, ge=1, le=256, description="requests generated together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill")
     divergence_flags: bool = Field(True, description="flag requests whose internals and text disagree")
-    control_max_tokens: int = Field(32, ge=4, le=512, description="answer length when calibrating on control prompts")
+    # Calibration against ordinary answers (probes/answer_null.py, README "Monitoring"): the
+    # control prompts' answers up to this many tokens give the null at every length up to it.
+    control_max_tokens: int = Field(128, ge=4, le=512, description="longest control answer calibrated on (tokens)")
+    control_limit: int = Field(0, ge=0, description="use only the first N control prompts; 0 = all (tests, quick drills)")
+    control_cache_dir: Path = Field(
+        Path.home() / ".cache" / "auditor" / "control",
+        description="generated control answers and their per-concept traces, reused across restarts",
+    )
+    min_flag_tokens: int = Field(4, ge=1, le=512, description="answers shorter than this get no flag or alert, only "
+                                 "the 'insufficient_tokens' marker")
+    calibration_confidence: float = Field(0.9, gt=0, lt=1, description="probability that the false-alarm rate "
+                                          "on ordinary traffic is at most target_fpr, over the draw of the control set")
     drift_interval_seconds: float = Field(60.0, ge=0, description="how often drift is exported; 0 = never")
     drift_recent_minutes: float = Field(60.0, gt=0, description="recent traffic window for drift")
     drift_baseline_minutes: float = Field(1440.0, gt=0, description="baseline window just before it")
@@ -65,7 +76,9 @@ class Settings(BaseSettings):
         "", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.\-]*:-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)$",
         description="drills only: 'concept:alpha' steers every generation (α relative to the layer's "
         "typical norm), as a tampered serving pipeline would; the monitor must flag it")
-    target_fpr: float = Field(0.01, gt=0, lt=1, description="alert thresholds sit at this false-positive rate")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="per-request false-alarm budget: the share of ordinary "
+                              "requests raising any divergence flag (all concepts, both kinds), and separately any "
+                              "concept-score alert")
 
     # ---- retention (auditor/retention.py): old requests become daily rollups, then go ----
     # Requests older than `retention_days` are folded into `daily_rollups` (per UTC day, serving

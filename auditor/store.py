@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from auditor import privacy
 from auditor.models import (
+    AnswerCalibration,
     CONCEPT_SOURCES,
     FLAG_KINDS,
     JOB_KINDS,
@@ -354,6 +355,7 @@ def mark_request(
     decode_seconds: float | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    monitor_status: str | None = None,
 ) -> MonitoredRequest:
     """Move a request to `status`, stamping started_at / finished_at, and record whatever
     results are given (None leaves a field as it was)."""
@@ -384,6 +386,7 @@ def mark_request(
         "decode_seconds": decode_seconds,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
+        "monitor_status": monitor_status,
     }
     for field, value in updates.items():
         if value is not None:
@@ -394,16 +397,17 @@ def mark_request(
 # ---- scores ----
 
 SCORE_FIELDS = frozenset({
-    "concept_id", "layer", "mean", "max", "last", "calibrated_z", "percentile", "n_tokens", "trace",
+    "concept_id", "layer", "mean", "max", "last", "calibrated_z", "percentile", "answer_z",
+    "answer_percentile", "n_tokens", "trace",
 })  # fmt: skip
 ScoreRows = Sequence[Mapping[str, Any]]
 _COPY_COLUMNS = (
     "request_id", "concept_id", "layer", "mean", "max", "last",
-    "calibrated_z", "percentile", "n_tokens", "trace", "created_at",
+    "calibrated_z", "percentile", "answer_z", "answer_percentile", "n_tokens", "trace", "created_at",
 )  # fmt: skip
 _COPY_TYPES = (
     "text", "int4", "int4", "float8", "float8", "float8",
-    "float8", "float8", "int4", "bytea", "timestamptz",
+    "float8", "float8", "float8", "float8", "int4", "bytea", "timestamptz",
 )  # fmt: skip
 
 
@@ -437,6 +441,8 @@ def _score_params(
                 "last": float(row["last"]),
                 "calibrated_z": _optional_float(row.get("calibrated_z")),
                 "percentile": _optional_float(row.get("percentile")),
+                "answer_z": _optional_float(row.get("answer_z")),
+                "answer_percentile": _optional_float(row.get("answer_percentile")),
                 "n_tokens": int(row["n_tokens"]),
                 "trace": _trace_bytes(row.get("trace")),
                 "created_at": created_at,
@@ -608,6 +614,60 @@ def latest_calibrations(
     )
     rows = session.scalars(select(Calibration).join(newest, Calibration.id == newest.c.id))
     return {(row.concept_id, row.layer): row for row in rows}
+
+
+def add_answer_calibration(
+    session: Session,
+    *,
+    bank_key: str,
+    model_fingerprint: str,
+    concept_ids: Sequence[int],
+    source: str,
+    null: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    window_start: datetime | None = None,
+    window_end: datetime | None = None,
+) -> AnswerCalibration:
+    """Store a length-aware null (probes.answer_null.null_to_dict) for one bank of concepts."""
+    _check_sha256("bank_key", bank_key)
+    _check_sha256("model_fingerprint", model_fingerprint)
+    _check_choice("source", source, ("control", "traffic"))
+    row = AnswerCalibration(
+        bank_key=bank_key, model_fingerprint=model_fingerprint, concept_ids=[int(i) for i in concept_ids],
+        source=source, window_start=window_start, window_end=window_end,
+        n_answers=int(summary["n_answers"]), target_fpr=float(null["target_fpr"]),
+        confidence=float(null["confidence"]), min_tokens=int(null["min_tokens"]),
+        certified_length=int(null["certified_length"]), summary=dict(summary), null=dict(null),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def latest_answer_calibration(session: Session, *, bank_key: str) -> AnswerCalibration | None:
+    """The newest length-aware null fitted for exactly this bank of concept versions."""
+    return session.scalar(
+        select(AnswerCalibration).where(AnswerCalibration.bank_key == bank_key)
+        .order_by(AnswerCalibration.id.desc()).limit(1)
+    )
+
+
+def replayable_requests(since: datetime, until: datetime, fingerprint: str | None = None):
+    """SELECT of the recorded answers a traffic calibration can replay, oldest first: finished,
+    unsteered, stored verbatim (full privacy mode), in [since, until)."""
+    query = select(MonitoredRequest).where(
+        MonitoredRequest.status == "done", MonitoredRequest.privacy_mode == "full",
+        MonitoredRequest.steered.is_(False), MonitoredRequest.completion_text.is_not(None),
+        MonitoredRequest.prompt_text.is_not(None),
+        MonitoredRequest.created_at >= since, MonitoredRequest.created_at < until,
+    )
+    if fingerprint is not None:
+        query = query.where(MonitoredRequest.model_fingerprint == fingerprint)
+    return query.order_by(MonitoredRequest.created_at)
+
+
+def newest_answer_calibration_id(session: Session) -> int | None:
+    return session.scalar(select(func.max(AnswerCalibration.id)))
 
 
 def newest_calibration_id(session: Session) -> int | None:

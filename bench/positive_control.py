@@ -2,8 +2,8 @@
 someone tampering with the pipeline would, must be flagged `hidden` at an α where the answer
 text barely changes.
 
-Thresholds are fitted on the 121 control prompts (probes/concepts/control_prompts.json) at the
-target FPR; everything reported here is measured on 40 held-out ordinary prompts that were never
+Thresholds are the deployment default: the null of ordinary answers fitted on the control prompts'
+answers (probes/concepts/control_prompts.json) at the target FPR, per request; everything reported here is measured on 40 held-out ordinary prompts that were never
 used to fit or tune anything. For each α (relative to the layer's typical residual norm) it
 reports the detection rate (steered answers flagged `hidden` for the steered concept), the
 false-positive rate on the same prompts unsteered (any flag, any concept), how much of the text
@@ -87,8 +87,12 @@ def main() -> None:
     runtime = Runtime(Settings(database_url=url, data_dir=common.REPO / ".auditor", target_fpr=args.target_fpr))
     runtime.model_thread.call(runtime.warm_up).result()
     bank = runtime.model_thread.call(runtime.bank).result()
-    thresholds = runtime.divergence_thresholds(bank)
+    null = runtime.model_thread.call(lambda: runtime.answer_null(bank)).result()
     k = bank.names.index(args.concept)
+
+    def text_z(served) -> float | None:
+        reading = served.verdict.reading
+        return None if reading is None or reading.text_z is None else float(reading.text_z[k])
 
     def serve(steer=()):
         sampling = SamplingConfig(max_new_tokens=args.max_tokens)
@@ -96,21 +100,21 @@ def main() -> None:
         return [f.result() for f in futures]
 
     def hidden(served) -> bool:
-        return any(f.kind == "hidden" and f.concept == k for f in served.flags)
+        return any(f.kind == "hidden" and f.concept == k for f in served.verdict.flags)
 
     baseline = serve()
-    false_positives = sum(bool(s.flags) for s in baseline)
-    base_text_z = [float(s.text_z[k]) if s.text_z is not None else None for s in baseline]
+    false_positives = sum(bool(s.verdict.flags) for s in baseline)
+    base_text_z = [text_z(s) for s in baseline]
     rows = []
     for alpha in args.alphas:
         steered = serve([SteerRequest(args.concept, alpha, relative=True)])
-        shifts = [float(s.text_z[k]) - b for s, b in zip(steered, base_text_z) if s.text_z is not None and b is not None]
+        shifts = [text_z(s) - b for s, b in zip(steered, base_text_z) if text_z(s) is not None and b is not None]
         rows.append({
             "alpha": alpha,
             "detection_rate": sum(hidden(s) for s in steered) / len(steered),
             "answers_changed": sum(s.text != b.text for s, b in zip(steered, baseline)) / len(steered),
             "mean_text_z_shift": sum(shifts) / len(shifts),
-            "mean_residual_z": sum(float(s.residual_z[k]) for s in steered) / len(steered),
+            "mean_residual_z": sum(float(s.verdict.reading.residual_z[k]) for s in steered) / len(steered),
             "example": steered[0].text,
         })
         print(f"α={alpha:<6} detected {rows[-1]['detection_rate']:.0%}  answers changed {rows[-1]['answers_changed']:.0%}  "
@@ -118,8 +122,7 @@ def main() -> None:
     visible = next((r["alpha"] for r in rows if r["mean_text_z_shift"] > 1.0), None)
     summary = {
         "concept": args.concept,
-        "n_control": thresholds.n_control,
-        "achieved_fpr_on_control": float(thresholds.achieved_fpr[k]),
+        "null": null.summary(),
         "held_out_prompts": len(HELD_OUT),
         "held_out_false_positive_rate": false_positives / len(HELD_OUT),
         "alpha_text_visibly_changes": visible,

@@ -9,7 +9,7 @@
   for its text signal.
 
 Then the re-read alone, on each of those answers one at a time (as a batch of one is re-read):
-`workers.divergence.text_signals`, which reads only as deep as the deepest primary layer,
+`workers.control.text_means`, which reads only as deep as the deepest primary layer,
 against a read of the whole model (every layer, through the unembedding), as it was before.
 
 The three run interleaved prompt by prompt, so a change in machine load hits all of them alike.
@@ -50,12 +50,13 @@ def full_depth_read(model, text: str) -> None:
 
 def reread_seconds(runtime, bank, answers: list[str]) -> dict[str, float]:
     """p50 seconds to re-read one answer: the serving path's text signal vs a full-depth read."""
-    from workers.divergence import text_signals
+    from workers.control import text_means
 
     model = runtime.engine.model
     timings: dict[str, list[float]] = {"primary_layers_only": [], "full_depth": []}
     for text in answers:
-        for name, read in (("primary_layers_only", lambda: text_signals(model, bank, [text])),
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for name, read in (("primary_layers_only", lambda: text_means(model, bank, [ids])),
                            ("full_depth", lambda: full_depth_read(model, text))):
             began = time.perf_counter()
             runtime.model_thread.call(read).result()

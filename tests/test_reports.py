@@ -139,8 +139,9 @@ def _score_rows(seeded: Seeded, request_id: str, scores: dict[tuple[str, int], f
             # Off the primary layer an absurd value: any report that reads it is visibly wrong.
             value = raw if layer == primary else 5.0
             rows.append({"concept_id": seeded.concept_ids[concept], "layer": layer, "mean": value,
-                         "max": value, "last": value, "calibrated_z": z if layer == primary else 99.0,
-                         "percentile": None, "n_tokens": 7})
+                         "max": value, "last": value, "answer_z": z if layer == primary else None,
+                         # The neutral-text z is another scale: reports must not read it.
+                         "calibrated_z": 99.0, "percentile": None, "n_tokens": 7})
     return rows
 
 
@@ -245,11 +246,13 @@ def test_summary_counts_and_means_equal_the_seeded_values(report, seeded):
     assert summary[PESSIMISM_V1].requests == N_MODEL_A and summary[FORMALITY].requests == N_MODEL_B
     # Uncalibrated rows count as requests but not in the z statistics.
     assert len(seeded.z_values("recent", FORMALITY)) == N_MODEL_B - UNCALIBRATED
-    # The newest calibration's threshold, compared with raw scores, strictly above.
+    # Alerts: the share of requests that crossed the concept's alert (its `threshold` flags); the
+    # threshold itself depends on each answer's length, so there is no single one to show.
     p1 = summary[PESSIMISM_V1]
-    assert p1.threshold == THRESHOLD
-    assert p1.above_threshold_rate == pytest.approx((seeded.raw_values("recent", PESSIMISM_V1) > THRESHOLD).mean())
-    assert summary[FORMALITY].threshold is None and summary[FORMALITY].above_threshold_rate is None
+    assert p1.threshold is None and p1.above_threshold_rate == 0.0
+    formality = summary[FORMALITY]
+    alerted = seeded.flagged_ids("recent", FORMALITY, "threshold")
+    assert alerted and formality.above_threshold_rate == pytest.approx(len(alerted) / formality.requests)
     # A request flagged both hidden and surface counts once in the total, once per kind.
     hidden, surface = (seeded.flagged_ids("recent", PESSIMISM_V1, kind) for kind in ("hidden", "surface"))
     assert hidden & surface, "the seed should include a request flagged twice"

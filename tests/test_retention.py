@@ -122,7 +122,8 @@ def _seed(url: str) -> Seeded:
                 for layer in layers:
                     value = score if layer == primary else 5.0
                     rows.append({"concept_id": seeded.concept_ids[name], "layer": layer, "mean": value, "max": value,
-                                 "last": value, "calibrated_z": z if layer == primary else 99.0, "percentile": None,
+                                 "last": value, "answer_z": z if layer == primary else None,
+                                 "calibrated_z": 99.0, "percentile": None,
                                  "n_tokens": 4, "trace": [value] * 4 if i % 5 == 0 else None})
             store.insert_scores(session, request_id=rid, rows=rows)
             for name, kind, layer in _flags_for(i):

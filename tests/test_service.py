@@ -56,10 +56,9 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
     env = {**os.environ, "AUDITOR_DATABASE_URL": db_url, "AUDITOR_BROKER_URL": broker,
            "AUDITOR_DATA_DIR": str(data_dir), "AUDITOR_TORCH_THREADS": "2",
            "AUDITOR_WORKER_METRICS_PORT": str(metrics_port),
-           # Short control answers: these tests check plumbing, not flag quality, and the fit
-           # on 121 control prompts dominated the module's time (tests/test_monitoring.py
-           # checks thresholds fitted at full length).
-           "AUDITOR_CONTROL_MAX_TOKENS": "8"}
+           # Short control answers, and only as many as a 1 % promise needs (230): these tests
+           # check plumbing, not flag quality (tests/test_monitoring.py fits the full set).
+           "AUDITOR_CONTROL_MAX_TOKENS": "8", "AUDITOR_CONTROL_LIMIT": "240"}
     # The log goes to a file: an unread pipe fills up and blocks the worker on its next write.
     log_path = tmp_path_factory.mktemp("worker-log") / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
@@ -144,7 +143,26 @@ def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(servic
 def test_plain_completion_reads_the_prompt_as_raw_text(client):
     response = client.completions.create(model="auditor", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in response.choices[0].text
-    assert response.model_extra["auditor"]["scores"]["pessimism"]["layer"] >= 0
+    auditor = response.model_extra["auditor"]
+    assert auditor["monitor"]["status"] == "ok" and auditor["monitor"]["tokens"] == 5
+    assert auditor["monitor"]["reference"] == "ordinary answers of the same length"
+    pessimism = auditor["scores"]["pessimism"]
+    # Two references, named apart: z against ordinary answers, neutral_z against neutral text.
+    assert pessimism["layer"] >= 0 and pessimism["z"] is not None and pessimism["neutral_z"] is not None
+    assert pessimism["z"] != pessimism["neutral_z"] and 0 <= pessimism["percentile"] <= 1
+    assert auditor["flags"] == [] and auditor["alerts"] == []
+
+
+def test_a_one_token_answer_is_marked_insufficient_and_never_flagged(service, client):
+    response = client.chat.completions.create(model="auditor", max_tokens=1, temperature=0,
+                                              messages=[{"role": "user", "content": "Say one word."}])
+    auditor = response.model_extra["auditor"]
+    assert auditor["monitor"]["status"] == "insufficient_tokens"
+    assert auditor["flags"] == [] and auditor["alerts"] == []
+    sessions = session_factory(make_engine(service["db_url"]))
+    with sessions() as session:
+        row = session.get(MonitoredRequest, response.id)
+    assert row.monitor_status == "insufficient_tokens"
 
 
 def test_unknown_model_and_streaming_get_clear_4xx(client):
@@ -217,7 +235,7 @@ def test_readiness_sees_the_database_the_broker_and_a_live_worker(service):
     ready = httpx.get(service["base_url"] + "/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
-    assert checks["database"] == "ok" and checks["broker"] == "ok" and checks["workers"] == "ok (1 live)"
+    assert checks["database"] == "ok" and checks["broker"] == "ok" and checks["workers"] == "ok (1 ready of 1 live)"
 
 
 def test_a_request_for_an_unknown_concept_gets_a_clear_4xx(client):
@@ -286,10 +304,16 @@ def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(serv
     result = job["result"]
     assert result["target_fpr"] == 0.05 and result["n_reference"] > 100
     for name, row in result["concepts"].items():
-        assert 0 < row["achieved_fpr"] <= 0.05, (name, row)
+        assert 0 < row["neutral_achieved_fpr"] <= 0.05, (name, row)
+    # The null of ordinary answers, refitted at the same target: its own answers within it.
+    assert result["source"] == "control" and result["n_answers"] >= 230
+    assert result["divergence_achieved_fpr"] <= 0.05 and result["alert_achieved_fpr"] <= 0.05
+    answers = http.get("/admin/calibrations/answers").json()
+    assert answers[0]["id"] == result["answer_calibration_id"] and answers[0]["in_force"]
+    assert answers[0]["target_fpr"] == 0.05 and answers[0]["divergence_upper_95"] > answers[0]["divergence_achieved_fpr"]
     listed = {row["concept"]: row for row in http.get("/admin/calibrations").json()}
     assert set(listed) >= {"pessimism", "formality", "gloom_from_pairs"}
-    assert listed["pessimism"]["threshold"] == pytest.approx(result["concepts"]["pessimism"]["threshold"])
+    assert listed["pessimism"]["threshold"] == pytest.approx(result["concepts"]["pessimism"]["neutral_threshold"])
     assert listed["pessimism"]["target_fpr"] == 0.05 and listed["pessimism"]["primary"]
 
     # A fresh process reads the stored calibration back instead of recomputing it, and it is
@@ -303,6 +327,48 @@ def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(serv
     local = engine.bank()
     assert float(bank.calibration.mean[li, k]) == pytest.approx(float(local.calibration.mean[li, local.names.index("pessimism")]), abs=1e-5)
     assert bank.typical_norms[15] == pytest.approx(local.typical_norms[15], rel=1e-4)
+
+
+def test_recalibration_from_recorded_traffic_replays_the_window_and_is_read_from_then_on(service, client):
+    """POST /admin/calibrations with source=traffic: the answers recorded in the window (here
+    planted as rows, as the API records them in full mode) are replayed and become the null."""
+    from datetime import datetime, timedelta, timezone
+
+    from auditor import store
+
+    http = service["http"]
+    now = datetime.now(timezone.utc)
+    since = (now - timedelta(hours=2)).isoformat()
+    too_few = http.post("/admin/calibrations", json={"source": "traffic", "since": since, "target_fpr": 0.05}, timeout=30)
+    assert too_few.status_code == 422 and "needs at least 45" in too_few.text, too_few.text
+    assert http.post("/admin/calibrations", json={"source": "traffic"}, timeout=30).status_code == 422  # no window
+
+    fingerprint = http.get("/v1/model").json()["fingerprint"]
+    sessions = session_factory(make_engine(service["db_url"]))
+    with sessions() as session:
+        for i in range(60):
+            messages = [{"role": "user", "content": f"Give me tip number {i} for a tidy desk."}]
+            request_id = f"chatcmpl-traffic-{i}"
+            store.create_request(session, request_id=request_id, kind="chat", prompt_text=messages[0]["content"],
+                                 params={"messages": messages}, model_fingerprint=fingerprint,
+                                 created_at=now - timedelta(minutes=90 - i))
+            store.mark_request(session, request_id=request_id, status="running")
+            store.mark_request(session, request_id=request_id, status="done", finish_reason="length",
+                               completion_text=f"Keep only what you use every day, and put item {i} away.")
+        session.commit()
+    job = _wait_for_job(http, http.post("/admin/calibrations", json={"source": "traffic", "since": since,
+                                                                     "target_fpr": 0.05}, timeout=30))
+    assert job["status"] == "done", job
+    assert job["result"]["source"] == "traffic" and job["result"]["n_answers"] >= 60
+    newest = http.get("/admin/calibrations/answers").json()[0]
+    assert newest["source"] == "traffic" and newest["in_force"] and newest["window_start"] is not None
+    # Answers are read against it from the next request on: the thresholds it stored apply.
+    response = client.chat.completions.create(model="auditor", max_tokens=6, temperature=0,
+                                              messages=[{"role": "user", "content": "Give me a tip for a tidy desk."}])
+    monitor = response.model_extra["auditor"]["monitor"]
+    assert monitor["status"] == "ok" and monitor["target_fpr"] == 0.05
+    # Put the control-answer null back for the tests after this one.
+    assert _wait_for_job(http, http.post("/admin/calibrations", json={}, timeout=30))["status"] == "done"
 
 
 def test_worker_and_api_export_prometheus_metrics_for_real_traffic(service, client):

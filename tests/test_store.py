@@ -41,7 +41,7 @@ FINGERPRINT = "ab" * 32
 EXPECTED_TABLES = {
     "alembic_version", "concepts", "concept_vectors", "monitored_requests",
     "request_scores", "flags", "calibrations", "jobs", "api_tokens", "admin_audit_log",
-    "daily_rollups",
+    "daily_rollups", "answer_calibrations",
 }  # fmt: skip
 EXPECTED_INDEXES = {
     "admin_audit_log": {"ix_admin_audit_log_at"},
@@ -50,6 +50,7 @@ EXPECTED_INDEXES = {
     "monitored_requests": {"ix_monitored_requests_created_at"},
     "calibrations": {"ix_calibrations_concept_layer_created"},
     "daily_rollups": {"ix_daily_rollups_concept_day"},
+    "answer_calibrations": {"ix_answer_calibrations_bank_created"},
 }
 
 

@@ -34,9 +34,9 @@ import torch
 
 from auditor import metrics
 from workers.concepts import ConceptBank
-from probes.divergence import Divergence, divergences
-from workers.divergence import residual_signal, text_signals
+from workers.divergence import Verdict, judge
 from workers.monitor import RequestScores, score_generation
+from workers.replay import encode_replay, replay_scores
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
 from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
 
@@ -72,9 +72,22 @@ class Served:
     text: str
     scores: RequestScores
     bank: ConceptBank
-    residual_z: torch.Tensor | None = None  # [n_concepts] at primary layers
-    text_z: torch.Tensor | None = None  # the completion re-read alone; None for an empty answer
-    flags: list[Divergence] = field(default_factory=list)
+    verdict: Verdict = field(default_factory=lambda: Verdict("calibrating"))
+
+    @property
+    def flags(self):
+        return self.verdict.flags
+
+
+@dataclass
+class Replayed:
+    """One audited (prompt, completion) replayed and read."""
+
+    scores: RequestScores
+    bank: ConceptBank
+    prompt_tokens: int
+    completion_tokens: int
+    verdict: Verdict = field(default_factory=lambda: Verdict("calibrating"))
 
 
 class ModelThread:
@@ -96,8 +109,8 @@ class ModelThread:
         return self._put(GenerationJob(prompt, chat, sampling, steer=list(steer)))
 
     def replay(self, items: list[dict]) -> Future:
-        """-> Future of a list with, per item, (scores, bank, prompt_tokens, completion_tokens)
-        or the exception that item alone raised."""
+        """-> Future of a list with, per item, a `Replayed` or the exception that item alone
+        raised."""
         return self._put(ReplayJob(items))
 
     def call(self, fn: Callable[[], Any]) -> Future:
@@ -200,34 +213,32 @@ class ModelThread:
             try:
                 text = model.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
                 scores = score_generation(bank, generation)
-                residual = residual_signal(bank, scores) if scores.z_mean is not None else None
-                served.append((job, Served(generation, text, scores, bank, residual)))
+                served.append((job, Served(generation, text, scores, bank)))
             except Exception as exc:
                 job.future.set_exception(exc)
-        try:
-            self._diverge([s for _, s in served])
-        except Exception:  # flags are extra: never lose the answers over them
-            log.exception("divergence check failed")
+        self._judge([(s, s.scores, s.generation.output_ids) for _, s in served])
         for job, result in served:
             job.future.set_result(result)
 
-    def _diverge(self, served: list[Served]) -> None:
-        readable = [s for s in served if s.text.strip() and s.residual_z is not None]
-        if not readable:
-            return
-        bank = readable[0].bank
-        thresholds = self.runtime.divergence_thresholds(bank)
-        if thresholds is None:
-            return
-        same_bank = [s for s in readable if s.bank is bank]  # a bank change mid-batch is rare: skip the rest
-        text_z = text_signals(self.runtime.engine.model, bank, [s.text for s in same_bank])
-        for s, t in zip(same_bank, text_z):
-            s.text_z = t
-            s.flags = divergences(s.residual_z, t, thresholds, bank.names)
+    def _judge(self, answers: list[tuple[Any, RequestScores, list[int]]]) -> None:
+        """Read each answer against ordinary answers of its length (flags and alerts), all of
+        this step's answers in one re-read. Sets `.verdict` on each holder."""
+        by_bank: dict[int, list] = {}
+        for holder, scores, output_ids in answers:
+            by_bank.setdefault(id(holder.bank), []).append((holder, scores, output_ids))
+        for group in by_bank.values():
+            bank = group[0][0].bank
+            try:
+                null = self.runtime.answer_null(bank)
+                verdicts = judge(self.runtime.engine.model, bank, null, [(s, ids) for _, s, ids in group],
+                                 enabled=self.runtime.settings.divergence_flags)
+            except Exception:  # flags are extra: never lose the answers over them
+                log.exception("divergence check failed")
+                continue
+            for (holder, _, _), verdict in zip(group, verdicts):
+                holder.verdict = verdict
 
     def _replay(self, jobs: list[ReplayJob]) -> None:
-        from workers.service import encode_replay, replay_scores
-
         bank = self._bank()
         model = self.runtime.engine.model
         outcomes: list[list[Any]] = []
@@ -245,8 +256,14 @@ class ModelThread:
                 scores = replay_scores(model, bank, [encoded for _, _, encoded in chunk])
             except Exception as exc:
                 scores = [exc] * len(chunk)
+            replayed = []
             for (j, i, encoded), result in zip(chunk, scores):
-                outcomes[j][i] = result if isinstance(result, Exception) else (result, bank, len(encoded[0]), len(encoded[1]))
+                if isinstance(result, Exception):
+                    outcomes[j][i] = result
+                    continue
+                outcomes[j][i] = Replayed(result, bank, len(encoded[0]), len(encoded[1]))
+                replayed.append((outcomes[j][i], result, encoded[1]))
+            self._judge(replayed)
         for job, outcome in zip(jobs, outcomes):
             job.future.set_result(outcome)
 

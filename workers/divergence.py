@@ -1,23 +1,38 @@
-"""The two signals divergence flags compare (probes/divergence.py), measured on the model.
+"""Served and audited answers read against ordinary answers of the same length.
 
-Both are calibrated z-scores at each concept's primary layer, against the same neutral
-calibration: the residual signal from the monitored generation, the text signal from the
-completion re-read alone in a fresh context (no prompt, no steering), exactly as calibration
-texts are read.
+Each answer has two signals per concept at its primary layer: the *residual* mean cosine of its
+monitored generation (or teacher-forced replay), and the *text* mean cosine of its own tokens
+re-read alone (no prompt, no steering), read exactly as the control answers were
+(workers.control). probes.answer_null turns both into z against answers of the same length and
+applies the family-wise thresholds; probes.divergence words the flags.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from probes.calibration import z_scores
-from workers.concepts import ConceptBank, per_text_scores
-from workers.monitor import RequestScores, score_generation
-from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
-from workers.runtime.generate import SamplingConfig, encode_prompt
+from probes.answer_null import LengthNull, Reading
+from probes.divergence import Divergence, alerts, divergences
+from workers.concepts import ConceptBank
+from workers.control import content_ids, text_means
+from workers.monitor import RequestScores
 from workers.runtime.model import LoadedModel
+
+# How an answer was read (stored on the request, returned in `auditor.monitor`).
+OK, INSUFFICIENT, CALIBRATING, OFF = "ok", "insufficient_tokens", "calibrating", "off"
+
+
+@dataclass
+class Verdict:
+    """What the monitor concluded about one answer."""
+
+    status: str
+    reading: Reading | None = None
+    flags: list[Divergence] = field(default_factory=list)  # hidden / surface
+    alerts: list[Divergence] = field(default_factory=list)  # concept-score crossings
 
 
 def primary(bank: ConceptBank, per_layer: torch.Tensor) -> torch.Tensor:
@@ -26,71 +41,23 @@ def primary(bank: ConceptBank, per_layer: torch.Tensor) -> torch.Tensor:
     return per_layer[..., index, torch.arange(len(bank.names))]
 
 
-def residual_signal(bank: ConceptBank, scores: RequestScores) -> torch.Tensor:
-    return primary(bank, scores.z_mean)
-
-
-def text_signals(model: LoadedModel, bank: ConceptBank, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """[n_texts, n_concepts]: each completion re-read alone.
-
-    Only the concepts' primary layers are read, so the re-read (on the serving path, once per
-    finished batch) stops at the deepest of them instead of running the whole model."""
-    layers = sorted({bank.auto_layers[name] for name in bank.names})
-    rows = [bank.layers.index(layer) for layer in layers]
-    raw = per_text_scores(model, texts, bank.directions[rows], layers, batch_size)  # [N, n_primary_layers, K]
-    z = z_scores(bank.calibration.rows(rows), raw)
-    return z[:, [layers.index(bank.auto_layers[name]) for name in bank.names], torch.arange(len(bank.names))]
-
-
-# Greedy answers to the control prompts depend on the model, the prompts and the length only, not
-# on the concepts. Kept per process, so refitting after the active concepts change (a vector
-# registered, retired, recalibrated) replays them in one teacher-forced pass per batch instead of
-# generating every answer again: seconds, not a minute, before the next request is served.
-_CONTROL_ANSWERS: dict[tuple[str, tuple[str, ...], int], list[tuple[list[int], list[int], str]]] = {}
-
-
-def control_signals(model: LoadedModel, bank: ConceptBank, prompts: Sequence[str], max_new_tokens: int,
-                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy answers to ordinary prompts, generated in batches -> (residual, text) signals,
-    each [n_answers, n_concepts]. Empty answers are dropped (they have no text to re-read).
-    (Model thread only.)"""
-    key = (model.fingerprint.hash, tuple(prompts), max_new_tokens)
-    answers = _CONTROL_ANSWERS.get(key)
-    if answers is None:
-        answers, residual = _generate_answers(model, bank, prompts, max_new_tokens, batch_size)
-        _CONTROL_ANSWERS[key] = answers
-    else:
-        residual = _replayed_residual(model, bank, answers, batch_size)
-    return residual, text_signals(model, bank, [text for _, _, text in answers], batch_size)
-
-
-def _generate_answers(model: LoadedModel, bank: ConceptBank, prompts: Sequence[str], max_new_tokens: int,
-                      batch_size: int) -> tuple[list[tuple[list[int], list[int], str]], torch.Tensor]:
-    batch = BatchGenerator(model, bank.layers)
-    pending = [(i, SequenceRequest(encode_prompt(model, p), SamplingConfig(max_new_tokens=max_new_tokens)))
-               for i, p in enumerate(prompts)]
-    requests = dict(pending)
-    done = {}
-    while pending or len(batch):
-        room = batch_size - len(batch)
-        done.update(batch.add(pending[:room]))
-        pending = pending[room:]
-        done.update(batch.step())
-    answers, residual = [], []
-    for i in range(len(prompts)):
-        text = model.tokenizer.decode(done[i].output_ids, skip_special_tokens=True)
-        if text.strip():
-            answers.append((list(requests[i].prompt_ids), list(done[i].output_ids), text))
-            residual.append(residual_signal(bank, score_generation(bank, done[i])))
-    return answers, torch.stack(residual)
-
-
-def _replayed_residual(model: LoadedModel, bank: ConceptBank, answers: Sequence[tuple[list[int], list[int], str]],
-                       batch_size: int) -> torch.Tensor:
-    from workers.service import replay_scores  # the audit path's replay; imported late (cycle)
-
-    residual = []
-    for start in range(0, len(answers), batch_size):
-        chunk = [(prompt_ids, output_ids) for prompt_ids, output_ids, _ in answers[start:start + batch_size]]
-        residual += [residual_signal(bank, scores) for scores in replay_scores(model, bank, chunk)]
-    return torch.stack(residual)
+def judge(model: LoadedModel, bank: ConceptBank, null: LengthNull | None,
+          answers: Sequence[tuple[RequestScores, Sequence[int]]], enabled: bool = True,
+          batch_size: int = 16) -> list[Verdict]:
+    """(scores, output token ids) of answers scored against `bank` -> one verdict each. Every
+    answer's text is re-read in one batched pass (to the deepest primary layer only)."""
+    if not enabled:
+        return [Verdict(OFF) for _ in answers]
+    if null is None:
+        return [Verdict(CALIBRATING) for _ in answers]
+    texts = [content_ids(model, output_ids) for _, output_ids in answers]
+    readable = [i for i, tokens in enumerate(texts) if tokens]
+    text = dict(zip(readable, text_means(model, bank, [texts[i] for i in readable], batch_size))) if readable else {}
+    verdicts = []
+    for i, (scores, _) in enumerate(answers):
+        reading = null.read(primary(bank, scores.aggregates.mean), scores.aggregates.n_tokens, text.get(i))
+        if reading.status != OK:
+            verdicts.append(Verdict(reading.status, reading))
+            continue
+        verdicts.append(Verdict(OK, reading, divergences(reading, bank.names), alerts(reading, bank.names)))
+    return verdicts

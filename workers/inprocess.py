@@ -13,8 +13,8 @@ from workers import service
 
 
 class InProcessDispatcher:
-    def __init__(self, settings: Settings):
-        self.runtime = service.Runtime(settings)
+    def __init__(self, settings: Settings, progress=None):
+        self.runtime = service.Runtime(settings, progress)
         # Enough task threads to fill a batch, plus room for audits and admin jobs.
         self.pool = ThreadPoolExecutor(max_workers=settings.batch_max_size + 4, thread_name_prefix="auditor-task")
         self.tasks = {

@@ -15,7 +15,6 @@ from auditor import store
 from auditor.models import Concept
 from probes.calibration import Calibration, fpr_thresholds
 from probes.concepts import ConceptDefinition, builtin_concepts, load_concept
-from probes.divergence import DivergenceThresholds
 from probes.errors import InvalidInputError
 from workers.concepts import ConceptBank, ConceptVectors
 from workers.engine import Engine
@@ -159,50 +158,3 @@ def save_calibration(session: Session, bank: ConceptBank, texts_hash: str, targe
             typical_norm=bank.typical_norms.get(layer), reference_set="neutral", reference_hash=texts_hash,
         )
     return len(cells)
-
-
-# ---- divergence thresholds, fitted on control traffic (probes.divergence) ----
-
-CONTROL_SETS = ("control:hidden", "control:surface", "control:residual")
-
-
-def save_divergence_thresholds(session: Session, bank: ConceptBank, thresholds: DivergenceThresholds,
-                               residual: torch.Tensor, text: torch.Tensor, target_fpr: float) -> None:
-    """Three rows per concept at its primary layer, each with the control values it was fitted
-    on ([n_control, n_concepts]): the hidden and surface gap thresholds (residual z − text z)
-    and the concept-score alert threshold (residual z)."""
-    residual, gaps = residual.double(), (residual - text).double()
-    for k, concept_id in enumerate(bank.concept_ids or []):
-        layer = bank.auto_layers[bank.names[k]]
-        for reference_set, threshold, control, achieved in (
-            ("control:hidden", thresholds.hidden_gap[k], gaps[:, k], thresholds.achieved_fpr[k]),
-            ("control:surface", thresholds.surface_gap[k], -gaps[:, k], thresholds.achieved_fpr[k]),
-            ("control:residual", thresholds.alert_z[k], residual[:, k], thresholds.alert_achieved_fpr[k]),
-        ):
-            store.add_calibration(
-                session, concept_id=concept_id, layer=layer, mean=float(control.mean()), std=float(control.std()),
-                reference=control.tolist(), threshold=float(threshold), target_fpr=target_fpr,
-                achieved_fpr=float(achieved), reference_set=reference_set,
-            )
-
-
-def load_divergence_thresholds(session: Session, bank: ConceptBank) -> DivergenceThresholds | None:
-    """The stored thresholds for every concept in `bank`, or None if any concept lacks them."""
-    ids = bank.concept_ids or []
-    hidden = store.latest_calibrations(session, concept_ids=ids, reference_set="control:hidden")
-    surface = store.latest_calibrations(session, concept_ids=ids, reference_set="control:surface")
-    alert = store.latest_calibrations(session, concept_ids=ids, reference_set="control:residual")
-    rows = []
-    for k, concept_id in enumerate(ids):
-        key = (concept_id, bank.auto_layers[bank.names[k]])
-        if key not in hidden or key not in surface or key not in alert:
-            return None
-        rows.append((hidden[key], surface[key], alert[key]))
-    return DivergenceThresholds(
-        hidden_gap=torch.tensor([h.threshold for h, _, _ in rows], dtype=torch.float64),
-        surface_gap=torch.tensor([s.threshold for _, s, _ in rows], dtype=torch.float64),
-        achieved_fpr=torch.tensor([h.achieved_fpr for h, _, _ in rows], dtype=torch.float64),
-        n_control=rows[0][0].n_reference if rows else 0,
-        alert_z=torch.tensor([a.threshold for _, _, a in rows], dtype=torch.float64),
-        alert_achieved_fpr=torch.tensor([a.achieved_fpr for _, _, a in rows], dtype=torch.float64),
-    )

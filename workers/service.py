@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -18,35 +18,38 @@ from auditor import audit_log, metrics, privacy, store
 from auditor.db import database_url, make_engine, session_factory, writer_engine
 from auditor.drift_export import DriftExporter
 from auditor.settings import Settings
+from probes.answer_null import LengthNull, certifiable, minimum_answers, null_from_dict, null_to_dict
 from probes.calibration import fpr_thresholds
 from probes.concepts import builtin_concepts, concept_from_dict, load_concept, load_control_prompts
-from probes.divergence import DivergenceThresholds, fit_thresholds
 from probes.errors import InvalidInputError
-from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
 from workers.batcher import ModelThread
+from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
+from workers.control import answer_traces, bank_key, control_answers
+from workers.divergence import Verdict
 from workers.engine import Engine, SteerRequest
 from workers.monitor import RequestScores
 from workers.registry import (
     active_concept_ids,
     bank_from_registry,
     find_extracted,
-    load_divergence_thresholds,
     load_stored_calibration,
     reference_hash,
     register_builtin_concepts,
     register_extracted,
     save_calibration,
-    save_divergence_thresholds,
 )
-from workers.divergence import control_signals
 from workers.runtime.generate import SamplingConfig
+from workers.traffic import traffic_answers
+from workers.warmup import StepProgress, WarmUpState
 
 log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, progress: StepProgress | None = None):
         self.settings = settings
+        self.state = WarmUpState()  # what readiness reports while the model loads and calibrates
+        self.progress = self.state.progress(progress)
         self.engine = Engine(settings)
         self.sessions = session_factory(writer_engine(make_engine(database_url(settings))))
         # The only thread that touches the model; it batches what arrives together.
@@ -54,7 +57,7 @@ class Runtime:
         self._bank: ConceptBank | None = None
         self._calibration_id: int | None = None
         self._thresholds: tuple[ConceptBank, Any] | None = None
-        self._divergence: tuple[ConceptBank, DivergenceThresholds | None] | None = None
+        self._null: tuple[ConceptBank, LengthNull | None] | None = None
         self._drift: DriftExporter | None = None
         self._builtins_registered = False
 
@@ -99,28 +102,28 @@ class Runtime:
                 session.commit()
                 self._builtins_registered = True
             active = active_concept_ids(session, self.engine)
-            calibration_id = store.newest_calibration_id(session)
+            # A calibration stored by any process (a recalibration job, another worker) shows here.
+            calibration_id = (store.newest_calibration_id(session), store.newest_answer_calibration_id(session))
             if self._bank is None or self._bank.concept_ids != active or calibration_id != self._calibration_id:
                 bank = bank_from_registry(session, self.engine)
                 texts_hash = reference_hash(self.reference_texts)
                 if not load_stored_calibration(session, bank, texts_hash):
                     self._calibrate(session, bank)
-                self._calibration_id = store.newest_calibration_id(session)
+                self._calibration_id = (store.newest_calibration_id(session),
+                                        store.newest_answer_calibration_id(session))
                 self._bank = bank
         return self._bank
 
-    def thresholds(self, bank: ConceptBank):
-        """Raw-score alert thresholds [n_layers, n_concepts] at the target FPR, per bank."""
-        if self._thresholds is None or self._thresholds[0] is not bank:
-            self._thresholds = (bank, fpr_thresholds(bank.calibration, self.settings.target_fpr)[0])
-        return self._thresholds[1]
-
     def warm_up(self) -> ConceptBank:
         """(Model thread only.) Everything the first request would otherwise wait for: the
-        model, the registered and calibrated bank, the divergence thresholds. Then starts the
-        drift export."""
+        model, the registered and calibrated bank, the null of ordinary answers. Then starts
+        the drift export. Each step is reported in `state` (readiness) and on the progress bar."""
+        self.state.phase("loading the model")
+        _ = self.engine.model
+        self.state.phase("registering concepts")
         bank = self.bank()
-        self.divergence_thresholds(bank)
+        self.answer_null(bank)
+        self.state.ready()
         self.drift_exporter().start()
         return bank
 
@@ -132,30 +135,67 @@ class Runtime:
                                         timedelta(minutes=s.drift_baseline_minutes), s.drift_interval_seconds)
         return self._drift
 
-    def divergence_thresholds(self, bank: ConceptBank, refit: bool = False, target_fpr: float | None = None):
-        """(Model thread only.) Divergence thresholds for `bank`'s concepts: stored ones, or
-        fitted now on answers to the control prompts and stored (once per deployment and set
-        of active concepts). None when divergence flags are off."""
+    def control_prompts(self) -> tuple[str, ...]:
+        prompts = load_control_prompts()
+        return prompts[: self.settings.control_limit] if self.settings.control_limit else prompts
+
+    def answer_null(self, bank: ConceptBank, refit: bool = False, target_fpr: float | None = None) -> LengthNull | None:
+        """(Model thread only.) The null of ordinary answers for `bank`'s concepts: the newest
+        stored one for exactly these concept versions (fitted on control answers or on recorded
+        traffic), or fitted now on the control prompts' answers and stored (once per deployment
+        and set of active concepts). None when divergence flags are off."""
         if not self.settings.divergence_flags:
             return None
-        if not refit and self._divergence is not None and self._divergence[0] is bank:
-            return self._divergence[1]
+        if not refit and self._null is not None and self._null[0] is bank:
+            return self._null[1]
+        model, key = self.engine.model, bank_key(self.engine.model, bank)
+        target_fpr = target_fpr or self.settings.target_fpr
         with self.sessions() as session:
-            thresholds = None if refit else load_divergence_thresholds(session, bank)
-            if thresholds is None:
-                target_fpr = target_fpr or self.settings.target_fpr
-                residual, text = control_signals(self.engine.model, bank, load_control_prompts(),
-                                                 self.settings.control_max_tokens, self.settings.batch_max_size)
-                thresholds = fit_thresholds(residual, text, target_fpr)
-                save_divergence_thresholds(session, bank, thresholds, residual, text, target_fpr)
+            row = None if refit else store.latest_answer_calibration(session, bank_key=key)
+            if row is not None and row.min_tokens == self.settings.min_flag_tokens:
+                null = null_from_dict(row.null)
+            else:
+                null = self.fit_control_null(bank, target_fpr)
+                store.add_answer_calibration(session, bank_key=key, model_fingerprint=model.fingerprint.hash,
+                                             concept_ids=bank.concept_ids or [], source="control",
+                                             null=null_to_dict(null), summary=null.summary())
                 session.commit()
-        self._divergence = (bank, thresholds)
-        return thresholds
+        self._null = (bank, null)
+        return null
 
-    def fitted_divergence_thresholds(self, bank: ConceptBank) -> DivergenceThresholds | None:
-        """The thresholds already fitted for `bank`, if any; never fits (any thread may ask)."""
-        if self._divergence is not None and self._divergence[0] is bank:
-            return self._divergence[1]
+    def fit_control_null(self, bank: ConceptBank, target_fpr: float) -> LengthNull:
+        """(Model thread only.) Answers to the control prompts (shipped for the default model,
+        else generated once and cached), traced per concept, fitted at `target_fpr`."""
+        s = self.settings
+        self.state.phase("calibrating on control answers")
+        answers = control_answers(self.engine.model, self.control_prompts(), s.control_max_tokens,
+                                  s.control_cache_dir, max(s.batch_max_size, 16), self.progress)
+        traces = answer_traces(self.engine.model, bank, answers, s.control_cache_dir, s.batch_size, self.progress)
+        null = traces.fit(target_fpr, s.calibration_confidence, s.min_flag_tokens)
+        summary = null.summary()
+        log.info("answer null fitted on %d control answers: certified to %d tokens; divergence rate %.4f "
+                 "(95%% upper %.4f), alert rate %.4f (95%% upper %.4f) against a %.4f target",
+                 summary["n_answers"], null.certified_length, summary["divergence_achieved_fpr"],
+                 summary["divergence_upper_95"], summary["alert_achieved_fpr"], summary["alert_upper_95"], target_fpr)
+        return null
+
+    def fit_traffic_null(self, session, bank: ConceptBank, target_fpr: float, since, until) -> LengthNull:
+        """(Model thread only.) The null from this deployment's recorded answers in the window."""
+        s = self.settings
+        self.state.phase("calibrating on recorded traffic")
+        answers = traffic_answers(session, self.engine.model, since, until, s.control_max_tokens)
+        if not certifiable(len(answers), target_fpr, s.calibration_confidence):
+            raise InvalidInputError(
+                f"{len(answers)} replayable answers between {since.isoformat()} and {until.isoformat()}: too few to "
+                f"promise a {target_fpr:g} false-alarm rate at {s.calibration_confidence:g} confidence (need "
+                f"{minimum_answers(target_fpr, s.calibration_confidence)}; only full-privacy, unsteered answers count)")
+        traces = answer_traces(self.engine.model, bank, answers, None, s.batch_size, self.progress)
+        return traces.fit(target_fpr, s.calibration_confidence, s.min_flag_tokens)
+
+    def fitted_null(self, bank: ConceptBank) -> LengthNull | None:
+        """The null already fitted for `bank`, if any; never fits (any thread may ask)."""
+        if self._null is not None and self._null[0] is bank:
+            return self._null[1]
         return None
 
     def _calibrate(self, session, bank: ConceptBank, target_fpr: float | None = None) -> int:
@@ -168,6 +208,7 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+heartbeat = None  # auditor.heartbeat.HeartbeatPublisher of an `auditor worker` process
 
 
 def get_runtime(settings: Settings | None = None) -> Runtime:
@@ -182,59 +223,117 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
         return _runtime
 
 
-def score_rows(bank: ConceptBank, scores: RequestScores, traces: bool = False) -> list[dict[str, Any]]:
+def score_rows(bank: ConceptBank, scores: RequestScores, verdict: Verdict | None = None,
+               traces: bool = False) -> list[dict[str, Any]]:
     """One row per (concept version, layer) that holds a vector; with `traces`, each row also
-    carries its per-token cosine trace (float32, one value per scored token)."""
+    carries its per-token cosine trace (float32, one value per scored token). Each concept's
+    primary-layer row also carries its z and percentile against ordinary answers of the same
+    length, when the answer was read against them."""
+    reading = verdict.reading if verdict is not None else None
     rows = []
     for li, layer in enumerate(bank.layers):
         for k, concept_id in enumerate(bank.concept_ids):
             if bank.mask is not None and not bool(bank.mask[li, k]):
                 continue
+            primary = reading is not None and layer == bank.auto_layers[bank.names[k]]
             rows.append({
                 "concept_id": concept_id, "layer": layer,
                 "mean": float(scores.aggregates.mean[li, k]), "max": float(scores.aggregates.max[li, k]),
                 "last": float(scores.aggregates.last[li, k]),
                 "calibrated_z": float(scores.z_mean[li, k]) if scores.z_mean is not None else None,
                 "percentile": float(scores.percentile_mean[li, k]) if scores.percentile_mean is not None else None,
+                "answer_z": float(reading.residual_z[k]) if primary else None,
+                "answer_percentile": float(reading.percentile[k]) if primary else None,
                 "n_tokens": scores.aggregates.n_tokens,
                 "trace": scores.per_token[li, :, k].float() if traces else None,
             })  # fmt: skip
     return rows
 
 
-def record_metrics(runtime: "Runtime", bank: ConceptBank, scores: RequestScores) -> None:
-    """Prometheus: each concept's calibrated score at its primary layer, and whether it crossed
-    the alert threshold (bounded series: concept × primary layer × model, never per layer)."""
-    if bank.calibration is None:
+def record_metrics(runtime: "Runtime", bank: ConceptBank, verdict: Verdict) -> None:
+    """Prometheus: each concept's z against ordinary answers of the same length at its primary
+    layer, and whether it crossed the family-wise alert threshold (bounded series: concept ×
+    primary layer × model, never per layer). Answers not read against answers (too short,
+    calibrating, flags off) are not observed: their numbers are in other units."""
+    reading = verdict.reading
+    if reading is None or verdict.status != "ok":
         return
-    # The alert threshold fitted on answers to control prompts when there is one; otherwise the
-    # neutral-text threshold (standalone text reads concepts differently from answers).
-    control = runtime.fitted_divergence_thresholds(bank)
-    thresholds = runtime.thresholds(bank)
-    samples = []
+    samples = [metrics.ScoreSample(concept_label(name), bank.auto_layers[name], float(reading.residual_z[k]),
+                                   exceeded=bool(reading.alert[k]))
+               for k, name in enumerate(bank.names)]
+    metrics.record_scores(runtime.engine.model.fingerprint.model_id, samples)
+    for flag in verdict.flags:
+        metrics.record_flag(flag.kind, concept_label(bank.names[flag.concept]), runtime.engine.model.fingerprint.model_id)
+
+
+def concept_label(name: str) -> str:
+    """The concept name without its `:vN` version suffix (bounded metric labels)."""
+    return name.split(":v")[0]
+
+
+def _rounded(value: float | None, digits: int = 5) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def headline(bank: ConceptBank, scores: RequestScores, verdict: Verdict | None = None) -> dict[str, dict[str, Any]]:
+    """Per concept, the scores at its primary layer: what the API returns inline. `z` and
+    `percentile` are read against ordinary answers of the same length (None when the answer was
+    not: too short, calibrating, flags off); `neutral_z` / `neutral_percentile` against
+    standalone neutral text, as `auditor probe` reads text."""
+    reading = verdict.reading if verdict is not None else None
+    out = {}
     for k, name in enumerate(bank.names):
         layer = bank.auto_layers[name]
         if layer not in bank.layers:
             continue
-        li = bank.layers.index(layer)
-        z = float(scores.z_mean[li, k])
-        if control is not None and control.alert_z is not None:
-            exceeded = z > float(control.alert_z[k])
-        else:
-            exceeded = bool(scores.aggregates.mean[li, k] > thresholds[li, k])
-        samples.append(metrics.ScoreSample(name.split(":v")[0], layer, z, exceeded=exceeded))
-    metrics.record_scores(runtime.engine.model.fingerprint.model_id, samples)
-
-
-def headline(bank: ConceptBank, scores: RequestScores) -> dict[str, dict[str, float]]:
-    """Per concept, the scores at its primary layer: what the API returns inline."""
-    out = {}
-    for name in bank.names:
-        layer = bank.auto_layers[name]
-        if layer in bank.layers:
-            row = scores.at(name, layer)
-            out[name] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items() if k != "concept"}
+        row = scores.at(name, layer)
+        out[name] = {
+            "layer": layer, "mean": _rounded(row["mean"]), "max": _rounded(row["max"]), "last": _rounded(row["last"]),
+            "z": _rounded(reading.residual_z[k]) if reading is not None else None,
+            "percentile": _rounded(reading.percentile[k]) if reading is not None else None,
+            "neutral_z": _rounded(row.get("z")), "neutral_percentile": _rounded(row.get("percentile")),
+        }
     return out
+
+
+def flag_body(name: str, kind: str, residual_z: float, text_z: float | None, threshold: float, reason: str) -> dict:
+    return {"concept": name, "kind": kind, "residual_z": round(residual_z, 4),
+            "text_z": None if text_z is None else round(text_z, 4), "threshold": round(threshold, 4), "reason": reason}
+
+
+def monitor_body(verdict: Verdict, null: LengthNull | None, n_tokens: int) -> dict[str, Any]:
+    """How the answer was read: `status` ("ok", "insufficient_tokens", "calibrating", "off"),
+    the reference its z is read against, and the thresholds that applied at its length."""
+    body: dict[str, Any] = {"status": verdict.status, "tokens": n_tokens,
+                            "reference": "ordinary answers of the same length"}
+    if null is not None:
+        body.update(target_fpr=null.target_fpr, min_tokens=null.min_tokens)
+    if verdict.reading is not None:
+        body.update(read_at_length=verdict.reading.length_used,
+                    divergence_threshold=round(verdict.reading.divergence_threshold, 4),
+                    alert_threshold=round(verdict.reading.alert_threshold, 4))
+    return body
+
+
+def answer_body(runtime: "Runtime", bank: ConceptBank, scores: RequestScores, verdict: Verdict) -> dict[str, Any]:
+    """The monitoring part of a fresh answer: scores, flags, alerts and how it was read."""
+    names = bank.names
+    return {
+        "scores": headline(bank, scores, verdict),
+        "flags": [flag_body(names[f.concept], f.kind, f.residual_z, f.text_z, f.threshold, f.reason) for f in verdict.flags],
+        "alerts": [flag_body(names[f.concept], f.kind, f.residual_z, f.text_z, f.threshold, f.reason) for f in verdict.alerts],
+        "monitor": monitor_body(verdict, runtime.fitted_null(bank), scores.aggregates.n_tokens),
+    }
+
+
+def store_verdict(session, *, request_id: str, bank: ConceptBank, verdict: Verdict) -> None:
+    """Flags (hidden / surface) and alerts (kind `threshold`) as rows, each at its concept's
+    primary layer with both signals and the threshold that applied."""
+    for flag in [*verdict.flags, *verdict.alerts]:
+        store.add_flag(session, request_id=request_id, concept_id=bank.concept_ids[flag.concept],
+                       layer=bank.auto_layers[bank.names[flag.concept]], kind=flag.kind,
+                       residual_signal=flag.residual_z, text_signal=flag.text_z,
+                       threshold=flag.threshold, reason=flag.reason)
 
 
 # ---- exactly once, across crashes and restarts ----
@@ -300,9 +399,9 @@ def _display_names(concepts: list) -> dict[int, str]:
 
 def recorded_generation(session, request, text: str | None = None) -> dict[str, Any]:
     """The answer of a finished request as recorded: what its first run returned (headline
-    scores at each concept's primary layer, flags). The text is the stored one in `full`
-    privacy mode; under `hash` (none stored) and `redacted` (masked) `text`, a repeat run's own,
-    stands in."""
+    scores at each concept's primary layer, flags, alerts, how it was read). The text is the
+    stored one in `full` privacy mode; under `hash` (none stored) and `redacted` (masked)
+    `text`, a repeat run's own, stands in."""
     from sqlalchemy import select
 
     from auditor.models import Flag
@@ -311,23 +410,28 @@ def recorded_generation(session, request, text: str | None = None) -> dict[str, 
     concepts = {s.concept_id: store.get_concept(session, concept_id=s.concept_id) for s in scores}
     names = _display_names([c for c in concepts.values() if c is not None])
     headline_scores = {}
+    n_tokens = request.completion_tokens or 0
     for s in scores:
         concept = concepts.get(s.concept_id)
         if concept is None or s.layer != concept.primary_layer:
             continue
-        row = {"layer": s.layer, "mean": s.mean, "max": s.max, "last": s.last}
-        if s.calibrated_z is not None:
-            row.update(z=s.calibrated_z, percentile=s.percentile)
-        headline_scores[names[s.concept_id]] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
-    flags = session.scalars(select(Flag).where(Flag.request_id == request.id).order_by(Flag.id))
+        n_tokens = s.n_tokens
+        headline_scores[names[s.concept_id]] = {
+            "layer": s.layer, "mean": _rounded(s.mean), "max": _rounded(s.max), "last": _rounded(s.last),
+            "z": _rounded(s.answer_z), "percentile": _rounded(s.answer_percentile),
+            "neutral_z": _rounded(s.calibrated_z), "neutral_percentile": _rounded(s.percentile),
+        }
+    rows = list(session.scalars(select(Flag).where(Flag.request_id == request.id).order_by(Flag.id)))
+    bodies = [(f.kind, flag_body(names.get(f.concept_id, str(f.concept_id)), f.kind, f.residual_signal,
+                                 f.text_signal, f.threshold, f.reason)) for f in rows]
     return {"request_id": request.id, "status": "done",
             "text": request.completion_text if request.privacy_mode == "full" and request.completion_text is not None else text,
             "finish_reason": request.finish_reason, "prompt_tokens": request.prompt_tokens,
             "completion_tokens": request.completion_tokens, "scores": headline_scores,
-            "flags": [{"concept": names.get(f.concept_id, str(f.concept_id)), "kind": f.kind,
-                       "residual_z": round(f.residual_signal, 4),
-                       "text_z": round(f.text_signal, 4) if f.text_signal is not None else None,
-                       "threshold": round(f.threshold, 4), "reason": f.reason} for f in flags]}
+            "flags": [body for kind, body in bodies if kind in ("hidden", "surface")],
+            "alerts": [body for kind, body in bodies if kind == "threshold"],
+            "monitor": {"status": request.monitor_status or "off", "tokens": n_tokens,
+                        "reference": "ordinary answers of the same length"}}
 
 
 def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime | None = None) -> dict[str, Any]:
@@ -385,19 +489,16 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
         if request is not None and request.status == "done":  # another run recorded it first
             return recorded_generation(session, request, text=served.text)
         # COPY on Postgres (53k rows/s vs 34k for batched INSERT, bench/ingest.py); INSERT on SQLite.
-        store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, served.scores, runtime.settings.store_traces))
+        store.insert_scores_copy(session, request_id=request_id,
+                                 rows=score_rows(bank, served.scores, served.verdict, runtime.settings.store_traces))
         store.mark_request(
             session, request_id=request_id, status="done", completion_text=served.text, finish_reason=finish,
             model_id=runtime.engine.model.fingerprint.model_id, model_fingerprint=runtime.engine.model.fingerprint.hash,
             queue_seconds=max(0.0, submitted - queued_at.timestamp()), prefill_seconds=generation.prefill_seconds,
             decode_seconds=generation.decode_seconds, prompt_tokens=len(generation.prompt_ids),
-            completion_tokens=len(generation.output_ids),
+            completion_tokens=len(generation.output_ids), monitor_status=served.verdict.status,
         )
-        for flag in served.flags:
-            store.add_flag(session, request_id=request_id, concept_id=bank.concept_ids[flag.concept],
-                           layer=bank.auto_layers[bank.names[flag.concept]], kind=flag.kind,
-                           residual_signal=flag.residual_z, text_signal=flag.text_z,
-                           threshold=flag.threshold, reason=flag.reason)
+        store_verdict(session, request_id=request_id, bank=bank, verdict=served.verdict)
         return None
 
     recorded = in_transaction(runtime, record, f"recording {request_id}")
@@ -405,59 +506,10 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: Runtime 
         return recorded  # counted in the metrics by the run that recorded it
     metrics.record_request(kind, "done", model_id, time.time() - queued_at.timestamp(),
                            len(generation.prompt_ids), len(generation.output_ids))
-    record_metrics(runtime, bank, served.scores)
-    for flag in served.flags:
-        metrics.record_flag(flag.kind, bank.names[flag.concept].split(":v")[0], model_id)
+    record_metrics(runtime, bank, served.verdict)
     return {"request_id": request_id, "status": "done", "text": served.text, "finish_reason": finish,
             "prompt_tokens": len(generation.prompt_ids), "completion_tokens": len(generation.output_ids),
-            "scores": headline(bank, served.scores),
-            "flags": [{"concept": bank.names[f.concept], "kind": f.kind, "residual_z": round(f.residual_z, 4),
-                       "text_z": round(f.text_z, 4), "threshold": round(f.threshold, 4), "reason": f.reason}
-                      for f in served.flags]}
-
-
-def encode_replay(model, item: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one (prompt, completion) pair to replay; raises for this
-    item alone."""
-    from workers.runtime.generate import encode_prompt
-
-    prompt = item["messages"] if item.get("messages") else item["prompt"]
-    prompt_ids = encode_prompt(model, prompt, chat=bool(item.get("messages")))
-    completion_ids = model.tokenizer(item["completion"], add_special_tokens=False)["input_ids"]
-    if not completion_ids:
-        raise InvalidInputError("a completion to audit is empty")
-    if len(prompt_ids) + len(completion_ids) > model.max_context:
-        raise InvalidInputError(f"prompt + completion exceed the model's context of {model.max_context} tokens")
-    return prompt_ids, completion_ids
-
-
-def replay_scores(model, bank: ConceptBank, sequences: list[tuple[list[int], list[int]]]) -> list[RequestScores]:
-    """Teacher-forced replay of encoded (prompt, completion) pairs in one padded forward pass.
-
-    Each sequence is prompt + completion tokens; the scored span is the positions that chose the
-    completion's tokens (the last prompt position onward), exactly the span monitored generation
-    scores.
-    """
-    import torch
-
-    from workers.monitor import score_resid
-    from workers.runtime.hooks import ResidualCapture, hooked
-
-    width = max(len(p) + len(c) for p, c in sequences)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    batch = torch.full((len(sequences), width), pad, dtype=torch.long)
-    for row, (p, c) in enumerate(sequences):
-        batch[row, : len(p) + len(c)] = torch.tensor(p + c)
-    capture = ResidualCapture(bank.layers)
-    with torch.inference_mode(), hooked(model, capture=capture):
-        # Right padding: causal attention keeps every real position independent of the pads.
-        model.bridge.forward(batch.to(model.device), return_type=None)
-    resid = capture.stacked()  # [n_layers, batch, width, d_model]
-    results = []
-    for row, (p, c) in enumerate(sequences):
-        span_end = len(p) + len(c) - 1  # the last completion token is never read
-        results.append(score_resid(bank, resid[:, row, :span_end], start=len(p) - 1))
-    return results
+            **answer_body(runtime, bank, served.scores, served.verdict)}
 
 
 def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: Runtime | None = None) -> dict[str, Any]:
@@ -496,11 +548,13 @@ def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: R
                 store.mark_request(session, request_id=request_id, status="failed", error=error[:2000])
                 written.append(("failed", outcome))
                 continue
-            scores, bank, n_prompt, n_completion = outcome
-            store.insert_scores_copy(session, request_id=request_id, rows=score_rows(bank, scores, runtime.settings.store_traces))
+            store.insert_scores_copy(session, request_id=request_id, rows=score_rows(
+                outcome.bank, outcome.scores, outcome.verdict, runtime.settings.store_traces))
             store.mark_request(session, request_id=request_id, status="done", completion_text=item["completion"],
                                model_id=fingerprint.model_id, model_fingerprint=fingerprint.hash,
-                               prompt_tokens=n_prompt, completion_tokens=n_completion)
+                               prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                               monitor_status=outcome.verdict.status)
+            store_verdict(session, request_id=request_id, bank=outcome.bank, verdict=outcome.verdict)
             written.append(("done", outcome))
         return written
 
@@ -508,9 +562,9 @@ def serve_audits(request_ids: list[str], items: list[dict[str, Any]], runtime: R
         if status == "failed":
             metrics.record_request("audit", "failed", fingerprint.model_id)
             continue
-        scores, bank, n_prompt, n_completion = outcome
-        metrics.record_request("audit", "done", fingerprint.model_id, None, n_prompt, n_completion)
-        record_metrics(runtime, bank, scores)
+        metrics.record_request("audit", "done", fingerprint.model_id, None, outcome.prompt_tokens,
+                               outcome.completion_tokens)
+        record_metrics(runtime, outcome.bank, outcome.verdict)
     failed = sum(isinstance(o, Exception) for o in outcomes)
     return {"request_ids": request_ids, "status": "done" if not failed else f"{failed} failed"}
 
@@ -578,16 +632,28 @@ def serve_extraction(job_id: str, runtime: Runtime | None = None) -> dict[str, A
 
 
 def serve_calibration(job_id: str, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Recalibrate every active concept on the neutral reference set and store the thresholds at
-    the job's target false-positive rate; workers pick the new calibration up on their next
-    request."""
+    """Recalibrate every active concept: the neutral-text calibration (standalone text, every
+    layer) and the null of ordinary answers, from the control prompts or (`source: traffic`) from
+    the deployment's own answers recorded in [since, until). Workers pick the new calibration up
+    on their next request."""
     runtime = runtime or get_runtime()
 
     def work(session, payload: dict) -> dict[str, Any]:
         bank = bank_from_registry(session, runtime.engine)
         target_fpr = float(payload.get("target_fpr") or runtime.settings.target_fpr)
         rows = runtime._calibrate(session, bank, target_fpr)
-        divergence = runtime.divergence_thresholds(bank, refit=True, target_fpr=target_fpr)
+        window = None
+        if payload.get("source") == "traffic":
+            window = (datetime.fromisoformat(payload["since"]), datetime.fromisoformat(payload["until"]))
+            null = runtime.fit_traffic_null(session, bank, target_fpr, *window)
+        else:
+            null = runtime.fit_control_null(bank, target_fpr)
+        model = runtime.engine.model
+        summary = null.summary()
+        row = store.add_answer_calibration(
+            session, bank_key=bank_key(model, bank), model_fingerprint=model.fingerprint.hash,
+            concept_ids=bank.concept_ids or [], source=payload.get("source", "control"), null=null_to_dict(null),
+            summary=summary, window_start=window[0] if window else None, window_end=window[1] if window else None)
         thresholds, achieved = fpr_thresholds(bank.calibration, target_fpr)
         concepts = {}
         for k, name in enumerate(bank.names):
@@ -595,16 +661,9 @@ def serve_calibration(job_id: str, runtime: Runtime | None = None) -> dict[str, 
             if layer in bank.layers:
                 li = bank.layers.index(layer)
                 concepts[name] = {"concept_id": bank.concept_ids[k], "layer": layer,
-                                  "threshold": float(thresholds[li, k]), "achieved_fpr": float(achieved[li, k])}
-        if divergence is not None:
-            for k, name in enumerate(bank.names):
-                if name in concepts:
-                    concepts[name].update(alert_z=float(divergence.alert_z[k]),
-                                          alert_achieved_fpr=float(divergence.alert_achieved_fpr[k]),
-                                          hidden_gap=float(divergence.hidden_gap[k]),
-                                          surface_gap=float(divergence.surface_gap[k]),
-                                          divergence_achieved_fpr=float(divergence.achieved_fpr[k]))
+                                  "neutral_threshold": float(thresholds[li, k]),
+                                  "neutral_achieved_fpr": float(achieved[li, k])}
         return {"rows": rows, "target_fpr": target_fpr, "n_reference": bank.calibration.n_reference,
-                "n_control": divergence.n_control if divergence is not None else 0, "concepts": concepts}
+                "answer_calibration_id": row.id, "source": row.source, **summary, "concepts": concepts}
 
     return _run_job(job_id, runtime, work)

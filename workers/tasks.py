@@ -15,6 +15,7 @@ from auditor.dispatch import (
     TASK_RETENTION,
     make_celery,
 )
+from auditor.heartbeat import HeartbeatPublisher, is_redis
 from auditor.settings import get_settings
 from workers import service
 
@@ -62,6 +63,10 @@ def warm_up(**_) -> None:
         return
 
     runtime = service.get_runtime()
+    settings = get_settings()
+    url = settings.result_backend or settings.broker_url
+    if is_redis(url):  # readiness reads this (auditor.heartbeat), with the warm-up progress
+        service.heartbeat = HeartbeatPublisher(url, runtime.state.snapshot).start()
 
     def report(future) -> None:
         # "Up" only once the model serves: a worker whose model failed to load stays down, and
@@ -76,6 +81,8 @@ def warm_up(**_) -> None:
 
 @worker_shutdown.connect
 def mark_down(**_) -> None:
+    if service.heartbeat is not None:
+        service.heartbeat.stop()
     runtime = service._runtime
     if runtime is not None and "model" in runtime.engine.__dict__:
         metrics.set_worker_up(runtime.engine.model.fingerprint.model_id, False)

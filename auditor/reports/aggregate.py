@@ -32,8 +32,8 @@ class ConceptSummary:
     mean_z: float | None
     p50_z: float | None
     p95_z: float | None
-    threshold: float | None  # the calibration's alert threshold (raw-score scale)
-    above_threshold_rate: float | None  # share of raw scores strictly above it
+    threshold: float | None  # None: the alert threshold is a function of answer length (z units)
+    above_threshold_rate: float | None  # share of requests that crossed the concept's alert
     flagged: int  # requests with any flag
     flagged_rate: float | None
     flagged_by_kind: dict[str, int]  # every flag kind, zero included: stable CSV columns
@@ -89,9 +89,9 @@ def summarize(
         z = sample.z[~np.isnan(sample.z)]
         n = sample.score.size
         threshold = thresholds.get(ref.concept_id)
-        above = None
-        if threshold is not None and n:
-            above = float((sample.score > threshold).mean())  # strictly above, as alerts are
+        # Alerts are stored as `threshold` flags when an answer crosses the family-wise alert
+        # threshold at its length: the rate of those is the rate of alerts.
+        above = len(flags.by_kind.get("threshold", ())) / n if n else None
         rows.append(ConceptSummary(
             concept=ref.concept, version=ref.version, concept_id=ref.concept_id, layer=ref.layer,
             model_id=ref.model_id, requests=n, mean_z=_mean(z), p50_z=_percentile(z, 50),

@@ -159,7 +159,7 @@ def fetch_scores(
     query = (
         select(
             RequestScore.concept_id, RequestScore.created_at, RequestScore.mean,
-            RequestScore.calibrated_z,
+            RequestScore.answer_z,  # against ordinary answers of the same length
         )
         .join(Concept, _at_primary_layer())
         .where(
@@ -246,15 +246,11 @@ def fetch_flagged(
 
 
 def fetch_thresholds(session: Session, *, refs: Sequence[ConceptRef]) -> dict[int, float]:
-    """concept id -> the alert threshold of its newest calibration at the primary layer (on the
-    raw-score scale, like the reference scores it was chosen from). Missing when uncalibrated."""
-    calibrations = store.latest_calibrations(session, concept_ids=[r.concept_id for r in refs])
-    thresholds = {}
-    for ref in refs:
-        calibration = calibrations.get((ref.concept_id, ref.layer))
-        if calibration is not None and calibration.threshold is not None:
-            thresholds[ref.concept_id] = calibration.threshold
-    return thresholds
+    """concept id -> a single alert threshold, if there were one. There is not: answers are
+    read against ordinary answers of their own length, so the alert threshold (z units) depends
+    on each answer's length and is stored with each alert (`flags.threshold`, kind
+    `threshold`). Kept as an empty mapping so report shapes stay stable."""
+    return {}
 
 
 def compare(
@@ -273,7 +269,7 @@ def compare(
     query = (
         select(
             MonitoredRequest.model_id, RequestScore.concept_id, func.count(),
-            func.avg(RequestScore.calibrated_z), func.avg(RequestScore.mean),
+            func.avg(RequestScore.answer_z), func.avg(RequestScore.mean),
             func.count(flagged.c.request_id),
         )
         .select_from(RequestScore)

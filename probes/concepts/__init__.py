@@ -126,7 +126,13 @@ def reference_texts(concept: ConceptDefinition) -> tuple[str, ...]:
     return load_neutral() + concept.neutral
 
 
-def load_control_prompts() -> tuple[str, ...]:
-    """Ordinary assistant requests: the control traffic for calibrating alert thresholds."""
+def load_control_set() -> tuple[tuple[str, str], ...]:
+    """Ordinary assistant requests with their category (everyday, advice, writing, coding,
+    maths, summarising, explain): the control traffic alert thresholds are calibrated on."""
     data = json.loads(_builtin_dir().joinpath(CONTROL_FILE).read_text(encoding="utf-8"))
-    return tuple(data["prompts"])
+    return tuple((entry["prompt"], entry["category"]) for entry in data["prompts"])
+
+
+def load_control_prompts() -> tuple[str, ...]:
+    """The control prompts alone, in file order."""
+    return tuple(prompt for prompt, _ in load_control_set())

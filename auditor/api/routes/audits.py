@@ -13,8 +13,8 @@ from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
 from auditor.api.limits import check_audit
 from auditor.dispatch import TASK_AUDIT, WorkerUnavailable
-from auditor.models import Concept, RequestScore
-from auditor.schemas import AuditCreate, AuditRead, AuditScore
+from auditor.models import Concept, Flag, RequestScore
+from auditor.schemas import AuditCreate, AuditFlag, AuditRead, AuditScore
 from probes.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
@@ -35,8 +35,11 @@ def submit(body: AuditCreate, request: Request, session: SessionDep, settings: S
     ids = [f"audit-{uuid.uuid4().hex}" for _ in items]
     for request_id, item in zip(ids, items):
         prompt_text = item.get("prompt") or "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
+        # In full mode the messages themselves are kept too (the text already is): a traffic
+        # calibration replays them through the chat template.
+        params = {"messages": item["messages"]} if item.get("messages") and settings.privacy_mode == "full" else {}
         store.create_request(session, request_id=request_id, kind="audit", prompt_text=prompt_text,
-                             privacy_mode=settings.privacy_mode, model_id=fingerprint.model_id)
+                             privacy_mode=settings.privacy_mode, model_id=fingerprint.model_id, params=params)
     session.commit()  # rows first, then the task: a worker never sees an id the database lacks
     try:
         dispatcher.submit(TASK_AUDIT, [ids, items], task_id=ids[0])
@@ -61,10 +64,19 @@ def get(audit_id: str, session: SessionDep) -> AuditRead:
         .where(RequestScore.request_id == audit_id)
         .order_by(Concept.name, RequestScore.layer)
     )
+    flags = session.execute(
+        select(Flag, Concept.name).join(Concept, Concept.id == Flag.concept_id)
+        .where(Flag.request_id == audit_id).order_by(Flag.id)
+    )
+    flag_rows = [AuditFlag(concept=name, kind=f.kind, residual_z=f.residual_signal, text_z=f.text_signal,
+                           threshold=f.threshold, reason=f.reason) for f, name in flags]
     return AuditRead(
         id=row.id, status=row.status, error=row.error, prompt_tokens=row.prompt_tokens,
-        completion_tokens=row.completion_tokens,
+        completion_tokens=row.completion_tokens, monitor_status=row.monitor_status,
         scores=[AuditScore(concept=name, concept_id=s.concept_id, version=version, layer=s.layer, mean=s.mean,
-                           max=s.max, last=s.last, z=s.calibrated_z, percentile=s.percentile)
+                           max=s.max, last=s.last, z=s.answer_z, percentile=s.answer_percentile,
+                           neutral_z=s.calibrated_z, neutral_percentile=s.percentile)
                 for s, name, version in scores],
+        flags=[f for f in flag_rows if f.kind != "threshold"],
+        alerts=[f for f in flag_rows if f.kind == "threshold"],
     )

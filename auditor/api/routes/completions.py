@@ -64,13 +64,18 @@ def _rejected(session, body, fingerprint: ModelFingerprint, settings: Settings) 
 
 def _dispatch(request: Request, session, *, request_id: str, kind: str, prompt_text: str,
               payload: dict, settings: Settings, fingerprint: ModelFingerprint) -> dict | JSONResponse:
+    params = {"sampling": payload["sampling"]}
+    if "messages" in payload and settings.privacy_mode == "full":
+        # Kept only where the text is kept anyway: a traffic calibration replays the messages
+        # through the chat template (the joined prompt_text cannot be re-templated).
+        params["messages"] = payload["messages"]
     dispatcher = request.app.state.dispatcher
     if dispatcher is None:
         return JSONResponse(error_body("no worker is configured (set AUDITOR_BROKER_URL or use `auditor run`)",
                                        "worker_unavailable", ("server",)), status_code=503)
     # Commit the row, then enqueue: a worker never sees an id the database does not have.
     store.create_request(session, request_id=request_id, kind=kind, prompt_text=prompt_text,
-                         privacy_mode=settings.privacy_mode, params={"sampling": payload["sampling"]},
+                         privacy_mode=settings.privacy_mode, params=params,
                          model_id=fingerprint.model_id)
     session.commit()
     try:
@@ -81,6 +86,17 @@ def _dispatch(request: Request, session, *, request_id: str, kind: str, prompt_t
             store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
             session.commit()
         return unavailable(exc)
+
+
+def _auditor_field(request_id: str, result: dict, body) -> dict:
+    """The one extension to OpenAI's shape. `scores[concept].z` / `.percentile` are read against
+    ordinary answers of the same length (an ordinary answer reads near 0), `neutral_z` against
+    standalone neutral text; `flags` are divergence flags, `alerts` concept-score crossings, both
+    within the deployment's per-request false-alarm budget; `monitor.status` says how the answer
+    was read (`insufficient_tokens` for answers too short to flag)."""
+    return {"request_id": request_id, "scores": _select_scores(result["scores"], body),
+            "flags": result.get("flags", []), "alerts": result.get("alerts", []),
+            "monitor": result.get("monitor", {"status": "off"})}
 
 
 def _usage(result: dict) -> dict:
@@ -109,8 +125,7 @@ def chat_completions(body: ChatCompletionCreate, request: Request, session: Sess
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                      "finish_reason": result["finish_reason"], "logprobs": None}],
         "usage": _usage(result),
-        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body),
-                    "flags": result.get("flags", [])},
+        "auditor": _auditor_field(request_id, result, body),
     }
 
 
@@ -131,6 +146,5 @@ def completions(body: CompletionCreate, request: Request, session: SessionDep,
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": fingerprint.model_id,
         "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}],
         "usage": _usage(result),
-        "auditor": {"request_id": request_id, "scores": _select_scores(result["scores"], body),
-                    "flags": result.get("flags", [])},
+        "auditor": _auditor_field(request_id, result, body),
     }

@@ -7,6 +7,7 @@ from sqlalchemy import text
 
 from auditor.api.deps import FingerprintDep
 from auditor.dispatch import CeleryDispatcher
+from auditor.heartbeat import HeartbeatReader, is_redis
 from auditor.schemas import Health, ModelRead
 
 router = APIRouter(tags=["health"])
@@ -27,9 +28,9 @@ def readyz(request: Request, response: Response) -> Health:
     dispatcher = request.app.state.dispatcher
     if isinstance(dispatcher, CeleryDispatcher):
         checks["broker"] = _check(lambda: _broker(dispatcher))
-        checks["workers"] = _check(lambda: _workers(dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
+        checks["workers"] = _check(lambda: _workers(request, dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
     elif dispatcher is not None:
-        checks["workers"] = "ok (in-process)"
+        checks["workers"] = _warm_up_state(dispatcher.runtime.state.snapshot(), "in-process")
     else:
         checks["workers"] = "none configured"
     ready = all(v.startswith("ok") for v in checks.values())
@@ -55,11 +56,32 @@ def _broker(dispatcher: CeleryDispatcher) -> None:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
-def _workers(dispatcher: CeleryDispatcher) -> str:
-    replies = dispatcher.app.control.ping(timeout=1.0)
-    if not replies:
-        raise RuntimeError("no worker replied to a ping within 1s")
-    return f"ok ({len(replies)} live)"
+def _warm_up_state(snapshot: dict, who: str) -> str:
+    """ "ok (...)" once a worker serves; otherwise what it is doing, with counts."""
+    if snapshot.get("ready"):
+        return f"ok ({who})"
+    step = f", {snapshot['step']} {snapshot['done']}/{snapshot['total']}" if snapshot.get("step") else ""
+    return f"warming up ({who}): {snapshot.get('phase', 'starting')}{step}, {snapshot.get('seconds', 0):.0f}s so far"
+
+
+def _workers(request: Request, dispatcher: CeleryDispatcher) -> str:
+    url = dispatcher.settings.result_backend or dispatcher.settings.broker_url
+    if not is_redis(url):  # heartbeats live in Redis; other brokers are asked directly
+        replies = dispatcher.app.control.ping(timeout=1.0)
+        if not replies:
+            raise RuntimeError("no worker replied to a ping within 1s")
+        return f"ok ({len(replies)} live)"
+    reader = getattr(request.app.state, "heartbeats", None)
+    if reader is None:
+        reader = request.app.state.heartbeats = HeartbeatReader(url)
+    beats = reader.workers()
+    if not beats:
+        raise RuntimeError("no live worker heartbeat")
+    ready = [b for b in beats if b.get("ready")]
+    if ready:
+        return f"ok ({len(ready)} ready of {len(beats)} live)"
+    newest = max(beats, key=lambda b: b.get("at", 0))
+    return _warm_up_state(newest, f"0 ready of {len(beats)} live")
 
 
 @model_router.get("/v1/model", response_model=ModelRead)
