@@ -135,7 +135,9 @@ def rate(hits: list[bool]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=1000, help="ordinary chat prompts (half maths, half code)")
-    parser.add_argument("--completion-prompts", type=int, default=200, help="of them, also sent as text completions")
+    parser.add_argument("--completion-prompts", type=int, default=0,
+                        help="of them, also read as text completions against the chat null (serving does not: "
+                             "it marks them no_reference); 0 = skip")
     parser.add_argument("--steer-prompts", type=int, default=150)
     parser.add_argument("--other-concept", default="formality")
     args = parser.parse_args()
@@ -159,12 +161,16 @@ def main() -> None:
     prompts = [p for p, _ in rows]
     print(f"{len(prompts)} ordinary chat prompts at up to {max(LENGTHS)} tokens")
     chat = generate(runtime, bank, prompts, max(LENGTHS), chat=True)
-    print(f"{args.completion_prompts} of them as text completions")
-    completion = generate(runtime, bank, prompts[: args.completion_prompts], max(LENGTHS), chat=False)
+    completion = []
+    if args.completion_prompts:
+        print(f"{args.completion_prompts} of them as text completions")
+        completion = generate(runtime, bank, prompts[: args.completion_prompts], max(LENGTHS), chat=False)
 
     result: dict = {"target_fpr": null.target_fpr, "confidence": null.confidence, "null": null.summary(),
                     "concepts": bank.names, "n_prompts": len(prompts), "lengths": {}, "steering": {}}
     for label, answers in (("chat", chat), ("completion", completion)):
+        if not answers:
+            continue
         readings = read_lengths(runtime, bank, null, answers, LENGTHS)
         for limit, r in readings.items():
             median_z = r["z"].nanmedian(dim=0).values

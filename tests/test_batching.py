@@ -169,7 +169,7 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runtime, mode
 
 
 def test_audits_from_separate_submissions_replay_together_and_a_bad_item_fails_alone(runtime, model):
-    from workers.service import encode_replay, replay_scores
+    from workers.replay import encode_replay, replay_scores
 
     good = [{"prompt": "Tell me about rain.", "completion": " Rain is water falling from clouds."},
             {"messages": [{"role": "user", "content": "Hi"}], "completion": "Hello! How can I help you today?"}]
@@ -180,7 +180,7 @@ def test_audits_from_separate_submissions_replay_together_and_a_bad_item_fails_a
     assert isinstance(outcome_first[1], Exception) and "context" in str(outcome_first[1])
     bank = runtime.bank()
     for item, outcome in ((good[0], outcome_first[0]), (good[1], outcome_second[0])):
-        scores, _, n_prompt, n_completion = outcome
+        scores, n_prompt, n_completion = outcome.scores, outcome.prompt_tokens, outcome.completion_tokens
         (alone,) = replay_scores(model, bank, [encode_replay(model, item)])
         assert float((scores.aggregates.mean - alone.aggregates.mean).abs().max()) < 1e-4
 

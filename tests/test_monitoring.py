@@ -79,18 +79,20 @@ def test_the_null_is_fitted_on_control_answers_and_stored(runtime):
 
 
 def test_short_ordinary_answers_are_not_flagged_beyond_the_budget(runtime):
-    """1 to 8 tokens, chat and plain completions: the old single threshold flagged most of these."""
+    """1 to 8 tokens: the old single threshold flagged most of these."""
     futures = [runtime.model_thread.generate(p, SamplingConfig(max_new_tokens=1 + i % 8), chat=True)
                for i, p in enumerate(SHORT + HELD_OUT)]
-    futures.append(runtime.model_thread.generate("The capital of France is", SamplingConfig(max_new_tokens=5), chat=False))
+    plain = runtime.model_thread.generate("The capital of France is", SamplingConfig(max_new_tokens=5), chat=False)
     served = [f.result(timeout=600) for f in futures]
+    # A raw text continuation has no ordinary-answer reference (control answers are chats): no flag.
+    assert plain.result(timeout=600).verdict.status == "no_reference"
     statuses = [s.verdict.status for s in served]
     assert all(status in ("ok", "insufficient_tokens") for status in statuses)
     assert all(s.verdict.status == "insufficient_tokens" for s in served if len(s.generation.output_ids) < 4)
     assert statuses.count("ok") >= 20
     flagged = [s for s in served if s.verdict.flags]
     alerted = [s for s in served if s.verdict.alerts]
-    # 31 answers at a 1 % budget: more than one flag would be a 4 % event.
+    # 30 answers at a 1 % budget: more than one flag would be a 4 % event.
     assert len(flagged) <= 1, [(s.text, [f.reason for f in s.verdict.flags]) for s in flagged]
     assert len(alerted) <= 1, [(s.text, [a.reason for a in s.verdict.alerts]) for s in alerted]
 

@@ -144,13 +144,24 @@ def test_plain_completion_reads_the_prompt_as_raw_text(client):
     response = client.completions.create(model="auditor", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in response.choices[0].text
     auditor = response.model_extra["auditor"]
-    assert auditor["monitor"]["status"] == "ok" and auditor["monitor"]["tokens"] == 5
+    # The control answers are chat answers: a raw continuation is not read against them (no z,
+    # no flag, no alert) rather than read wrongly; its scores against neutral text remain.
+    assert auditor["monitor"]["status"] == "no_reference" and auditor["monitor"]["tokens"] == 5
+    pessimism = auditor["scores"]["pessimism"]
+    assert pessimism["layer"] >= 0 and pessimism["z"] is None and pessimism["neutral_z"] is not None
+    assert auditor["flags"] == [] and auditor["alerts"] == []
+
+
+def test_a_chat_answer_is_read_against_ordinary_answers(client):
+    response = client.chat.completions.create(model="auditor", max_tokens=12, temperature=0,
+                                              messages=[{"role": "user", "content": "How do I keep basil fresh?"}])
+    auditor = response.model_extra["auditor"]
+    assert auditor["monitor"]["status"] == "ok" and auditor["monitor"]["tokens"] == response.usage.completion_tokens
     assert auditor["monitor"]["reference"] == "ordinary answers of the same length"
     pessimism = auditor["scores"]["pessimism"]
     # Two references, named apart: z against ordinary answers, neutral_z against neutral text.
-    assert pessimism["layer"] >= 0 and pessimism["z"] is not None and pessimism["neutral_z"] is not None
+    assert pessimism["z"] is not None and pessimism["neutral_z"] is not None
     assert pessimism["z"] != pessimism["neutral_z"] and 0 <= pessimism["percentile"] <= 1
-    assert auditor["flags"] == [] and auditor["alerts"] == []
 
 
 def test_a_one_token_answer_is_marked_insufficient_and_never_flagged(service, client):

@@ -216,26 +216,27 @@ class ModelThread:
                 served.append((job, Served(generation, text, scores, bank)))
             except Exception as exc:
                 job.future.set_exception(exc)
-        self._judge([(s, s.scores, s.generation.output_ids) for _, s in served])
+        self._judge([(s, s.scores, s.generation.output_ids, job.chat is not False) for job, s in served])
         for job, result in served:
             job.future.set_result(result)
 
-    def _judge(self, answers: list[tuple[Any, RequestScores, list[int]]]) -> None:
+    def _judge(self, answers: list[tuple[Any, RequestScores, list[int], bool]]) -> None:
         """Read each answer against ordinary answers of its length (flags and alerts), all of
-        this step's answers in one re-read. Sets `.verdict` on each holder."""
+        this step's answers in one re-read. Sets `.verdict` on each holder. The last field says
+        whether the prompt was a chat."""
         by_bank: dict[int, list] = {}
-        for holder, scores, output_ids in answers:
-            by_bank.setdefault(id(holder.bank), []).append((holder, scores, output_ids))
+        for holder, scores, output_ids, chat in answers:
+            by_bank.setdefault(id(holder.bank), []).append((holder, scores, output_ids, chat))
         for group in by_bank.values():
             bank = group[0][0].bank
             try:
                 null = self.runtime.answer_null(bank)
-                verdicts = judge(self.runtime.engine.model, bank, null, [(s, ids) for _, s, ids in group],
-                                 enabled=self.runtime.settings.divergence_flags)
+                verdicts = judge(self.runtime.engine.model, bank, null, [(s, ids) for _, s, ids, _ in group],
+                                 enabled=self.runtime.settings.divergence_flags, chat=[c for *_, c in group])
             except Exception:  # flags are extra: never lose the answers over them
                 log.exception("divergence check failed")
                 continue
-            for (holder, _, _), verdict in zip(group, verdicts):
+            for (holder, *_), verdict in zip(group, verdicts):
                 holder.verdict = verdict
 
     def _replay(self, jobs: list[ReplayJob]) -> None:
@@ -262,7 +263,7 @@ class ModelThread:
                     outcomes[j][i] = result
                     continue
                 outcomes[j][i] = Replayed(result, bank, len(encoded[0]), len(encoded[1]))
-                replayed.append((outcomes[j][i], result, encoded[1]))
+                replayed.append((outcomes[j][i], result, encoded[1], bool(jobs[j].items[i].get("messages"))))
             self._judge(replayed)
         for job, outcome in zip(jobs, outcomes):
             job.future.set_result(outcome)

@@ -23,6 +23,10 @@ from workers.runtime.model import LoadedModel
 
 # How an answer was read (stored on the request, returned in `auditor.monitor`).
 OK, INSUFFICIENT, CALIBRATING, OFF = "ok", "insufficient_tokens", "calibrating", "off"
+# A plain-text prompt (/v1/completions, an audit given `prompt`): the control answers are chat
+# answers, and raw continuations read nothing like them (median z of -6 to -10 on some concepts
+# was measured), so such answers get no z, flag or alert rather than false ones.
+NO_REFERENCE = "no_reference"
 
 
 @dataclass
@@ -43,13 +47,18 @@ def primary(bank: ConceptBank, per_layer: torch.Tensor) -> torch.Tensor:
 
 def judge(model: LoadedModel, bank: ConceptBank, null: LengthNull | None,
           answers: Sequence[tuple[RequestScores, Sequence[int]]], enabled: bool = True,
-          batch_size: int = 16) -> list[Verdict]:
+          batch_size: int = 16, chat: Sequence[bool] | None = None) -> list[Verdict]:
     """(scores, output token ids) of answers scored against `bank` -> one verdict each. Every
-    answer's text is re-read in one batched pass (to the deepest primary layer only)."""
+    answer's text is re-read in one batched pass (to the deepest primary layer only). `chat`
+    says per answer whether its prompt went through the chat template (default: all did)."""
     if not enabled:
         return [Verdict(OFF) for _ in answers]
     if null is None:
         return [Verdict(CALIBRATING) for _ in answers]
+    chat = [True] * len(answers) if chat is None else list(chat)
+    if not all(chat):
+        judged = iter(judge(model, bank, null, [a for a, c in zip(answers, chat) if c], enabled, batch_size))
+        return [next(judged) if c else Verdict(NO_REFERENCE) for c in chat]
     texts = [content_ids(model, output_ids) for _, output_ids in answers]
     readable = [i for i, tokens in enumerate(texts) if tokens]
     text = dict(zip(readable, text_means(model, bank, [texts[i] for i in readable], batch_size))) if readable else {}
