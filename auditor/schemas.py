@@ -264,9 +264,7 @@ class CalibrationCreate(BaseModel):
             raise ValueError("source=traffic needs `since` (the start of the baseline window)")
         if self.source == "control" and (self.since is not None or self.until is not None):
             raise ValueError("`since` / `until` apply to source=traffic only")
-        if self.since is not None and self.until is not None and self.since >= self.until:
-            raise ValueError("`since` must be before `until`")
-        return self
+        return self  # the order of since / until is checked by the route, in UTC
 
 
 class AnswerCalibrationRead(BaseModel):

@@ -388,7 +388,7 @@ def _fake_runtime(tmp_path, concept_id: int, url: str):
     return SimpleNamespace(settings=Settings(data_dir=tmp_path, db_retry_seconds=5, db_retry_max_backoff=0.1),
                            sessions=session_factory(writer_engine(make_engine(url))),
                            engine=SimpleNamespace(model=SimpleNamespace(fingerprint=fingerprint)),
-                           model_thread=_Generations(), _divergence=None)
+                           model_thread=_Generations(), fitted_null=lambda bank: None)
 
 
 def _served(concept_id: int, text_: str, seed: int):

@@ -75,7 +75,11 @@ def calibrate(request: Request, session: SessionDep, settings: SettingsDep, prin
     target_fpr = body.target_fpr or settings.target_fpr
     payload: dict = {"target_fpr": target_fpr, "source": body.source}
     if body.source == "traffic":
-        since, until = body.since, body.until or datetime.now(timezone.utc)
+        try:
+            since = body.since.astimezone(timezone.utc)
+            until = (body.until or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        except (OverflowError, ValueError):
+            raise InvalidInputError("`since` / `until` lie outside the representable UTC range") from None
         if since >= until:
             raise InvalidInputError("`since` must be before `until` (default: now)")
         available = session.scalar(select(func.count()).select_from(store.replayable_requests(since, until).subquery()))
