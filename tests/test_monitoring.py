@@ -89,7 +89,7 @@ def test_short_ordinary_answers_are_not_flagged_beyond_the_budget(runtime):
     statuses = [s.verdict.status for s in served]
     assert all(status in ("ok", "insufficient_tokens") for status in statuses)
     assert all(s.verdict.status == "insufficient_tokens" for s in served if len(s.generation.output_ids) < 4)
-    assert statuses.count("ok") >= 20
+    assert statuses.count("ok") >= 15  # 30 answers of 1-8 tokens: those of 1-3 are too short
     flagged = [s for s in served if s.verdict.flags]
     alerted = [s for s in served if s.verdict.alerts]
     # 30 answers at a 1 % budget: more than one flag would be a 4 % event.

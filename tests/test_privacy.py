@@ -269,9 +269,8 @@ def _fail_on_marker(monkeypatch, marker: str) -> None:
     """Make the model thread reject prompts (and audit replays) that carry `marker`, with an
     error that quotes them, as a tokenizer or validation error might."""
     import workers.batcher
-    import workers.service
 
-    encode_prompt, encode_replay = workers.batcher.encode_prompt, workers.service.encode_replay
+    encode_prompt, encode_replay = workers.batcher.encode_prompt, workers.batcher.encode_replay
 
     def failing_encode(model, prompt, chat):
         if marker in str(prompt):
@@ -284,7 +283,7 @@ def _fail_on_marker(monkeypatch, marker: str) -> None:
         return encode_replay(model, item)
 
     monkeypatch.setattr(workers.batcher, "encode_prompt", failing_encode)
-    monkeypatch.setattr(workers.service, "encode_replay", failing_replay)
+    monkeypatch.setattr(workers.batcher, "encode_replay", failing_replay)
 
 
 def _dump(url: str) -> str:

@@ -394,7 +394,9 @@ def test_worker_and_api_export_prometheus_metrics_for_real_traffic(service, clie
         return sum(v for (n, ls), v in found.items() if n == name and labels.items() <= dict(ls).items())
 
     before = samples(service["worker_metrics"])
-    client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "Say hi."}], max_tokens=3, temperature=0)
+    # Long enough to be read against ordinary answers (shorter ones are insufficient_tokens: unobserved).
+    client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "Describe the sea in two sentences."}],
+                                   max_tokens=8, temperature=0)
     after = samples(service["worker_metrics"])
     assert value(after, "auditor_requests_total", kind="chat", status="done") == value(before, "auditor_requests_total", kind="chat", status="done") + 1
     assert value(after, "auditor_concept_score_count", concept="pessimism") == value(before, "auditor_concept_score_count", concept="pessimism") + 1

@@ -30,7 +30,8 @@ def readyz(request: Request, response: Response) -> Health:
         checks["broker"] = _check(lambda: _broker(dispatcher))
         checks["workers"] = _check(lambda: _workers(request, dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
     elif dispatcher is not None:
-        checks["workers"] = _warm_up_state(dispatcher.runtime.state.snapshot(), "in-process")
+        runtime = getattr(dispatcher, "runtime", None)
+        checks["workers"] = _warm_up_state(runtime.state.snapshot(), "in-process") if runtime else "ok (in-process)"
     else:
         checks["workers"] = "none configured"
     ready = all(v.startswith("ok") for v in checks.values())
