@@ -222,6 +222,18 @@ def test_bad_calibration_requests_get_422_and_queue_nothing(dead_broker_api):
     for body in ({"target_fpr": 1.5}, {"target_fpr": 0}, {"target_fpr": "often"}, {"unknown": 1}):
         response = client.post("/admin/calibrations", json=body)
         assert response.status_code == 422, (body, response.text)
+    # Traffic windows: missing, reversed, naive, out of range, or given to the control source.
+    for body, message in (
+        ({"source": "traffic"}, "needs `since`"),
+        ({"source": "traffic", "since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "before `until`"),
+        ({"source": "traffic", "since": "2026-01-01T00:00:00"}, "timezone"),
+        ({"source": "traffic", "since": "0001-01-01T00:00:00+05:00"}, "representable"),
+        ({"source": "control", "since": "2026-01-01T00:00:00Z"}, "source=traffic only"),
+        ({"source": "traffic", "since": "2026-01-01T00:00:00Z"}, "needs at least 230"),  # an empty window
+        ({"source": "elsewhere"}, "source"),
+    ):
+        response = client.post("/admin/calibrations", json=body)
+        assert response.status_code == 422 and message in response.text, (body, response.text)
     assert len(_rows(url, Job)) == before
     bad_set = client.get("/admin/calibrations", params={"reference_set": "made-up"})
     assert bad_set.status_code == 422 and "reference_set" in bad_set.text
