@@ -32,6 +32,7 @@ shorter length's spread errs towards fewer flags.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -184,6 +185,7 @@ class LengthNull:
     divergence_rate: torch.Tensor  # [T]: share of control answers over it (in sample)
     alert_rate: torch.Tensor
     certified_length: int  # longest length with enough control answers; longer ones read here
+    threshold_method: str = "in_sample"  # or "held_out_group" (see fit_length_null)
     percentile_lengths: tuple[int, ...] = ()
     percentile_reference: torch.Tensor | None = None  # [G, n_answers, K] sorted residual z, NaN-padded
     extra: dict = field(default_factory=dict)
@@ -213,7 +215,7 @@ class LengthNull:
         and the certified length (the highest in-sample rate) with its Clopper–Pearson 95 %
         upper bound."""
         out = {"target_fpr": self.target_fpr, "confidence": self.confidence, "min_tokens": self.min_tokens,
-               "certified_length": self.certified_length,
+               "certified_length": self.certified_length, "threshold_method": self.threshold_method,
                "n_answers": int(self.n_answers[self.length_index(self.min_tokens)]),
                "n_answers_at_certified_length": int(self.n_answers[self.length_index(self.certified_length)])}
         for family, rates in (("divergence", self.divergence_rate), ("alert", self.alert_rate)):
@@ -275,6 +277,29 @@ def divergence_statistic(residual_z: torch.Tensor, text_z: torch.Tensor, gap_z: 
     return torch.maximum(hidden, surface).amax(dim=-1)
 
 
+def _statistics(residual: torch.Tensor, text: torch.Tensor | None, rows: torch.Tensor):
+    """Prefix means [N, T, K] (text: the re-reads, or None) standardised by the moments of the
+    answers in `rows` -> (moments, residual z [N, T, K], alert statistic [N, T], divergence
+    statistic [N, T] or None). Every answer is standardised, in `rows` or not."""
+    r_mean, r_std, count = _nan_mean_std(residual[rows])
+    residual_z = (residual - r_mean) / r_std
+    moments = {"residual_mean": r_mean, "residual_std": r_std, "count": count,
+               "text_mean": torch.zeros_like(r_mean), "text_std": torch.ones_like(r_std),
+               "gap_mean": torch.zeros_like(r_mean), "gap_std": torch.ones_like(r_std)}
+    divergence = None
+    if text is not None:
+        t_mean, t_std, _ = _nan_mean_std(text[rows])
+        text_z = (text - t_mean) / t_std
+        gap = residual_z - text_z
+        g_mean, g_std, _ = _nan_mean_std(gap[rows])
+        gap_z = (gap - g_mean) / g_std
+        divergence = divergence_statistic(residual_z, text_z, gap_z)
+        divergence = torch.where(residual_z[..., 0].isnan() | text_z[..., 0].isnan(), torch.nan, divergence)
+        moments.update(text_mean=t_mean, text_std=t_std, gap_mean=g_mean, gap_std=g_std)
+    alert_stat = residual_z.amax(dim=-1)  # NaN propagates where the answer is too short
+    return moments, residual_z, alert_stat, divergence
+
+
 def _family_threshold(values: torch.Tensor, target_fpr: float, confidence: float) -> tuple[float, float]:
     """values [N] of one length -> (threshold, share of values strictly above it)."""
     values = values[~values.isnan()]
@@ -300,13 +325,19 @@ def minimum_answers(target_fpr: float, confidence: float) -> int:
 def fit_length_null(residual_traces: torch.Tensor, lengths: torch.Tensor, target_fpr: float,
                     text_traces: torch.Tensor | None = None, confidence: float = 0.9,
                     min_tokens: int = 4, max_length: int | None = None,
-                    text_lengths: torch.Tensor | None = None) -> LengthNull:
+                    text_lengths: torch.Tensor | None = None, groups: Sequence | None = None) -> LengthNull:
     """Control answers' per-token traces [n_answers, max_len, K] and their lengths [n_answers]
     -> the length-aware null with family-wise thresholds at `target_fpr`.
 
     `text_traces` are the same answers re-read alone (same layout); without them the null holds
     the concept-score alert only (divergence thresholds are +inf). `text_lengths` (default:
-    `lengths`) counts each re-read's tokens, which can be fewer (no EOS token in the text)."""
+    `lengths`) counts each re-read's tokens, which can be fewer (no EOS token in the text).
+
+    `groups` labels each answer's kind of request (the control set's categories). With two or
+    more groups the thresholds are set on held-out-group statistics: each answer is read against
+    the null of the other groups, so a threshold also covers the shift between kinds of request,
+    which live traffic of a kind the control set lacks would bring. Means and spreads (the
+    units of every reported z) still come from all answers."""
     if residual_traces.ndim != 3:
         raise InvalidInputError(f"traces must be [n_answers, max_len, n_concepts], got {tuple(residual_traces.shape)}")
     if text_traces is not None and text_traces.shape != residual_traces.shape:
@@ -326,24 +357,28 @@ def fit_length_null(residual_traces: torch.Tensor, lengths: torch.Tensor, target
             raise InvalidInputError("control traces contain NaN or Inf")
 
     residual = prefix_means(residual_traces, lengths)  # [N, T, K]
-    r_mean, r_std, count = _nan_mean_std(residual)
-    residual_z = (residual - r_mean) / r_std
-    n_answers = count[:, 0]
+    text = None
     if text_traces is not None:
         read = lengths if text_lengths is None else text_lengths.long().clamp_max(max_len)
         text = carried_prefix_means(text_traces[:, :max_len], read, lengths)
-        t_mean, t_std, _ = _nan_mean_std(text)
-        text_z = (text - t_mean) / t_std
-        gap = residual_z - text_z
-        g_mean, g_std, _ = _nan_mean_std(gap)
-        gap_z = (gap - g_mean) / g_std
-        divergence = divergence_statistic(residual_z, text_z, gap_z)  # [N, T]
-        divergence = torch.where(residual_z[..., 0].isnan() | text_z[..., 0].isnan(), torch.nan, divergence)
-    else:
-        t_mean = g_mean = torch.zeros_like(r_mean)
-        t_std = g_std = torch.ones_like(r_std)
-        divergence = None
-    alert_stat = residual_z.amax(dim=-1)  # NaN propagates where the answer is too short
+    everyone = torch.ones(residual.shape[0], dtype=torch.bool)
+    moments, residual_z, alert_stat, divergence = _statistics(residual, text, everyone)
+    n_answers = moments["count"][:, 0]
+    method = "in_sample"
+    if groups is not None and len(set(groups)) > 1:
+        # Thresholds from each answer read against a null fitted without its group: the
+        # statistic then carries the shift a group the control set never had would bring.
+        method = "held_out_group"
+        if len(groups) != residual.shape[0]:
+            raise InvalidInputError(f"{len(groups)} group labels for {residual.shape[0]} answers")
+        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        group_ids = torch.tensor([index[g] for g in groups])
+        for g in group_ids.unique():
+            mine = group_ids == g
+            _, _, held_alert, held_divergence = _statistics(residual, text, ~mine)
+            alert_stat[mine] = held_alert[mine]
+            if divergence is not None:
+                divergence[mine] = held_divergence[mine]
 
     certified = [t + 1 for t in range(max_len) if certifiable(int(n_answers[t]), target_fpr, confidence)]
     certified_length = max(certified) if certified else max_len
@@ -361,7 +396,9 @@ def fit_length_null(residual_traces: torch.Tensor, lengths: torch.Tensor, target
     reference = reference.sort(dim=1).values  # NaN sorts last
     return LengthNull(
         target_fpr=target_fpr, confidence=confidence, min_tokens=max(1, min_tokens), n_answers=n_answers,
-        residual_mean=r_mean, residual_std=r_std, text_mean=t_mean, text_std=t_std, gap_mean=g_mean, gap_std=g_std,
+        residual_mean=moments["residual_mean"], residual_std=moments["residual_std"],
+        text_mean=moments["text_mean"], text_std=moments["text_std"],
+        gap_mean=moments["gap_mean"], gap_std=moments["gap_std"], threshold_method=method,
         divergence_threshold=div_threshold, alert_threshold=alert_threshold, divergence_rate=div_rate,
         alert_rate=alert_rate, certified_length=certified_length, percentile_lengths=grid,
         percentile_reference=reference,
@@ -379,7 +416,8 @@ def null_to_dict(null: LengthNull) -> dict:
 
     return {
         "target_fpr": null.target_fpr, "confidence": null.confidence, "min_tokens": null.min_tokens,
-        "certified_length": null.certified_length, "shape": [null.max_length, null.n_concepts],
+        "certified_length": null.certified_length,
+        "threshold_method": null.threshold_method, "shape": [null.max_length, null.n_concepts],
         "n_answers": null.n_answers.tolist(),
         **{name: listed(getattr(null, name)) for name in (
             "residual_mean", "residual_std", "text_mean", "text_std", "gap_mean", "gap_std",
@@ -408,6 +446,7 @@ def null_from_dict(data: dict) -> LengthNull:
         gap_mean=tensor("gap_mean", (t, k)), gap_std=tensor("gap_std", (t, k)),
         divergence_threshold=tensor("divergence_threshold", (t,)), alert_threshold=tensor("alert_threshold", (t,)),
         divergence_rate=tensor("divergence_rate", (t,)), alert_rate=tensor("alert_rate", (t,)),
-        certified_length=data["certified_length"], percentile_lengths=tuple(data["percentile_lengths"]),
+        certified_length=data["certified_length"], threshold_method=data.get("threshold_method", "in_sample"),
+        percentile_lengths=tuple(data["percentile_lengths"]),
         percentile_reference=reference,
     )

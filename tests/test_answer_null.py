@@ -209,3 +209,43 @@ def test_flags_and_alerts_name_the_concept_both_signals_and_the_length():
     lower_text = mean_t.clone()
     lower_text[1] -= 0.9
     assert not divergences(null.read(low, 12, lower_text), ["a", "b", "c"])
+
+
+def grouped_answers(n_groups: int, per_group: int, k: int, max_len: int, seed: int):
+    """Answers in kinds of request (groups) that shift the residual/text gap and the residual
+    itself by a per-group offset: exchangeable groups, not exchangeable answers."""
+    g = torch.Generator().manual_seed(seed)
+    residual, text, lengths = answers(n_groups * per_group, k, max_len, seed)
+    group = torch.arange(n_groups).repeat_interleave(per_group)
+    gap_shift = torch.randn(n_groups, 1, k, generator=g)[group] * 0.004
+    level_shift = torch.randn(n_groups, 1, k, generator=g)[group] * 0.015
+    return residual + level_shift + gap_shift, text + level_shift, lengths, group.tolist()
+
+
+def test_held_out_group_thresholds_spend_less_on_kinds_of_request_the_control_set_lacks():
+    """Control answers come from 8 kinds of request; live traffic from 8 kinds never seen.
+    Thresholds set in sample treat answers as exchangeable, which they are not across kinds;
+    set on held-out-group statistics they also carry the shift between kinds, so on new kinds
+    they raise fewer false alarms, for every draw of the control set. (With 8 groups they cannot
+    promise the target on any new kind: the group shift is sampled 8 times.)"""
+    k, length, target = 5, 16, 0.02
+    for control_seed in (3, 4, 5, 6):
+        residual, text, lengths, groups = grouped_answers(8, 150, k, length, seed=control_seed)
+        in_sample = fit_length_null(residual, lengths, target, text_traces=text, min_tokens=1)
+        held_out = fit_length_null(residual, lengths, target, text_traces=text, min_tokens=1, groups=groups)
+        assert (held_out.threshold_method, in_sample.threshold_method) == ("held_out_group", "in_sample")
+        assert float(held_out.divergence_threshold[length - 1]) > float(in_sample.divergence_threshold[length - 1])
+        assert torch.equal(held_out.residual_mean, in_sample.residual_mean)  # same z units: only thresholds move
+        rates = {"in_sample": 0.0, "held_out": 0.0}
+        for seed in range(10):
+            r, t, n, _ = grouped_answers(8, 100, k, length, seed=100 + seed)
+            for name, null in (("in_sample", in_sample), ("held_out", held_out)):
+                rates[name] += max(family_rates(null, r, t, n, length)[:2]) / 10
+        assert rates["held_out"] < 0.95 * rates["in_sample"], (control_seed, rates)
+    assert null_from_dict(null_to_dict(held_out)).threshold_method == "held_out_group"
+
+
+def test_group_labels_must_match_the_answers():
+    residual, text, lengths = answers(40, 2, 8, seed=1)
+    with pytest.raises(InvalidInputError, match="group labels"):
+        fit_length_null(residual, lengths, 0.1, text_traces=text, groups=["a", "b"] * 3)

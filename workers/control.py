@@ -61,9 +61,10 @@ class AnswerTraces:
     lengths: torch.Tensor  # [N] tokens scored in the generation span
     text_lengths: torch.Tensor  # [N] tokens of text (no EOS)
 
-    def fit(self, target_fpr: float, confidence: float, min_tokens: int) -> LengthNull:
+    def fit(self, target_fpr: float, confidence: float, min_tokens: int, groups: Sequence[str] | None = None) -> LengthNull:
         return fit_length_null(self.residual, self.lengths, target_fpr, text_traces=self.text,
-                               confidence=confidence, min_tokens=min_tokens, text_lengths=self.text_lengths)
+                               confidence=confidence, min_tokens=min_tokens, text_lengths=self.text_lengths,
+                               groups=groups)
 
 
 def prompts_hash(prompts: Sequence[str]) -> str:

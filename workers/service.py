@@ -7,6 +7,7 @@ and the calibrated bank of registered concepts.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from auditor.drift_export import DriftExporter
 from auditor.settings import Settings
 from probes.answer_null import LengthNull, certifiable, minimum_answers, null_from_dict, null_to_dict
 from probes.calibration import fpr_thresholds
-from probes.concepts import builtin_concepts, concept_from_dict, load_concept, load_control_prompts
+from probes.concepts import builtin_concepts, concept_from_dict, load_concept, load_control_set
 from probes.errors import InvalidInputError
 from workers.batcher import ModelThread
 from workers.concepts import ConceptBank, calibrate_bank, calibration_texts
@@ -135,9 +136,13 @@ class Runtime:
                                         timedelta(minutes=s.drift_baseline_minutes), s.drift_interval_seconds)
         return self._drift
 
+    def control_set(self) -> tuple[tuple[str, str], ...]:
+        """(prompt, category) of the control prompts in use."""
+        rows = load_control_set()
+        return rows[: self.settings.control_limit] if self.settings.control_limit else rows
+
     def control_prompts(self) -> tuple[str, ...]:
-        prompts = load_control_prompts()
-        return prompts[: self.settings.control_limit] if self.settings.control_limit else prompts
+        return tuple(prompt for prompt, _ in self.control_set())
 
     def answer_null(self, bank: ConceptBank, refit: bool = False, target_fpr: float | None = None) -> LengthNull | None:
         """(Model thread only.) The null of ordinary answers for `bank`'s concepts: the newest
@@ -152,7 +157,7 @@ class Runtime:
         target_fpr = target_fpr or self.settings.target_fpr
         with self.sessions() as session:
             row = None if refit else store.latest_answer_calibration(session, bank_key=key)
-            if row is not None and row.min_tokens == self.settings.min_flag_tokens:
+            if row is not None and self._reusable(row, target_fpr):
                 null = null_from_dict(row.null)
             else:
                 null = self.fit_control_null(bank, target_fpr)
@@ -163,6 +168,19 @@ class Runtime:
         self._null = (bank, null)
         return null
 
+    def _reusable(self, row, target_fpr: float) -> bool:
+        """A stored null serves on only under the settings it was fitted for; a null fitted on
+        traffic stays until the operator refits (its window is not reproducible here)."""
+        null = row.null
+        same = (row.min_tokens == self.settings.min_flag_tokens and math.isclose(null["target_fpr"], target_fpr)
+                and math.isclose(null["confidence"], self.settings.calibration_confidence))
+        if row.source == "control":
+            same = same and null.get("threshold_method") == "held_out_group"
+        if not same:
+            log.info("stored answer null %d was fitted under other settings (target %g, min tokens %d); refitting",
+                     row.id, null["target_fpr"], row.min_tokens)
+        return same
+
     def fit_control_null(self, bank: ConceptBank, target_fpr: float) -> LengthNull:
         """(Model thread only.) Answers to the control prompts (shipped for the default model,
         else generated once and cached), traced per concept, fitted at `target_fpr`."""
@@ -171,7 +189,8 @@ class Runtime:
         answers = control_answers(self.engine.model, self.control_prompts(), s.control_max_tokens,
                                   s.control_cache_dir, max(s.batch_max_size, 16), self.progress)
         traces = answer_traces(self.engine.model, bank, answers, s.control_cache_dir, s.batch_size, self.progress)
-        null = traces.fit(target_fpr, s.calibration_confidence, s.min_flag_tokens)
+        categories = [category for _, category in self.control_set()]
+        null = traces.fit(target_fpr, s.calibration_confidence, s.min_flag_tokens, groups=categories)
         summary = null.summary()
         log.info("answer null fitted on %d control answers: certified to %d tokens; divergence rate %.4f "
                  "(95%% upper %.4f), alert rate %.4f (95%% upper %.4f) against a %.4f target",
