@@ -107,10 +107,12 @@ def concepts() -> None:
     """List the built-in concepts."""
     from probes.concepts import builtin_concepts, load_concept
 
-    table = Table("concept", "pairs", "neutral", "description")
+    table = Table("concept", "status", "pairs", "neutral", "description")
     for name in builtin_concepts():
         definition = load_concept(name)
-        table.add_row(name, str(definition.n_pairs), str(len(definition.neutral)), definition.description)
+        status = definition.status if definition.status == "stable" else f"[yellow]{definition.status}[/]"
+        note = f" [dim]({definition.status_note})[/]" if definition.status_note else ""
+        table.add_row(name, status, str(definition.n_pairs), str(len(definition.neutral)), definition.description + note)
     console.print(table)
 
 
@@ -253,7 +255,7 @@ def evaluate(
         vectors = engine.vectors(definition, method, pooling)
         result = evaluate_vectors(
             engine.model, vectors, data.texts, data.labels, _parse_layer(layer, engine),
-            engine.settings.batch_size, n_boot,
+            engine.settings.batch_size, n_boot, definition=definition,
         )
         est = result.estimate
         report = {
@@ -261,6 +263,10 @@ def evaluate(
             "auroc": round(est.auroc, 4), "ci_low": round(est.ci_low, 4), "ci_high": round(est.ci_high, 4),
             "n": est.n, "n_positive": est.n_positive, "method": vectors.provenance["method"],
             "pooling": vectors.provenance["pooling"], "vector_hash": vectors.vector_hash,
+            "status": definition.status,
+            "baselines": {name: {"auroc": round(b.auroc, 4), "ci_low": round(b.ci_low, 4), "ci_high": round(b.ci_high, 4)}
+                          for name, b in result.baselines.items()},
+            "beats_keyword": result.beats_keyword,
         }
         if as_json:
             print(json.dumps(report))
@@ -270,6 +276,15 @@ def evaluate(
                 f"[bold]{est.auroc:.3f}[/] (95% CI {est.ci_low:.3f}–{est.ci_high:.3f}) at layer "
                 f"{result.layer}, n={est.n} ({est.n_positive} positive)"
             )
+            table = Table("text-only baseline", "AUROC", "95% CI", "probe beats it")
+            for name, b in result.baselines.items():
+                label = {"keyword": "keyword count (the concept's lexicon)",
+                         "bag_of_words": "bag of words, 5-fold CV on this file"}[name]
+                table.add_row(label, f"{b.auroc:.3f}", f"{b.ci_low:.3f}–{b.ci_high:.3f}",
+                              "yes" if est.auroc > b.auroc else "[bold red]no[/]")
+            console.print(table)
+            if "keyword" not in result.baselines:
+                console.print(f"{definition.name} declares no lexicon: no keyword baseline")
 
 
 @app.command()

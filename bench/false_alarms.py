@@ -140,7 +140,11 @@ def main() -> None:
                              "it marks them no_reference); 0 = skip")
     parser.add_argument("--steer-prompts", type=int, default=150)
     parser.add_argument("--other-concept", default="formality")
+    parser.add_argument("--max-tokens", type=int, default=max(LENGTHS),
+                        help="longest answer length read (cuts the run's cost roughly in proportion)")
     args = parser.parse_args()
+    lengths = tuple(n for n in LENGTHS if n <= args.max_tokens)
+    steer_lengths = tuple(n for n in STEER_LENGTHS if n <= args.max_tokens)
 
     from auditor.db import run_migrations
     from auditor.settings import Settings
@@ -159,19 +163,19 @@ def main() -> None:
 
     rows = ordinary_prompts(args.prompts)
     prompts = [p for p, _ in rows]
-    print(f"{len(prompts)} ordinary chat prompts at up to {max(LENGTHS)} tokens")
-    chat = generate(runtime, bank, prompts, max(LENGTHS), chat=True)
+    print(f"{len(prompts)} ordinary chat prompts at up to {max(lengths)} tokens")
+    chat = generate(runtime, bank, prompts, max(lengths), chat=True)
     completion = []
     if args.completion_prompts:
         print(f"{args.completion_prompts} of them as text completions")
-        completion = generate(runtime, bank, prompts[: args.completion_prompts], max(LENGTHS), chat=False)
+        completion = generate(runtime, bank, prompts[: args.completion_prompts], max(lengths), chat=False)
 
-    result: dict = {"target_fpr": null.target_fpr, "confidence": null.confidence, "null": null.summary(),
+    result: dict = {"max_tokens": max(lengths), "target_fpr": null.target_fpr, "confidence": null.confidence, "null": null.summary(),
                     "concepts": bank.names, "n_prompts": len(prompts), "lengths": {}, "steering": {}}
     for label, answers in (("chat", chat), ("completion", completion)):
         if not answers:
             continue
-        readings = read_lengths(runtime, bank, null, answers, LENGTHS)
+        readings = read_lengths(runtime, bank, null, answers, lengths)
         for limit, r in readings.items():
             median_z = r["z"].nanmedian(dim=0).values
             entry = result["lengths"].setdefault(str(limit), {})
@@ -182,20 +186,21 @@ def main() -> None:
                   f"[{entry[label]['flagged']['ci95'][1]:.4f}], alert {entry[label]['alert']['rate']:.4f} "
                   f"[{entry[label]['alert']['ci95'][1]:.4f}], median z {entry[label]['median_z']}")
     by_source = {}
-    chat_readings = read_lengths(runtime, bank, null, chat, (32, 256))
+    by_length = (32, max(lengths))
+    chat_readings = read_lengths(runtime, bank, null, chat, by_length)
     for source in ("gsm8k", "code"):
         idx = [i for i, (_, s) in enumerate(rows) if s == source]
         by_source[source] = {str(L): {"flagged": rate([chat_readings[L]["flagged"][i] for i in idx]),
-                                      "alert": rate([chat_readings[L]["alerted"][i] for i in idx])} for L in (32, 256)}
+                                      "alert": rate([chat_readings[L]["alerted"][i] for i in idx])} for L in by_length}
     result["by_source"] = by_source
 
     steer_prompts = prompts[: args.steer_prompts // 2] + prompts[len(prompts) // 2: len(prompts) // 2 + args.steer_prompts // 2]
     for concept, alphas in (("pessimism", (0.025, 0.05, 0.1)), (args.other_concept, (0.05, 0.1))):
         k = bank.names.index(concept)
         for alpha in alphas:
-            answers = generate(runtime, bank, steer_prompts, max(STEER_LENGTHS), chat=True,
+            answers = generate(runtime, bank, steer_prompts, max(steer_lengths), chat=True,
                                steer=SteerRequest(concept, alpha, relative=True))
-            readings = read_lengths(runtime, bank, null, answers, STEER_LENGTHS)
+            readings = read_lengths(runtime, bank, null, answers, steer_lengths)
             entry = {}
             for limit, r in readings.items():
                 # Detected: flagged `hidden` for the steered concept (the tampering the text hides),
@@ -207,7 +212,8 @@ def main() -> None:
                 print(f"steer {concept} α={alpha} max_tokens {limit:3d}: hidden {entry[str(limit)]['hidden_for_concept']['rate']:.3f} "
                       f"any flag {entry[str(limit)]['any_flag']['rate']:.3f} alert {entry[str(limit)]['any_alert']['rate']:.3f}")
             result["steering"][f"{concept}@{alpha}"] = entry
-    path = common.write_result("false_alarms", result)
+    name = "false_alarms" if max(lengths) == max(LENGTHS) else f"false_alarms_max{max(lengths)}"
+    path = common.write_result(name, result)
     print(f"wrote {path}")
 
 

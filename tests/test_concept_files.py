@@ -39,3 +39,17 @@ def test_builtin_library_meets_its_minimum_sizes_and_hashes_are_stable(tmp_path)
     copy = tmp_path / "copy.json"
     copy.write_text(json.dumps({"name": "copy", "pairs": [{"positive": p, "negative": n} for p, n in zip(pessimism.positives, pessimism.negatives)]}))
     assert load_concept_file(copy).pairs_hash == pessimism.pairs_hash  # same pairs, same provenance hash
+
+
+def test_a_concept_declares_whether_it_is_experimental(tmp_path):
+    path = tmp_path / "concept.json"
+    pairs = [{"positive": "a b", "negative": "c d"}]
+    path.write_text(json.dumps({"name": "x", "pairs": pairs}))
+    assert load_concept_file(path).status == "stable"
+    path.write_text(json.dumps({"name": "x", "pairs": pairs, "status": "experimental", "status_note": "why"}))
+    assert (load_concept_file(path).status, load_concept_file(path).status_note) == ("experimental", "why")
+    path.write_text(json.dumps({"name": "x", "pairs": pairs, "status": "beta"}))
+    with pytest.raises(InvalidInputError, match="'status' must be one of stable, experimental"):
+        load_concept_file(path)
+    # Built-ins without a probe that beats its keyword baseline on real text say so.
+    assert load_concept("flattery").status == "experimental" and load_concept("flattery").status_note

@@ -18,6 +18,7 @@ from probes.validation import check_pairs
 NEUTRAL_FILE = "neutral.json"
 CONTROL_FILE = "control_prompts.json"  # ordinary requests that alert thresholds are calibrated on
 DATA_FILES = (NEUTRAL_FILE, CONTROL_FILE)
+STATUSES = ("stable", "experimental")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class ConceptDefinition:
     positive_label: str = "present"
     negative_label: str = "absent"
     source: str = ""
+    # "experimental": its probe does not beat the keyword count on real text (bench/probe_quality.py);
+    # status_note says where it falls short.
+    status: str = "stable"
+    status_note: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -64,7 +69,10 @@ def concept_from_dict(data: dict, origin: str = "concept") -> ConceptDefinition:
     except InvalidInputError as exc:
         raise InvalidInputError(f"{origin}: {exc}") from None
     known = {"name", "description", "pairs", "neutral", "lexicon", "positive_label",
-             "negative_label", "source"}
+             "negative_label", "source", "status", "status_note"}
+    status = data.get("status", "stable")
+    if status not in STATUSES:
+        raise InvalidInputError(f"{origin}: 'status' must be one of {', '.join(STATUSES)}, got {status!r}")
     return ConceptDefinition(
         name=name,
         description=data.get("description", ""),
@@ -75,6 +83,8 @@ def concept_from_dict(data: dict, origin: str = "concept") -> ConceptDefinition:
         positive_label=data.get("positive_label", "present"),
         negative_label=data.get("negative_label", "absent"),
         source=data.get("source", ""),
+        status=status,
+        status_note=data.get("status_note", ""),
         extra={k: v for k, v in data.items() if k not in known},
     )
 
