@@ -39,7 +39,7 @@ def _check_log_level(value: str) -> str:
 
 
 LogLevel = Annotated[str, typer.Option("--log-level", callback=_check_log_level, help=f"uvicorn's: {', '.join(LOG_LEVELS)}")]
-Method = Annotated[Optional[str], typer.Option(help="mean_diff (article), logistic or pca; default from settings")]
+Method = Annotated[Optional[str], typer.Option(help="mean_diff (article), logistic, pca or lda (shrinkage covariance); default from settings")]
 Pooling = Annotated[Optional[str], typer.Option(help="mean (sink excluded) or last token; default from settings")]
 
 

@@ -243,7 +243,7 @@ class ExtractionCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="concept name; registers its next version")
     description: Text = Field("", max_length=2000)
     pairs: list[ContrastivePair] = Field(min_length=2, max_length=MAX_PAIRS)
-    method: Literal["mean_diff", "logistic", "pca"] | None = Field(None, description="default: the deployment's")
+    method: Literal["mean_diff", "logistic", "pca", "lda"] | None = Field(None, description="default: the deployment's")
     pooling: Literal["mean", "last"] | None = Field(None, description="default: the deployment's")
     activate: bool = Field(True, description="monitor it from the next request once registered")
 

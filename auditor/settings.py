@@ -50,7 +50,7 @@ class Settings(BaseSettings):
 
     monitor_layers: str = Field("all", description="'all' or a comma list of layer indices")
     # logistic: best held-out pair separation for the built-in concepts (see README, probe quality)
-    extraction_method: Literal["mean_diff", "logistic", "pca"] = "logistic"
+    extraction_method: Literal["mean_diff", "logistic", "pca", "lda"] = "logistic"
     pooling: Literal["mean", "last"] = "mean"
     batch_size: int = Field(16, ge=1, le=512, description="texts per forward pass when scoring")
     max_new_tokens: int = Field(64, ge=1, le=4096)

@@ -58,12 +58,12 @@ def ordinary_prompts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def generate(runtime, bank, prompts: list[str], max_new_tokens: int, chat: bool, steer=None, batch_size: int = 48):
     """Greedy answers with the residual captured at the primary layers -> per answer
     (output ids, residual trace [n, K]) — the serving path's batch generator and scoring."""
-    from workers.control import _primary_rows
+    from workers.control import primary_rows
     from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
     from workers.runtime.generate import SamplingConfig, encode_prompt
 
     model = runtime.engine.model
-    layers, directions, which = _primary_rows(bank, range(len(bank.names)))
+    layers, directions, which = primary_rows(bank, range(len(bank.names)))
     batch = BatchGenerator(model, layers)
     pending = []
     for i, prompt in enumerate(prompts):

@@ -46,6 +46,9 @@ def test_batched_extraction_equals_the_plain_reference(model, small_concept, poo
     assert vectors.provenance["n_pairs"] == 12
     assert vectors.provenance["pairs_hash"] == small_concept.pairs_hash
     assert vectors.provenance["model_fingerprint"] == model.fingerprint.hash
+    auto = next(r for r in vectors.sweep if r.layer == vectors.auto_layer)
+    assert vectors.provenance["pair_separation_auroc"] == round(auto.auroc, 4)
+    assert (vectors.provenance["method"], vectors.provenance["pooling"]) == ("mean_diff", pooling)
 
 
 def test_batched_scoring_equals_one_text_at_a_time(model, bank):

@@ -98,6 +98,8 @@ def extract_concept(
         "pairs_hash": concept.pairs_hash,
         "vector_hash": vectors.vector_hash,
         "auto_layer": auto_layer,
+        # How well the direction separates pairs it was not fitted on (5-fold, at the auto layer).
+        "pair_separation_auroc": next((round(r.auroc, 4) for r in sweep if r.layer == auto_layer), None),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "format_version": FORMAT_VERSION,
     }

@@ -151,7 +151,7 @@ def control_answers(model: LoadedModel, prompts: Sequence[str], max_new_tokens: 
 # ---- per-token traces at the concepts' primary layers ----
 
 
-def _primary_rows(bank: ConceptBank, concepts: Sequence[int]) -> tuple[list[int], torch.Tensor, list[int]]:
+def primary_rows(bank: ConceptBank, concepts: Sequence[int]) -> tuple[list[int], torch.Tensor, list[int]]:
     """-> captured layers, directions [n_captured, n_concepts, d_model], and for each concept
     the index of its primary layer among the captured ones."""
     primary = [bank.auto_layers[bank.names[k]] for k in concepts]
@@ -169,7 +169,7 @@ def read_spans(model: LoadedModel, bank: ConceptBank, sequences: Sequence[tuple[
     positions from `start`, [n, n_concepts]. Right-padded batches of similar length; the pass
     stops at the deepest primary layer."""
     concepts = list(range(len(bank.names))) if concepts is None else list(concepts)
-    layers, directions, which = _primary_rows(bank, concepts)
+    layers, directions, which = primary_rows(bank, concepts)
     out: list[torch.Tensor | None] = [None] * len(sequences)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
