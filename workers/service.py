@@ -175,7 +175,8 @@ class Runtime:
         same = (row.min_tokens == self.settings.min_flag_tokens and math.isclose(null["target_fpr"], target_fpr)
                 and math.isclose(null["confidence"], self.settings.calibration_confidence))
         if row.source == "control":
-            same = same and null.get("threshold_method") == "held_out_group"
+            expected = "held_out_group" if len({c for _, c in self.control_set()}) > 1 else "in_sample"
+            same = same and null.get("threshold_method", "in_sample") == expected
         if not same:
             log.info("stored answer null %d was fitted under other settings (target %g, min tokens %d); refitting",
                      row.id, null["target_fpr"], row.min_tokens)
