@@ -285,6 +285,8 @@ def evaluate(
             console.print(table)
             if "keyword" not in result.baselines:
                 console.print(f"{definition.name} declares no lexicon: no keyword baseline")
+            if "bag_of_words" not in result.baselines:
+                console.print("fewer than two texts of one label: no cross-validated bag-of-words baseline")
 
 
 @app.command()

@@ -53,3 +53,12 @@ def test_bag_of_words_learns_the_sets_own_vocabulary_out_of_fold():
 def test_bag_of_words_needs_two_texts_of_each_label():
     with pytest.raises(InvalidInputError, match="two texts of each label"):
         bag_of_words_scores(["a b", "c d", "e f"], [0, 0, 1])
+
+
+def test_an_evaluation_too_small_for_cross_validation_keeps_its_keyword_baseline():
+    from probes.concepts import load_concept
+    from workers.evaluation import text_baselines
+
+    texts = ["this is hopeless and doomed", "a fine sunny day", "lunch was good", "the plan works"]
+    baselines = text_baselines(load_concept("pessimism"), texts, [1, 0, 0, 0], n_boot=100)
+    assert set(baselines) == {"keyword"} and baselines["keyword"].auroc == 1.0

@@ -34,7 +34,9 @@ def text_baselines(definition: ConceptDefinition, texts: Sequence[str], labels: 
     out = {}
     if definition.lexicon:
         out["keyword"] = auroc_with_ci(keyword_scores(texts, definition.lexicon), list(labels), n_boot=n_boot)
-    out["bag_of_words"] = auroc_with_ci(bag_of_words_scores(texts, labels), list(labels), n_boot=n_boot)
+    # Cross-validation needs two texts of each label; a smaller set still gets its probe AUROC.
+    if min(sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)) >= 2:
+        out["bag_of_words"] = auroc_with_ci(bag_of_words_scores(texts, labels), list(labels), n_boot=n_boot)
     return out
 
 
