@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test test-fast bench clean
+.PHONY: install run demo lint format test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,24 @@ run: install
 demo: install
 	$(BIN)/auditor demo
 
-test: install
+# Style and layering: ruff (lint and format) and the import contracts in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
 	@scripts/services-up.sh
 	@scripts/ensure-prometheus.sh
 	@scripts/ensure-apt.sh chromium chromium "the HTML report test"
 	@scripts/ensure-apt.sh docker-compose docker-compose "validating docker-compose.yml"
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -m "not model"
 
 bench: install

@@ -1,6 +1,85 @@
-"""Auditor's errors. Bad input anywhere derives from probes' InvalidInputError (a ValueError)."""
+"""Every error Auditor raises on purpose, in one hierarchy.
+
+- Bad input derives from `probes.errors.InvalidInputError` (a ValueError), so pure math can
+  raise it without importing anything of ours; the API answers it with a 4xx.
+- `AuditorError` is everything that is not the caller's fault (model, storage, broker).
+- `AccessError` is a missing or insufficient credential.
+
+`auditor.api.errors` is the one place that maps these to HTTP statuses; the CLI maps them to
+exit codes. Control flow inside a forward pass (`workers.runtime.hooks.StopForward`) is not an
+error and lives with the hooks; `auditor.api.limits.RequestTooLarge` stays an HTTPException
+because FastAPI's body parser only lets those through.
+"""
+
+from __future__ import annotations
 
 from probes.errors import InvalidInputError
+
+# ---- bad input (4xx) ----
+
+
+class FingerprintMismatchError(InvalidInputError):
+    """A vector extracted in one model's basis was offered to a different model."""
+
+
+class WindowError(InvalidInputError):
+    """A report window parameter that cannot be used: `field` names it (since, until, baseline,
+    bucket), `reason` says why; the message is both, for a CLI line."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+class NotFoundError(InvalidInputError):
+    """Something named that does not exist (404). A subclass of bad input, so every caller
+    already maps it to a 4xx."""
+
+
+class _IdNotFound(NotFoundError):
+    what = "row"
+
+    def __init__(self, key: object) -> None:
+        super().__init__(f"no {self.what} with id {key!r}")
+        self.key = key
+
+
+class RequestNotFound(_IdNotFound):
+    what = "request"
+
+
+class ConceptNotFound(_IdNotFound):
+    what = "concept"
+
+
+class JobNotFound(_IdNotFound):
+    what = "job"
+
+
+class AuditNotFound(_IdNotFound):
+    what = "audit"
+
+
+class TokenNotFound(_IdNotFound):
+    what = "token"
+
+
+# ---- credentials (401 / 403) ----
+
+
+class AccessError(Exception):
+    """A request the caller is not allowed to make."""
+
+
+class AuthenticationError(AccessError):
+    """No credentials, or credentials that name no live token: 401."""
+
+
+class PermissionDeniedError(AccessError):
+    """A valid token without the scope this route needs: 403."""
+
+
+# ---- not the caller's fault (5xx) ----
 
 
 class AuditorError(Exception):
@@ -11,8 +90,29 @@ class ModelLoadError(AuditorError):
     """The configured model could not be found or loaded."""
 
 
-class FingerprintMismatchError(InvalidInputError):
-    """A vector extracted in one model's basis was offered to a different model."""
+class WorkerUnavailable(AuditorError):
+    """No worker answered in time, or the broker is down (503, retry)."""
 
 
-__all__ = ["AuditorError", "FingerprintMismatchError", "InvalidInputError", "ModelLoadError"]
+class BrokerUnavailable(WorkerUnavailable):
+    """The task could not be queued at all: nothing will ever run it."""
+
+
+__all__ = [
+    "AccessError",
+    "AuditNotFound",
+    "AuditorError",
+    "AuthenticationError",
+    "BrokerUnavailable",
+    "ConceptNotFound",
+    "FingerprintMismatchError",
+    "InvalidInputError",
+    "JobNotFound",
+    "ModelLoadError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RequestNotFound",
+    "TokenNotFound",
+    "WindowError",
+    "WorkerUnavailable",
+]

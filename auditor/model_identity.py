@@ -138,7 +138,5 @@ def describe_model(spec: str = DEFAULT_MODEL) -> ModelFingerprint:
             raise ModelLoadError(f"could not read model config for {spec!r}: {exc}") from exc
         n_layers, d_model = int(config.num_hidden_layers), int(config.hidden_size)
         path = Path(source.location)
-        revision = getattr(config, "_commit_hash", None) or (
-            local_revision(path) if path.is_dir() else "unknown"
-        )
+        revision = getattr(config, "_commit_hash", None) or (local_revision(path) if path.is_dir() else "unknown")
     return ModelFingerprint(source.model_id, revision, source.loader, HOOK_POINT, n_layers, d_model)

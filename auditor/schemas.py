@@ -69,12 +69,16 @@ class ConceptCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", **FINITE)
 
-    name: str = Field(pattern=NAME_PATTERN, description="concept name; a new vector under an existing name is its next version")
+    name: str = Field(
+        pattern=NAME_PATTERN, description="concept name; a new vector under an existing name is its next version"
+    )
     description: Text = Field("", max_length=2000)
     layer: int | None = Field(None, ge=0, description="layer of `vector`")
     vector: list[float] | None = Field(None, max_length=MAX_D_MODEL)
     vectors: dict[int, list[float]] | None = Field(None, max_length=MAX_VECTOR_LAYERS, description="layer -> vector")
-    primary_layer: int | None = Field(None, ge=0, description="the layer reports lead with; default: the middle given layer")
+    primary_layer: int | None = Field(
+        None, ge=0, description="the layer reports lead with; default: the middle given layer"
+    )
     model_fingerprint: Text | None = Field(None, description="if given, must match the served model's")
 
     @field_validator("vectors")
@@ -160,8 +164,12 @@ class _SamplingFields(BaseModel):
     auditor: AuditorOptions | None = None
 
     def sampling(self, default_max_tokens: int) -> dict:
-        return {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed}
+        return {
+            "max_new_tokens": self.max_tokens or default_max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
 
 
 class ChatCompletionCreate(_SamplingFields):
@@ -253,13 +261,15 @@ class CalibrationCreate(BaseModel):
 
     target_fpr: float | None = Field(None, gt=0, lt=1, description="default: the deployment's (0.01)")
     source: Literal["control", "traffic"] = Field(
-        "control", description="control: the shipped control prompts' answers; traffic: this deployment's "
-        "own recorded answers in [since, until) (full privacy mode, unsteered)")
+        "control",
+        description="control: the shipped control prompts' answers; traffic: this deployment's "
+        "own recorded answers in [since, until) (full privacy mode, unsteered)",
+    )
     since: AwareDatetime | None = Field(None, description="start of the baseline window (source=traffic)")
     until: AwareDatetime | None = Field(None, description="end of the baseline window; default now")
 
     @model_validator(mode="after")
-    def _window(self) -> "CalibrationCreate":
+    def _window(self) -> CalibrationCreate:
         if self.source == "traffic" and self.since is None:
             raise ValueError("source=traffic needs `since` (the start of the baseline window)")
         if self.source == "control" and (self.since is not None or self.until is not None):
@@ -366,7 +376,9 @@ class AdminActionRead(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    loc: list[str | int] = Field(description="where: ['body', 'messages', 0, 'content'], ['query', 'since'], ['header', ...]")
+    loc: list[str | int] = Field(
+        description="where: ['body', 'messages', 0, 'content'], ['query', 'since'], ['header', ...]"
+    )
     msg: str
     type: str
 

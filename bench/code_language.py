@@ -27,16 +27,34 @@ FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
 # Unambiguous markers of one language each (checked on code that does not parse as Python).
 MARKERS: dict[str, tuple[str, ...]] = {
-    "javascript": (r"\bconsole\.log\(", r"\bdocument\.\w+", r"=>\s*[{(\w]", r"\bfunction\s+\w+\s*\(.*\)\s*\{",
-                   r"^\s*(?:const|let|var)\s+\w+\s*=", r"\brequire\(['\"]"),
-    "java": (r"\bSystem\.out\.print", r"\bpublic\s+(?:static\s+)?(?:void|int|String|class|boolean|double)\b",
-             r"\bString\[\]", r"\bnew\s+\w+<"),
+    "javascript": (
+        r"\bconsole\.log\(",
+        r"\bdocument\.\w+",
+        r"=>\s*[{(\w]",
+        r"\bfunction\s+\w+\s*\(.*\)\s*\{",
+        r"^\s*(?:const|let|var)\s+\w+\s*=",
+        r"\brequire\(['\"]",
+    ),
+    "java": (
+        r"\bSystem\.out\.print",
+        r"\bpublic\s+(?:static\s+)?(?:void|int|String|class|boolean|double)\b",
+        r"\bString\[\]",
+        r"\bnew\s+\w+<",
+    ),
     "c/c++": (r"^\s*#include\s*[<\"]", r"\bstd::", r"\bcout\s*<<", r"\bprintf\s*\(", r"\bint\s+main\s*\("),
     "csharp": (r"\bConsole\.Write(?:Line)?\(", r"^\s*using\s+System"),
-    "sql": (r"(?is)\bSELECT\b.+\bFROM\b", r"(?i)\bCREATE\s+TABLE\b", r"(?i)\bINSERT\s+INTO\b",
-            r"(?i)\bUPDATE\s+\w+\s+SET\b", r"(?i)\bDELETE\s+FROM\b"),
-    "html/css": (r"(?i)<(?:html|div|body|table|form|p|h[1-6]|ul|li|span|head|button|input)\b",
-                 r"^[ \t]*[.#][\w-]+[ \t]*\{", r"^[ \t]*[\w-]+:[ \t]*[\w#-]+;[ \t]*$"),
+    "sql": (
+        r"(?is)\bSELECT\b.+\bFROM\b",
+        r"(?i)\bCREATE\s+TABLE\b",
+        r"(?i)\bINSERT\s+INTO\b",
+        r"(?i)\bUPDATE\s+\w+\s+SET\b",
+        r"(?i)\bDELETE\s+FROM\b",
+    ),
+    "html/css": (
+        r"(?i)<(?:html|div|body|table|form|p|h[1-6]|ul|li|span|head|button|input)\b",
+        r"^[ \t]*[.#][\w-]+[ \t]*\{",
+        r"^[ \t]*[\w-]+:[ \t]*[\w#-]+;[ \t]*$",
+    ),
     "php": (r"<\?php", r"^\s*\$\w+\s*=.*;\s*$", r"\becho\s+[\"'$]"),
     "ruby": (r"^\s*puts\s", r"\.each\s+do\s*\|", r"^\s*end\s*$"),
     "bash": (r"^#!/bin/(?:ba)?sh", r"^\s*echo\s+\$", r"\bfi\s*$"),
@@ -45,8 +63,18 @@ MARKERS: dict[str, tuple[str, ...]] = {
 }
 COMPILED = {lang: [re.compile(m, re.MULTILINE) for m in marks] for lang, marks in MARKERS.items()}
 PYTHON_TAGS = {"python", "py", "python3", "py3"}
-PYTHON_STATEMENTS = {"FunctionDef", "AsyncFunctionDef", "ClassDef", "Import", "ImportFrom", "For", "While",
-                     "If", "With", "Try"}
+PYTHON_STATEMENTS = {
+    "FunctionDef",
+    "AsyncFunctionDef",
+    "ClassDef",
+    "Import",
+    "ImportFrom",
+    "For",
+    "While",
+    "If",
+    "With",
+    "Try",
+}
 
 
 def code_of(answer: str) -> tuple[str, str | None]:
@@ -88,7 +116,21 @@ def language(answer: str) -> str | None:
 
 
 def _family(tag: str) -> str:
-    return {"js": "javascript", "javascript": "javascript", "ts": "javascript", "typescript": "javascript",
-            "c": "c/c++", "cpp": "c/c++", "c++": "c/c++", "cs": "csharp", "csharp": "csharp", "c#": "csharp",
-            "html": "html/css", "css": "html/css", "sh": "bash", "shell": "bash", "bash": "bash",
-            "golang": "go"}.get(tag, tag)
+    return {
+        "js": "javascript",
+        "javascript": "javascript",
+        "ts": "javascript",
+        "typescript": "javascript",
+        "c": "c/c++",
+        "cpp": "c/c++",
+        "c++": "c/c++",
+        "cs": "csharp",
+        "csharp": "csharp",
+        "c#": "csharp",
+        "html": "html/css",
+        "css": "html/css",
+        "sh": "bash",
+        "shell": "bash",
+        "bash": "bash",
+        "golang": "go",
+    }.get(tag, tag)

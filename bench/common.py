@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -17,11 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DIR = Path(os.environ.get("AUDITOR_EVAL_DIR", REPO.parent / "shared" / "eval"))
 
 
-def engine():
+def host():
     from auditor.settings import Settings
-    from workers.engine import Engine
+    from workers.serving.host import ModelHost
 
-    return Engine(Settings(data_dir=REPO / ".auditor"))
+    return ModelHost(Settings(data_dir=REPO / ".auditor"))
 
 
 def machine() -> dict:
@@ -30,7 +30,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

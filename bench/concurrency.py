@@ -65,7 +65,10 @@ def run_level(base_url: str, token: str, clients: int, n_requests: int, max_toke
             started = time.perf_counter()
             try:
                 response = client.chat.completions.create(
-                    model="auditor", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+                    model="auditor",
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=0,
                 )
                 record = {"id": response.id, "tokens": response.usage.completion_tokens, "error": None}
             except Exception as exc:  # counted, not raised: the level's error count is a result
@@ -85,9 +88,13 @@ def run_level(base_url: str, token: str, clients: int, n_requests: int, max_toke
     latencies = [r["seconds"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     return {
-        "clients": clients, "requests": len(records), "errors": len(records) - len(ok),
+        "clients": clients,
+        "requests": len(records),
+        "errors": len(records) - len(ok),
         "error_examples": [r["error"] for r in records if r["error"]][:3],
-        "wall_seconds": wall, "completion_tokens": tokens, "tokens_per_second": tokens / wall,
+        "wall_seconds": wall,
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / wall,
         "p50_seconds": statistics.median(latencies) if latencies else None,
         "p99_seconds": percentile(latencies, 0.99) if latencies else None,
         "ids": [r["id"] for r in ok],
@@ -114,8 +121,11 @@ def main() -> None:
             level["missing"] = len(level["ids"]) - level["recorded_with_scores"]
             del level["ids"]
             levels.append(level)
-            print(f"{clients:>3} clients: {level['tokens_per_second']:7.1f} tok/s  p50 {level['p50_seconds']:.2f}s  "
-                  f"p99 {level['p99_seconds']:.2f}s  errors {level['errors']}  missing {level['missing']}", flush=True)
+            print(
+                f"{clients:>3} clients: {level['tokens_per_second']:7.1f} tok/s  p50 {level['p50_seconds']:.2f}s  "
+                f"p99 {level['p99_seconds']:.2f}s  errors {level['errors']}  missing {level['missing']}",
+                flush=True,
+            )
 
     by_clients = {level["clients"]: level for level in levels}
     summary = {}
@@ -128,11 +138,15 @@ def main() -> None:
         }
         summary["throughput_target_met"] = summary["throughput_ratio"] >= 4
         summary["p50_target_met"] = summary["p50_ratio"] <= 3
-        print(f"throughput ×{summary['throughput_ratio']:.2f} at {top['clients']} clients (target ≥ 4: "
-              f"{'met' if summary['throughput_target_met'] else 'missed'}); p50 ×{summary['p50_ratio']:.2f} "
-              f"(target ≤ 3: {'met' if summary['p50_target_met'] else 'missed'})")
-    path = common.write_result("concurrency", {"max_tokens": args.max_tokens, "batch_max_size": args.batch_max_size,
-                                               "levels": levels, "summary": summary})
+        print(
+            f"throughput ×{summary['throughput_ratio']:.2f} at {top['clients']} clients (target ≥ 4: "
+            f"{'met' if summary['throughput_target_met'] else 'missed'}); p50 ×{summary['p50_ratio']:.2f} "
+            f"(target ≤ 3: {'met' if summary['p50_target_met'] else 'missed'})"
+        )
+    path = common.write_result(
+        "concurrency",
+        {"max_tokens": args.max_tokens, "batch_max_size": args.batch_max_size, "levels": levels, "summary": summary},
+    )
     print(f"→ {path.relative_to(Path(common.REPO))}")
 
 

@@ -20,31 +20,31 @@ import collections
 import tempfile
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def traces_and_categories():
-    from auditor.db import run_migrations
+    from auditor.db.engine import run_migrations
     from auditor.settings import Settings
-    from workers.control import answer_traces, control_answers
-    from workers.service import Runtime
+    from workers.monitoring.control import answer_traces, control_answers
+    from workers.serving.service import WorkerContext
 
     tmp = Path(tempfile.mkdtemp(prefix="auditor-transfer-"))
     url = f"sqlite:///{tmp / 'auditor.db'}"
     run_migrations(url)
-    runtime = Runtime(Settings(database_url=url, data_dir=common.REPO / ".auditor", drift_interval_seconds=0))
+    runtime = WorkerContext(Settings(database_url=url, data_dir=common.REPO / ".auditor", drift_interval_seconds=0))
     torch.set_num_threads(runtime.settings.resolved_threads())
     s = runtime.settings
     bank = runtime.model_thread.call(runtime.bank).result()
 
     def work():
-        answers = control_answers(runtime.engine.model, runtime.control_prompts(), s.control_max_tokens,
-                                  s.control_cache_dir, 16)
-        return answer_traces(runtime.engine.model, bank, answers, s.control_cache_dir, s.batch_size)
+        answers = control_answers(
+            runtime.host.model, runtime.control_prompts(), s.control_max_tokens, s.control_cache_dir, 16
+        )
+        return answer_traces(runtime.host.model, bank, answers, s.control_cache_dir, s.batch_size)
 
     traces = runtime.model_thread.call(work).result()
     return traces, [category for _, category in runtime.control_set()], bank.names, s
@@ -57,22 +57,29 @@ def rate(k: int, n: int) -> dict:
 
 
 def run() -> None:
-    from workers.control import AnswerTraces
+    from workers.monitoring.control import AnswerTraces
 
     traces, categories, names, s = traces_and_categories()
     groups = sorted(set(categories))
-    result: dict = {"target_fpr": s.target_fpr, "confidence": s.calibration_confidence, "categories":
-                    dict(collections.Counter(categories)), "concepts": names, "methods": {}}
+    result: dict = {
+        "target_fpr": s.target_fpr,
+        "confidence": s.calibration_confidence,
+        "categories": dict(collections.Counter(categories)),
+        "concepts": names,
+        "methods": {},
+    }
     for method in ("in_sample", "held_out_group"):
         hits = {n: {"flag": 0, "alert": 0, "n": 0} for n in LENGTHS}
         by_category: dict[str, dict] = {}
         for held in groups:
             test = torch.tensor([c == held for c in categories])
             train = ~test
-            fit_groups = [c for c, keep in zip(categories, train.tolist()) if keep] if method == "held_out_group" else None
-            null = AnswerTraces(traces.residual[train], traces.text[train], traces.lengths[train],
-                                traces.text_lengths[train]).fit(s.target_fpr, s.calibration_confidence, 1,
-                                                                     groups=fit_groups)
+            fit_groups = (
+                [c for c, keep in zip(categories, train.tolist()) if keep] if method == "held_out_group" else None
+            )
+            null = AnswerTraces(
+                traces.residual[train], traces.text[train], traces.lengths[train], traces.text_lengths[train]
+            ).fit(s.target_fpr, s.calibration_confidence, 1, groups=fit_groups)
             mine = by_category.setdefault(held, {})
             for n_tokens in LENGTHS:
                 flags = alerts = count = 0
@@ -89,8 +96,9 @@ def run() -> None:
                 hits[n_tokens]["n"] += count
                 mine[str(n_tokens)] = {"flag": flags, "alert": alerts, "n": count}
         result["methods"][method] = {
-            "pooled": {str(n): {"flag": rate(h["flag"], h["n"]), "alert": rate(h["alert"], h["n"])}
-                       for n, h in hits.items()},
+            "pooled": {
+                str(n): {"flag": rate(h["flag"], h["n"]), "alert": rate(h["alert"], h["n"])} for n, h in hits.items()
+            },
             "by_category": by_category,
         }
         print(f"{method}:")

@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 LENGTHS = (4, 8, 16, 32, 64, 128, 256)
 STEER_LENGTHS = (8, 16, 32, 64, 128)
@@ -58,17 +57,17 @@ def ordinary_prompts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def generate(runtime, bank, prompts: list[str], max_new_tokens: int, chat: bool, steer=None, batch_size: int = 48):
     """Greedy answers with the residual captured at the primary layers -> per answer
     (output ids, residual trace [n, K]) — the serving path's batch generator and scoring."""
-    from workers.control import primary_rows
+    from workers.monitoring.control import primary_rows
     from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
     from workers.runtime.generate import SamplingConfig, encode_prompt
 
-    model = runtime.engine.model
+    model = runtime.host.model
     layers, directions, which = primary_rows(bank, range(len(bank.names)))
     batch = BatchGenerator(model, layers)
     pending = []
     for i, prompt in enumerate(prompts):
         ids = encode_prompt(model, prompt, chat)
-        steering = [runtime.engine.steering(steer, bank, len(ids))] if steer is not None else []
+        steering = [runtime.host.steering(steer, bank, len(ids))] if steer is not None else []
         pending.append((i, SequenceRequest(ids, SamplingConfig(max_new_tokens=max_new_tokens), steering)))
     done = {}
     started = time.perf_counter()
@@ -86,7 +85,7 @@ def generate(runtime, bank, prompts: list[str], max_new_tokens: int, chat: bool,
 
     for i in range(len(prompts)):
         g = done[i]
-        resid = g.resid.float()[:, g.response_start:]  # [n_captured, n_tokens, d_model]
+        resid = g.resid.float()[:, g.response_start :]  # [n_captured, n_tokens, d_model]
         scores = cosine_scores(resid, directions)  # [n_captured, n_tokens, K]
         trace = scores[which, :, torch.arange(len(bank.names))].T.double()  # [n_tokens, K]
         out.append((list(g.output_ids), trace))
@@ -97,9 +96,9 @@ def read_lengths(runtime, bank, null, answers, lengths) -> dict[int, dict]:
     """Every answer read at every max_tokens in `lengths`, exactly as serving would read the
     answer cut there: residual mean over its first n positions, text re-read of its first n
     tokens' text."""
-    from workers.control import content_ids, read_spans, text_spans
+    from workers.monitoring.control import content_ids, read_spans, text_spans
 
-    model = runtime.engine.model
+    model = runtime.host.model
     texts = [content_ids(model, ids) for ids, _ in answers]
     readable = [i for i, t in enumerate(texts) if t]
     text_traces = dict(zip(readable, read_spans(model, bank, text_spans(model, [texts[i] for i in readable]))))
@@ -115,14 +114,27 @@ def read_lengths(runtime, bank, null, answers, lengths) -> dict[int, dict]:
             flagged.append(bool(reading.flagged))
             alerted.append(bool(reading.alert.any()))
             zs.append(reading.residual_z)
-            mine = {f"{bank.names[k]}:{kind}" for k in range(len(bank.names))
-                    for kind, hit in (("hidden", reading.hidden[k]), ("surface", reading.surface[k]),
-                                      ("alert", reading.alert[k])) if hit}
+            mine = {
+                f"{bank.names[k]}:{kind}"
+                for k in range(len(bank.names))
+                for kind, hit in (
+                    ("hidden", reading.hidden[k]),
+                    ("surface", reading.surface[k]),
+                    ("alert", reading.alert[k]),
+                )
+                if hit
+            }
             raised.append(mine)
             for key in mine:
                 kinds[key] = kinds.get(key, 0) + 1
-        out[limit] = {"flagged": flagged, "alerted": alerted, "z": torch.stack(zs), "kinds": kinds,
-                      "insufficient": insufficient, "raised": raised}
+        out[limit] = {
+            "flagged": flagged,
+            "alerted": alerted,
+            "z": torch.stack(zs),
+            "kinds": kinds,
+            "insufficient": insufficient,
+            "raised": raised,
+        }
     return out
 
 
@@ -135,26 +147,34 @@ def rate(hits: list[bool]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=1000, help="ordinary chat prompts (half maths, half code)")
-    parser.add_argument("--completion-prompts", type=int, default=0,
-                        help="of them, also read as text completions against the chat null (serving does not: "
-                             "it marks them no_reference); 0 = skip")
+    parser.add_argument(
+        "--completion-prompts",
+        type=int,
+        default=0,
+        help="of them, also read as text completions against the chat null (serving does not: "
+        "it marks them no_reference); 0 = skip",
+    )
     parser.add_argument("--steer-prompts", type=int, default=150)
     parser.add_argument("--other-concept", default="formality")
-    parser.add_argument("--max-tokens", type=int, default=max(LENGTHS),
-                        help="longest answer length read (cuts the run's cost roughly in proportion)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max(LENGTHS),
+        help="longest answer length read (cuts the run's cost roughly in proportion)",
+    )
     args = parser.parse_args()
     lengths = tuple(n for n in LENGTHS if n <= args.max_tokens)
     steer_lengths = tuple(n for n in STEER_LENGTHS if n <= args.max_tokens)
 
-    from auditor.db import run_migrations
+    from auditor.db.engine import run_migrations
     from auditor.settings import Settings
-    from workers.engine import SteerRequest
-    from workers.service import Runtime
+    from workers.serving.host import SteerRequest
+    from workers.serving.service import WorkerContext
 
     tmp = Path(tempfile.mkdtemp(prefix="auditor-false-alarms-"))
     url = f"sqlite:///{tmp / 'auditor.db'}"
     run_migrations(url)
-    runtime = Runtime(Settings(database_url=url, data_dir=common.REPO / ".auditor", drift_interval_seconds=0))
+    runtime = WorkerContext(Settings(database_url=url, data_dir=common.REPO / ".auditor", drift_interval_seconds=0))
     torch.set_num_threads(runtime.settings.resolved_threads())
     bank = runtime.model_thread.call(runtime.bank).result()
     started = time.perf_counter()
@@ -170,8 +190,16 @@ def main() -> None:
         print(f"{args.completion_prompts} of them as text completions")
         completion = generate(runtime, bank, prompts[: args.completion_prompts], max(lengths), chat=False)
 
-    result: dict = {"max_tokens": max(lengths), "target_fpr": null.target_fpr, "confidence": null.confidence, "null": null.summary(),
-                    "concepts": bank.names, "n_prompts": len(prompts), "lengths": {}, "steering": {}}
+    result: dict = {
+        "max_tokens": max(lengths),
+        "target_fpr": null.target_fpr,
+        "confidence": null.confidence,
+        "null": null.summary(),
+        "concepts": bank.names,
+        "n_prompts": len(prompts),
+        "lengths": {},
+        "steering": {},
+    }
     for label, answers in (("chat", chat), ("completion", completion)):
         if not answers:
             continue
@@ -179,38 +207,62 @@ def main() -> None:
         for limit, r in readings.items():
             median_z = r["z"].nanmedian(dim=0).values
             entry = result["lengths"].setdefault(str(limit), {})
-            entry[label] = {"flagged": rate(r["flagged"]), "alert": rate(r["alerted"]),
-                            "insufficient_tokens": r["insufficient"], "by_kind": r["kinds"],
-                            "median_z": dict(zip(bank.names, [round(float(v), 3) for v in median_z]))}
-            print(f"{label:10s} max_tokens {limit:3d}: flagged {entry[label]['flagged']['rate']:.4f} "
-                  f"[{entry[label]['flagged']['ci95'][1]:.4f}], alert {entry[label]['alert']['rate']:.4f} "
-                  f"[{entry[label]['alert']['ci95'][1]:.4f}], median z {entry[label]['median_z']}")
+            entry[label] = {
+                "flagged": rate(r["flagged"]),
+                "alert": rate(r["alerted"]),
+                "insufficient_tokens": r["insufficient"],
+                "by_kind": r["kinds"],
+                "median_z": dict(zip(bank.names, [round(float(v), 3) for v in median_z])),
+            }
+            print(
+                f"{label:10s} max_tokens {limit:3d}: flagged {entry[label]['flagged']['rate']:.4f} "
+                f"[{entry[label]['flagged']['ci95'][1]:.4f}], alert {entry[label]['alert']['rate']:.4f} "
+                f"[{entry[label]['alert']['ci95'][1]:.4f}], median z {entry[label]['median_z']}"
+            )
     by_source = {}
     by_length = (32, max(lengths))
     chat_readings = read_lengths(runtime, bank, null, chat, by_length)
     for source in ("gsm8k", "code"):
         idx = [i for i, (_, s) in enumerate(rows) if s == source]
-        by_source[source] = {str(L): {"flagged": rate([chat_readings[L]["flagged"][i] for i in idx]),
-                                      "alert": rate([chat_readings[L]["alerted"][i] for i in idx])} for L in by_length}
+        by_source[source] = {
+            str(L): {
+                "flagged": rate([chat_readings[L]["flagged"][i] for i in idx]),
+                "alert": rate([chat_readings[L]["alerted"][i] for i in idx]),
+            }
+            for L in by_length
+        }
     result["by_source"] = by_source
 
-    steer_prompts = prompts[: args.steer_prompts // 2] + prompts[len(prompts) // 2: len(prompts) // 2 + args.steer_prompts // 2]
+    steer_prompts = (
+        prompts[: args.steer_prompts // 2] + prompts[len(prompts) // 2 : len(prompts) // 2 + args.steer_prompts // 2]
+    )
     for concept, alphas in (("pessimism", (0.025, 0.05, 0.1)), (args.other_concept, (0.05, 0.1))):
         k = bank.names.index(concept)
         for alpha in alphas:
-            answers = generate(runtime, bank, steer_prompts, max(steer_lengths), chat=True,
-                               steer=SteerRequest(concept, alpha, relative=True))
+            answers = generate(
+                runtime,
+                bank,
+                steer_prompts,
+                max(steer_lengths),
+                chat=True,
+                steer=SteerRequest(concept, alpha, relative=True),
+            )
             readings = read_lengths(runtime, bank, null, answers, steer_lengths)
             entry = {}
             for limit, r in readings.items():
                 # Detected: flagged `hidden` for the steered concept (the tampering the text hides),
                 # or any flag / alert at all (what pages someone).
                 hidden = [f"{concept}:hidden" in mine for mine in r["raised"]]
-                entry[str(limit)] = {"hidden_for_concept": rate(hidden), "any_flag": rate(r["flagged"]),
-                                     "any_alert": rate(r["alerted"]),
-                                     "median_z_concept": round(float(r["z"][:, k].nanmedian()), 3)}
-                print(f"steer {concept} α={alpha} max_tokens {limit:3d}: hidden {entry[str(limit)]['hidden_for_concept']['rate']:.3f} "
-                      f"any flag {entry[str(limit)]['any_flag']['rate']:.3f} alert {entry[str(limit)]['any_alert']['rate']:.3f}")
+                entry[str(limit)] = {
+                    "hidden_for_concept": rate(hidden),
+                    "any_flag": rate(r["flagged"]),
+                    "any_alert": rate(r["alerted"]),
+                    "median_z_concept": round(float(r["z"][:, k].nanmedian()), 3),
+                }
+                print(
+                    f"steer {concept} α={alpha} max_tokens {limit:3d}: hidden {entry[str(limit)]['hidden_for_concept']['rate']:.3f} "
+                    f"any flag {entry[str(limit)]['any_flag']['rate']:.3f} alert {entry[str(limit)]['any_alert']['rate']:.3f}"
+                )
             result["steering"][f"{concept}@{alpha}"] = entry
     name = "false_alarms" if max(lengths) == max(LENGTHS) else f"false_alarms_max{max(lengths)}"
     path = common.write_result(name, result)

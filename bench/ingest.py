@@ -37,11 +37,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import write_result
 
-from auditor import store  # noqa: E402
-from auditor.db import make_engine, normalize_url, run_migrations, session_factory  # noqa: E402
-from auditor.models import MonitoredRequest, RequestScore, utcnow  # noqa: E402
+from auditor.db import store
+from auditor.db.engine import make_engine, normalize_url, run_migrations, session_factory
+from auditor.db.models import MonitoredRequest, RequestScore, utcnow
 
 N_CONCEPTS, N_LAYERS, D_MODEL = 6, 30, 576
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -89,9 +89,7 @@ def create_requests(factory: Callable[[], Session], prefix: str, n: int) -> list
     return ids
 
 
-def per_request(
-    factory, writer, request_ids: list[str], rows: list[dict], writers: int
-) -> None:
+def per_request(factory, writer, request_ids: list[str], rows: list[dict], writers: int) -> None:
     """Each request in its own session and transaction; `writers` threads stand in for that many
     worker processes writing at once (psycopg releases the GIL while it waits on the server)."""
 
@@ -108,9 +106,7 @@ def per_request(
 
 def all_at_once_insert(factory, request_ids: list[str], rows: list[dict]) -> None:
     now = utcnow()
-    params = [
-        {**row, "request_id": rid, "created_at": now} for rid in request_ids for row in rows
-    ]
+    params = [{**row, "request_id": rid, "created_at": now} for rid in request_ids for row in rows]
     with factory() as session, session.begin():
         session.execute(insert(RequestScore.__table__), params)  # as store.insert_scores does
 
@@ -151,9 +147,7 @@ def admin_connection(admin_url: str) -> psycopg.Connection:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--trace-len", type=int, default=64, help="floats per trace (0 = no trace)")
     parser.add_argument("--no-trace", action="store_true")
@@ -170,12 +164,8 @@ def run_modes(url: str, args: argparse.Namespace, trace_len: int, n_requests: in
         rows = score_rows(register_concepts(factory), trace_len)
         n_rows = n_requests * len(rows)
         modes = {
-            "insert/request": lambda ids: per_request(
-                factory, store.insert_scores, ids, rows, args.writers
-            ),
-            "copy/request": lambda ids: per_request(
-                factory, store.insert_scores_copy, ids, rows, args.writers
-            ),
+            "insert/request": lambda ids: per_request(factory, store.insert_scores, ids, rows, args.writers),
+            "copy/request": lambda ids: per_request(factory, store.insert_scores_copy, ids, rows, args.writers),
             "insert/all": lambda ids: all_at_once_insert(factory, ids, rows),
             "copy/all": lambda ids: all_at_once_copy(factory, ids, rows),
         }

@@ -24,9 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 import common
+import httpx
 from concurrency import PROMPTS, percentile
 from service import running_service, service_rows
 
@@ -42,12 +41,22 @@ def run_load(service, clients: int, n_requests: int, time_limit: float, max_toke
 
     def chat(client, prompt: str) -> dict:
         response = client.chat.completions.create(
-            model="auditor", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0)
+            model="auditor", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+        )
         return {"kind": "chat", "id": response.id, "tokens": response.usage.completion_tokens}
 
     def audit(http: httpx.Client, prompt: str, index: int) -> dict:
-        submitted = http.post("/v1/audits", json={"items": [
-            {"prompt": prompt, "completion": f"Here is a short answer, number {index}: start small and keep going."}]})
+        submitted = http.post(
+            "/v1/audits",
+            json={
+                "items": [
+                    {
+                        "prompt": prompt,
+                        "completion": f"Here is a short answer, number {index}: start small and keep going.",
+                    }
+                ]
+            },
+        )
         submitted.raise_for_status()
         audit_id = submitted.json()["ids"][0]
         while time.monotonic() < deadline + 120:
@@ -90,14 +99,22 @@ def run_load(service, clients: int, n_requests: int, time_limit: float, max_toke
 
     def latency(kind: str) -> dict:
         values = [r["seconds"] for r in ok if kind in ("all", r["kind"])]
-        return {"n": len(values), "p50_seconds": statistics.median(values) if values else None,
-                "p99_seconds": percentile(values, 0.99) if values else None}
+        return {
+            "n": len(values),
+            "p50_seconds": statistics.median(values) if values else None,
+            "p99_seconds": percentile(values, 0.99) if values else None,
+        }
 
     return {
-        "clients": clients, "requests_budget": n_requests, "time_limit_seconds": time_limit,
-        "sent": len(records), "answered": len(ok), "errors": len(records) - len(ok),
+        "clients": clients,
+        "requests_budget": n_requests,
+        "time_limit_seconds": time_limit,
+        "sent": len(records),
+        "answered": len(ok),
+        "errors": len(records) - len(ok),
         "error_examples": sorted({r["error"] for r in records if r["error"]})[:5],
-        "wall_seconds": wall, "requests_per_second": len(ok) / wall,
+        "wall_seconds": wall,
+        "requests_per_second": len(ok) / wall,
         "completion_tokens": sum(r["tokens"] for r in ok),
         "tokens_per_second": sum(r["tokens"] for r in ok) / wall,
         "latency": {kind: latency(kind) for kind in ("all", "chat", "audit")},
@@ -114,13 +131,18 @@ def concepts_scored(db_url: str, request_ids: list[str]) -> dict[str, int]:
     """Per request id: how many distinct concepts have score rows (each has one per layer)."""
     from sqlalchemy import text
 
-    from auditor.db import make_engine
+    from auditor.db.engine import make_engine
 
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(text("SELECT request_id, count(DISTINCT concept_id) FROM request_scores"
-                                     " WHERE request_id = ANY(:ids) GROUP BY request_id"), {"ids": list(request_ids)}).all()
+            rows = conn.execute(
+                text(
+                    "SELECT request_id, count(DISTINCT concept_id) FROM request_scores"
+                    " WHERE request_id = ANY(:ids) GROUP BY request_id"
+                ),
+                {"ids": list(request_ids)},
+            ).all()
     finally:
         engine.dispose()
     return {request_id: n for request_id, n in rows}
@@ -147,18 +169,26 @@ def main() -> None:
         scored = concepts_scored(service.db_url, result["ids"])
     ids = result.pop("ids")
     complete = [i for i in ids if i in rows and rows[i]["status"] == "done" and scored.get(i) == n_concepts]
-    result.update({
-        "workers": args.workers, "max_tokens": args.max_tokens, "active_concepts": n_concepts,
-        "recorded_with_all_scores": len(complete), "missing": len(ids) - len(complete),
-        "duplicate_ids": len(ids) - len(set(ids)),
-    })
+    result.update(
+        {
+            "workers": args.workers,
+            "max_tokens": args.max_tokens,
+            "active_concepts": n_concepts,
+            "recorded_with_all_scores": len(complete),
+            "missing": len(ids) - len(complete),
+            "duplicate_ids": len(ids) - len(set(ids)),
+        }
+    )
     lat = result["latency"]
-    print(f"{args.clients} clients, {args.workers} workers: {result['answered']}/{result['sent']} answered in "
-          f"{result['wall_seconds']:.1f}s — {result['requests_per_second']:.2f} req/s, "
-          f"{result['tokens_per_second']:.1f} tok/s; chat p50 {lat['chat']['p50_seconds'] or 0:.2f}s "
-          f"p99 {lat['chat']['p99_seconds'] or 0:.2f}s; audit p50 {lat['audit']['p50_seconds'] or 0:.2f}s; "
-          f"errors {result['errors']}; all scores in Postgres for {len(complete)}/{len(ids)} "
-          f"(missing {result['missing']}, duplicates {result['duplicate_ids']})", flush=True)
+    print(
+        f"{args.clients} clients, {args.workers} workers: {result['answered']}/{result['sent']} answered in "
+        f"{result['wall_seconds']:.1f}s — {result['requests_per_second']:.2f} req/s, "
+        f"{result['tokens_per_second']:.1f} tok/s; chat p50 {lat['chat']['p50_seconds'] or 0:.2f}s "
+        f"p99 {lat['chat']['p99_seconds'] or 0:.2f}s; audit p50 {lat['audit']['p50_seconds'] or 0:.2f}s; "
+        f"errors {result['errors']}; all scores in Postgres for {len(complete)}/{len(ids)} "
+        f"(missing {result['missing']}, duplicates {result['duplicate_ids']})",
+        flush=True,
+    )
     path = common.write_result("load", result)
     print(f"→ {path.relative_to(Path(common.REPO))}")
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_result  # noqa: E402
+from common import REPO, write_result
 
 MESSAGES = [{"role": "user", "content": "How do solar panels work?"}]
 
@@ -32,20 +32,20 @@ def main() -> None:
     import torch
 
     from auditor.settings import Settings
-    from workers.engine import Engine
     from workers.runtime.generate import SamplingConfig
+    from workers.serving.host import ModelHost
 
     sampling = SamplingConfig(max_new_tokens=32)
-    engine = Engine(Settings(data_dir=REPO / ".auditor", torch_threads=2))
+    host = ModelHost(Settings(data_dir=REPO / ".auditor", torch_threads=2))
     model_thread = ThreadPoolExecutor(1)  # one thread owns the model, as in a worker
-    bank = model_thread.submit(engine.bank).result()
+    bank = model_thread.submit(host.bank).result()
 
     def ms_per_token() -> float:
-        engine.generate(MESSAGES, sampling, bank=bank)
+        host.generate(MESSAGES, sampling, bank=bank)
         runs = []
         for _ in range(4):
             began = time.perf_counter()
-            result = engine.generate(MESSAGES, sampling, bank=bank)
+            result = host.generate(MESSAGES, sampling, bank=bank)
             runs.append(1000 * (time.perf_counter() - began) / len(result.generation.output_ids))
         return statistics.median(runs)
 
@@ -54,8 +54,11 @@ def main() -> None:
     other_thread = ThreadPoolExecutor(1)
     other_thread.submit(lambda: torch.randn(256, 4096) @ torch.randn(4096, 4096)).result()
     after = model_thread.submit(ms_per_token).result()
-    result = {"ms_per_token_one_master": round(alone, 1), "ms_per_token_after_a_second_master": round(after, 1),
-              "slowdown": round(after / alone, 3)}
+    result = {
+        "ms_per_token_one_master": round(alone, 1),
+        "ms_per_token_after_a_second_master": round(after, 1),
+        "slowdown": round(after / alone, 3),
+    }
     other_thread.shutdown()  # the second master exits: its pool goes
     result["ms_per_token_after_it_exited"] = round(model_thread.submit(ms_per_token).result(), 1)
     write_result("openmp_masters", result)

@@ -74,17 +74,17 @@ def main() -> None:
     parser.add_argument("--target-fpr", type=float, default=0.01)
     args = parser.parse_args()
 
-    from auditor.db import run_migrations
+    from auditor.db.engine import run_migrations
     from auditor.settings import Settings
     from probes.concepts import load_control_prompts
-    from workers.engine import SteerRequest
     from workers.runtime.generate import SamplingConfig
-    from workers.service import Runtime
+    from workers.serving.host import SteerRequest
+    from workers.serving.service import WorkerContext
 
     assert not set(HELD_OUT) & set(load_control_prompts()), "held-out prompts must not be control prompts"
     url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='auditor-positive-control-')) / 'auditor.db'}"
     run_migrations(url)
-    runtime = Runtime(Settings(database_url=url, data_dir=common.REPO / ".auditor", target_fpr=args.target_fpr))
+    runtime = WorkerContext(Settings(database_url=url, data_dir=common.REPO / ".auditor", target_fpr=args.target_fpr))
     runtime.model_thread.call(runtime.warm_up).result()
     bank = runtime.model_thread.call(runtime.bank).result()
     null = runtime.model_thread.call(lambda: runtime.answer_null(bank)).result()
@@ -109,16 +109,21 @@ def main() -> None:
     for alpha in args.alphas:
         steered = serve([SteerRequest(args.concept, alpha, relative=True)])
         shifts = [text_z(s) - b for s, b in zip(steered, base_text_z) if text_z(s) is not None and b is not None]
-        rows.append({
-            "alpha": alpha,
-            "detection_rate": sum(hidden(s) for s in steered) / len(steered),
-            "answers_changed": sum(s.text != b.text for s, b in zip(steered, baseline)) / len(steered),
-            "mean_text_z_shift": sum(shifts) / len(shifts),
-            "mean_residual_z": sum(float(s.verdict.reading.residual_z[k]) for s in steered) / len(steered),
-            "example": steered[0].text,
-        })
-        print(f"α={alpha:<6} detected {rows[-1]['detection_rate']:.0%}  answers changed {rows[-1]['answers_changed']:.0%}  "
-              f"text z shift {rows[-1]['mean_text_z_shift']:+.2f}  residual z {rows[-1]['mean_residual_z']:+.2f}", flush=True)
+        rows.append(
+            {
+                "alpha": alpha,
+                "detection_rate": sum(hidden(s) for s in steered) / len(steered),
+                "answers_changed": sum(s.text != b.text for s, b in zip(steered, baseline)) / len(steered),
+                "mean_text_z_shift": sum(shifts) / len(shifts),
+                "mean_residual_z": sum(float(s.verdict.reading.residual_z[k]) for s in steered) / len(steered),
+                "example": steered[0].text,
+            }
+        )
+        print(
+            f"α={alpha:<6} detected {rows[-1]['detection_rate']:.0%}  answers changed {rows[-1]['answers_changed']:.0%}  "
+            f"text z shift {rows[-1]['mean_text_z_shift']:+.2f}  residual z {rows[-1]['mean_residual_z']:+.2f}",
+            flush=True,
+        )
     visible = next((r["alpha"] for r in rows if r["mean_text_z_shift"] > 1.0), None)
     summary = {
         "concept": args.concept,
@@ -128,8 +133,10 @@ def main() -> None:
         "alpha_text_visibly_changes": visible,
         "baseline_example": baseline[0].text,
     }
-    print(f"false positives on {len(HELD_OUT)} unsteered held-out answers: {false_positives}; "
-          f"text visibly changes (text z +1) from α={visible}")
+    print(
+        f"false positives on {len(HELD_OUT)} unsteered held-out answers: {false_positives}; "
+        f"text visibly changes (text z +1) from α={visible}"
+    )
     path = common.write_result("positive_control", {"summary": summary, "alphas": rows})
     print(f"→ {path.relative_to(common.REPO)}")
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EVAL_DIR, REPO, engine, write_result  # noqa: E402
+from common import EVAL_DIR, REPO, host, write_result
 
-from probes.concepts import ConceptDefinition, load_concept  # noqa: E402
-from probes.metrics import auroc, auroc_with_ci  # noqa: E402
-from workers.concepts import extract_concept, per_text_scores  # noqa: E402
-from workers.evaluation import text_baselines  # noqa: E402
+from probes.concepts import ConceptDefinition, load_concept
+from probes.separation import auroc, auroc_with_ci
+from workers.monitoring.concepts import extract_concept, per_text_scores
+from workers.monitoring.evaluation import text_baselines
 
 # (file, flip labels?, what label 1 means after the flip)
 PESSIMISM_SETS = [
@@ -83,13 +83,20 @@ def code_alpaca_model_answers(eng) -> list[dict]:
     first MODEL_ANSWER_PROMPTS requests, labelled by the same rules; generated once and cached."""
     from code_language import language
 
-    from workers.control import content_ids, generate_answers
+    from workers.monitoring.control import content_ids, generate_answers
 
-    path = CACHE / f"code_alpaca_answers-{eng.model.fingerprint.hash[:16]}-{MODEL_ANSWER_PROMPTS}-{MODEL_ANSWER_TOKENS}.jsonl"
+    path = (
+        CACHE
+        / f"code_alpaca_answers-{eng.model.fingerprint.hash[:16]}-{MODEL_ANSWER_PROMPTS}-{MODEL_ANSWER_TOKENS}.jsonl"
+    )
     if not path.exists():
-        prompts = [json.loads(line)["prompt"] for line in (EVAL_DIR / "prompts_code_alpaca_2k.jsonl").open(encoding="utf-8")]
+        prompts = [
+            json.loads(line)["prompt"] for line in (EVAL_DIR / "prompts_code_alpaca_2k.jsonl").open(encoding="utf-8")
+        ]
         prompts = prompts[:MODEL_ANSWER_PROMPTS]
-        print(f"answering {len(prompts)} programming requests with the default model (once; cached in {path})", flush=True)
+        print(
+            f"answering {len(prompts)} programming requests with the default model (once; cached in {path})", flush=True
+        )
         answers = generate_answers(eng.model, prompts, MODEL_ANSWER_TOKENS, batch_size=16, progress=_printed)
         CACHE.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as out:
@@ -146,36 +153,52 @@ def evaluate_sets(eng, concept: str, sets, limit: int | None) -> list[dict]:
         for k, name in enumerate(names):
             layer = vectors[name].auto_layer
             est = auroc_with_ci(scores[:, layer, k], labels)
-            best_layer = max(range(n_layers), key=lambda l: auroc(scores[:, l, k], labels))
-            rows.append({
-                "concept": concept, "set": path.name, "label_1": meaning, "vector": name,
-                "layer": layer, "auroc": round(est.auroc, 3), "ci_low": round(est.ci_low, 3),
-                "ci_high": round(est.ci_high, 3), "n": est.n,
-                "eval_best_layer": best_layer,
-                "eval_best_auroc": round(auroc(scores[:, best_layer, k], labels), 3),
-                **{f"{b}_auroc": round(e.auroc, 3) for b, e in baselines.items()},
-                **{f"{b}_ci": [round(e.ci_low, 3), round(e.ci_high, 3)] for b, e in baselines.items()},
-                "beats_keyword": ("keyword" in baselines and est.auroc > baselines["keyword"].auroc),
-                "beats_keyword_ci": ("keyword" in baselines and est.ci_low > baselines["keyword"].auroc),
-            })
-            print(f"{concept:12s} {path.name:34s} {name:34s} L{layer:<2d} AUROC {est.auroc:.3f} "
-                  f"[{est.ci_low:.3f}, {est.ci_high:.3f}]  (best on this set: L{best_layer} "
-                  f"{rows[-1]['eval_best_auroc']:.3f}); keyword {rows[-1].get('keyword_auroc', '-')}, "
-                  f"bag of words {rows[-1]['bag_of_words_auroc']}", flush=True)
+            best_layer = max(range(n_layers), key=lambda candidate: auroc(scores[:, candidate, k], labels))
+            rows.append(
+                {
+                    "concept": concept,
+                    "set": path.name,
+                    "label_1": meaning,
+                    "vector": name,
+                    "layer": layer,
+                    "auroc": round(est.auroc, 3),
+                    "ci_low": round(est.ci_low, 3),
+                    "ci_high": round(est.ci_high, 3),
+                    "n": est.n,
+                    "eval_best_layer": best_layer,
+                    "eval_best_auroc": round(auroc(scores[:, best_layer, k], labels), 3),
+                    **{f"{b}_auroc": round(e.auroc, 3) for b, e in baselines.items()},
+                    **{f"{b}_ci": [round(e.ci_low, 3), round(e.ci_high, 3)] for b, e in baselines.items()},
+                    "beats_keyword": ("keyword" in baselines and est.auroc > baselines["keyword"].auroc),
+                    "beats_keyword_ci": ("keyword" in baselines and est.ci_low > baselines["keyword"].auroc),
+                }
+            )
+            print(
+                f"{concept:12s} {path.name:34s} {name:34s} L{layer:<2d} AUROC {est.auroc:.3f} "
+                f"[{est.ci_low:.3f}, {est.ci_high:.3f}]  (best on this set: L{best_layer} "
+                f"{rows[-1]['eval_best_auroc']:.3f}); keyword {rows[-1].get('keyword_auroc', '-')}, "
+                f"bag of words {rows[-1]['bag_of_words_auroc']}",
+                flush=True,
+            )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=2000, help="rows per set, sampled with seed 0 (0 = all; rt_polarity has 10,662)")
-    parser.add_argument("--skip-model-answers", action="store_true",
-                        help="leave out the default model's answers to programming requests (generated once, "
-                             f"~1 h on 2 busy cores for {MODEL_ANSWER_PROMPTS})")
+    parser.add_argument(
+        "--limit", type=int, default=2000, help="rows per set, sampled with seed 0 (0 = all; rt_polarity has 10,662)"
+    )
+    parser.add_argument(
+        "--skip-model-answers",
+        action="store_true",
+        help="leave out the default model's answers to programming requests (generated once, "
+        f"~1 h on 2 busy cores for {MODEL_ANSWER_PROMPTS})",
+    )
     args = parser.parse_args()
     global PYTHON_SETS
     if args.skip_model_answers:
         PYTHON_SETS = [entry for entry in PYTHON_SETS if entry[0] != "code_alpaca_model_answers"]
-    eng = engine()
+    eng = host()
     limit = args.limit or None
     rows = evaluate_sets(eng, "pessimism", PESSIMISM_SETS, limit)
     rows += evaluate_sets(eng, "python_bias", PYTHON_SETS, limit)

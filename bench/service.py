@@ -34,7 +34,7 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from auditor.db import normalize_url, run_migrations
+from auditor.db.engine import normalize_url, run_migrations
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -43,13 +43,15 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 def _issue_token(db_url: str) -> str:
     """A token with every scope, as `auditor token create` makes one."""
-    from auditor import tokens
-    from auditor.db import make_engine, session_factory
+    from auditor.access import tokens
+    from auditor.db.engine import make_engine, session_factory
 
     engine = make_engine(db_url)
     try:
         with session_factory(engine)() as session:
-            issued = tokens.create_token(session, name="bench", scopes=("admin", "client", "reader"), created_by="bench")
+            issued = tokens.create_token(
+                session, name="bench", scopes=("admin", "client", "reader"), created_by="bench"
+            )
             session.commit()
             return issued.token
     finally:
@@ -124,8 +126,9 @@ def _start(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.P
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     # Own session: the process group is then exactly this process and anything it spawns, so
     # teardown reaches those too even if the parent hangs.
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     proc._bench_log = log  # type: ignore[attr-defined]
     return proc
 
@@ -214,8 +217,24 @@ def running_service(
             for number in range(workers):
                 procs.append(_start(f"worker-{number}", worker_args, env, log_dir))
             port = free_port()
-            procs.append(_start("api", [sys.executable, "-m", "auditor.cli", "api", "--host", "127.0.0.1",
-                                        "--port", str(port), "--no-migrate"], env, log_dir))
+            procs.append(
+                _start(
+                    "api",
+                    [
+                        sys.executable,
+                        "-m",
+                        "auditor.cli",
+                        "api",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--no-migrate",
+                    ],
+                    env,
+                    log_dir,
+                )
+            )
             service = Service(f"http://127.0.0.1:{port}", db_url, broker, workers, threads, log_dir, token)
             _wait_ready(service, procs, ready_timeout)
             yield service
@@ -273,16 +292,23 @@ def _wait_ready(service: Service, procs: list[subprocess.Popen], timeout: float)
 def service_rows(db_url: str, request_ids: list[str]) -> dict[str, dict]:
     """Per request id: its status, token counts and server-side timings, and how many score
     rows it has in Postgres. Ids missing from the database are absent from the result."""
-    from auditor.db import make_engine
+    from auditor.db.engine import make_engine
 
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT r.id, r.status, r.error, r.completion_tokens, r.queue_seconds, r.prefill_seconds,"
-                " r.decode_seconds, (SELECT count(*) FROM request_scores s WHERE s.request_id = r.id) AS n_scores"
-                " FROM monitored_requests r WHERE r.id = ANY(:ids)"
-            ), {"ids": list(request_ids)}).mappings().all()
+            rows = (
+                conn.execute(
+                    text(
+                        "SELECT r.id, r.status, r.error, r.completion_tokens, r.queue_seconds, r.prefill_seconds,"
+                        " r.decode_seconds, (SELECT count(*) FROM request_scores s WHERE s.request_id = r.id) AS n_scores"
+                        " FROM monitored_requests r WHERE r.id = ANY(:ids)"
+                    ),
+                    {"ids": list(request_ids)},
+                )
+                .mappings()
+                .all()
+            )
     finally:
         engine.dispose()
     return {row["id"]: dict(row) for row in rows}

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_result  # noqa: E402
-from service import default_threads, running_service, service_rows  # noqa: E402
+from common import REPO, write_result
+from service import default_threads, running_service, service_rows
 
 PROMPTS = [
     "What's a good way to start learning to cook at home?",
@@ -68,34 +68,46 @@ WARM_UP_PER_WORKER = 24  # above the CLI's default task threads per worker (batc
 
 def stats(seconds: list[float]) -> dict:
     values = np.asarray(seconds)
-    return {"p50_s": float(np.percentile(values, 50)), "p99_s": float(np.percentile(values, 99)),
-            "mean_s": float(values.mean()), "n": len(values)}
+    return {
+        "p50_s": float(np.percentile(values, 50)),
+        "p99_s": float(np.percentile(values, 99)),
+        "mean_s": float(values.mean()),
+        "n": len(values),
+    }
 
 
 def in_process(prompts: list[str], repeats: int, max_tokens: int, threads: int) -> list[dict]:
     from auditor.settings import Settings
-    from workers.engine import Engine
     from workers.runtime.generate import SamplingConfig
+    from workers.serving.host import ModelHost
 
-    engine = Engine(Settings(data_dir=REPO / ".auditor", torch_threads=threads))
-    bank = engine.bank()  # built (extracted, calibrated) once, outside the timings
+    host = ModelHost(Settings(data_dir=REPO / ".auditor", torch_threads=threads))
+    bank = host.bank()  # built (extracted, calibrated) once, outside the timings
     sampling = SamplingConfig(max_new_tokens=max_tokens)
-    engine.generate([{"role": "user", "content": WARM_UP}], sampling, bank=bank)
+    host.generate([{"role": "user", "content": WARM_UP}], sampling, bank=bank)
     runs = []
     for repeat in range(repeats):
         for index, prompt in enumerate(prompts):
             messages = [{"role": "user", "content": prompt}]
             started = time.perf_counter()
-            result = engine.generate(messages, sampling, bank=bank)
+            result = host.generate(messages, sampling, bank=bank)
             seconds = time.perf_counter() - started
-            runs.append({"repeat": repeat, "prompt": index, "seconds": seconds, "text": result.text,
-                         "completion_tokens": len(result.generation.output_ids)})
+            runs.append(
+                {
+                    "repeat": repeat,
+                    "prompt": index,
+                    "seconds": seconds,
+                    "text": result.text,
+                    "completion_tokens": len(result.generation.output_ids),
+                }
+            )
         print(f"in-process pass {repeat + 1}/{repeats} done", flush=True)
     return runs
 
 
-def served(prompts: list[str], repeats: int, max_tokens: int, threads: int, workers: int,
-           concurrency: int | None) -> tuple[list[dict], dict]:
+def served(
+    prompts: list[str], repeats: int, max_tokens: int, threads: int, workers: int, concurrency: int | None
+) -> tuple[list[dict], dict]:
     from openai import OpenAI
 
     with running_service(workers=workers, torch_threads=threads, concurrency=concurrency) as svc:
@@ -103,7 +115,8 @@ def served(prompts: list[str], repeats: int, max_tokens: int, threads: int, work
 
         def ask(prompt: str, tokens: int = max_tokens):
             return client.chat.completions.create(
-                model="auditor", messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0)
+                model="auditor", messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0
+            )
 
         started = time.perf_counter()
         ask(WARM_UP)  # a worker loads its model, registers concepts and calibrates on its first task
@@ -119,9 +132,16 @@ def served(prompts: list[str], repeats: int, max_tokens: int, threads: int, work
                 started = time.perf_counter()
                 response = ask(prompt)
                 seconds = time.perf_counter() - started
-                runs.append({"repeat": repeat, "prompt": index, "seconds": seconds, "id": response.id,
-                             "text": response.choices[0].message.content,
-                             "completion_tokens": response.usage.completion_tokens})
+                runs.append(
+                    {
+                        "repeat": repeat,
+                        "prompt": index,
+                        "seconds": seconds,
+                        "id": response.id,
+                        "text": response.choices[0].message.content,
+                        "completion_tokens": response.usage.completion_tokens,
+                    }
+                )
             print(f"service pass {repeat + 1}/{repeats} done", flush=True)
         # Read while the database still exists: the context manager drops it on exit.
         rows = service_rows(svc.db_url, [r["id"] for r in runs])
@@ -140,8 +160,11 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     threads = args.threads or default_threads(args.workers)
     started = time.perf_counter()
-    print(f"{len(prompts)} prompts x {args.repeats} passes, {args.max_tokens} new tokens, {threads} torch threads, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"{len(prompts)} prompts x {args.repeats} passes, {args.max_tokens} new tokens, {threads} torch threads, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     # Load on the machine per phase: the two sides run minutes apart, so a neighbour's job that
     # starts in between skews the ratio; this is how a reader can tell.
@@ -154,8 +177,11 @@ def main() -> None:
 
     expected = {(r["repeat"], r["prompt"]): r for r in local}
     mismatched = [r["prompt"] for r in service if r["text"] != expected[(r["repeat"], r["prompt"])]["text"]]
-    not_stored = [r["id"] for r in service
-                  if (row := rows.get(r["id"])) is None or row["status"] != "done" or row["n_scores"] == 0]
+    not_stored = [
+        r["id"]
+        for r in service
+        if (row := rows.get(r["id"])) is None or row["status"] != "done" or row["n_scores"] == 0
+    ]
 
     inproc, serv = stats([r["seconds"] for r in local]), stats([r["seconds"] for r in service])
     ratio_p50, ratio_p99 = serv["p50_s"] / inproc["p50_s"], serv["p99_s"] / inproc["p99_s"]
@@ -165,21 +191,31 @@ def main() -> None:
         for name, runs in (("in_process", local), ("service", service))
     }
     # Where the service's extra time goes: the worker's own prefill + decode vs the client's wall.
-    worker_gen = [rows[r["id"]]["prefill_seconds"] + rows[r["id"]]["decode_seconds"] for r in service
-                  if r["id"] in rows and rows[r["id"]]["decode_seconds"] is not None]
+    worker_gen = [
+        rows[r["id"]]["prefill_seconds"] + rows[r["id"]]["decode_seconds"]
+        for r in service
+        if r["id"] in rows and rows[r["id"]]["decode_seconds"] is not None
+    ]
     queue = [rows[r["id"]]["queue_seconds"] for r in service if rows.get(r["id"], {}).get("queue_seconds") is not None]
-    timed = [(r["seconds"], rows[r["id"]]["prefill_seconds"] + rows[r["id"]]["decode_seconds"]) for r in service
-             if r["id"] in rows and rows[r["id"]]["decode_seconds"] is not None]
+    timed = [
+        (r["seconds"], rows[r["id"]]["prefill_seconds"] + rows[r["id"]]["decode_seconds"])
+        for r in service
+        if r["id"] in rows and rows[r["id"]]["decode_seconds"] is not None
+    ]
     overhead = [wall - gen for wall, gen in timed]
     # Both terms from the same request, so unlike the headline ratio it survives load changing
     # between the two phases; it slightly overstates the cost (scoring is outside `gen`).
     wall_over_gen = [wall / gen for wall, gen in timed if gen > 0]
     result = {
-        "prompts": len(prompts), "repeats": args.repeats, "max_tokens": args.max_tokens, "workers": args.workers,
+        "prompts": len(prompts),
+        "repeats": args.repeats,
+        "max_tokens": args.max_tokens,
+        "workers": args.workers,
         "torch_threads": threads,
         "in_process": {k: round(v, 4) if isinstance(v, float) else v for k, v in inproc.items()},
         "service": {k: round(v, 4) if isinstance(v, float) else v for k, v in serv.items()},
-        "ratio_p50": round(ratio_p50, 3), "ratio_p99": round(ratio_p99, 3),
+        "ratio_p50": round(ratio_p50, 3),
+        "ratio_p99": round(ratio_p99, 3),
         "ms_per_token_median": {k: round(v, 2) for k, v in ms_per_token.items()},
         "ratio_ms_per_token": round(ms_per_token["service"] / ms_per_token["in_process"], 3),
         "completion_tokens_mean": round(float(np.mean([r["completion_tokens"] for r in service])), 1),
@@ -189,7 +225,8 @@ def main() -> None:
             "client_wall_minus_worker_generation": round(float(np.median(overhead)), 4) if overhead else None,
         },
         "client_wall_over_worker_generation_p50": round(float(np.median(wall_over_gen)), 3) if wall_over_gen else None,
-        "text_mismatches": len(mismatched), "mismatched_prompts": sorted(set(mismatched)),
+        "text_mismatches": len(mismatched),
+        "mismatched_prompts": sorted(set(mismatched)),
         "requests_missing_scores": len(not_stored),
         "target": "service / in-process <= 1.10 at p50",
         "target_met": ratio_p50 <= 1.10,
@@ -203,16 +240,26 @@ def main() -> None:
 
     table = Table("", "in-process", "service", "service / in-process", title="monitored chat completion latency")
     for key, label in (("p50_s", "p50"), ("p99_s", "p99"), ("mean_s", "mean")):
-        table.add_row(f"{label} (ms)", f"{1000 * inproc[key]:.0f}", f"{1000 * serv[key]:.0f}", f"{serv[key] / inproc[key]:.3f}")
-    table.add_row("ms / token (median)", f"{ms_per_token['in_process']:.1f}", f"{ms_per_token['service']:.1f}",
-                  f"{result['ratio_ms_per_token']:.3f}")
+        table.add_row(
+            f"{label} (ms)", f"{1000 * inproc[key]:.0f}", f"{1000 * serv[key]:.0f}", f"{serv[key] / inproc[key]:.3f}"
+        )
+    table.add_row(
+        "ms / token (median)",
+        f"{ms_per_token['in_process']:.1f}",
+        f"{ms_per_token['service']:.1f}",
+        f"{result['ratio_ms_per_token']:.3f}",
+    )
     console = Console()
     console.print(table)
     verdict = "[green]met[/]" if result["target_met"] else "[red]missed[/]"
-    console.print(f"target p50 ratio <= 1.10: {verdict} ({ratio_p50:.3f}); text mismatches: {len(mismatched)}; "
-                  f"requests without stored scores: {len(not_stored)}")
-    console.print(f"service, median per request: {result['service_breakdown_median_s']}; client wall / worker "
-                  f"generation {result['client_wall_over_worker_generation_p50']}; load average {result['loadavg_1m']}")
+    console.print(
+        f"target p50 ratio <= 1.10: {verdict} ({ratio_p50:.3f}); text mismatches: {len(mismatched)}; "
+        f"requests without stored scores: {len(not_stored)}"
+    )
+    console.print(
+        f"service, median per request: {result['service_breakdown_median_s']}; client wall / worker "
+        f"generation {result['client_wall_over_worker_generation_p50']}; load average {result['loadavg_1m']}"
+    )
     print(f"written {path}")
 
 

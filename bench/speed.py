@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EVAL_DIR, engine, median, timed, write_result  # noqa: E402
+from common import EVAL_DIR, host, median, timed, write_result
 
-from workers.monitor import score_generation  # noqa: E402
-from workers.runtime.generate import SamplingConfig, encode_prompt, generate  # noqa: E402
-from workers.runtime.hooks import ResidualCapture, hooked  # noqa: E402
+from workers.monitoring.scores import score_generation
+from workers.runtime.generate import SamplingConfig, encode_prompt, generate
 
 PROMPTS = [
     "I'm thinking about learning to play guitar. Any advice for getting started?",
@@ -68,12 +67,14 @@ def bench_monitor(eng, repeats: int = 3) -> dict:
             with torch.inference_mode():
                 reference, t_hf = timed(plain_hf.generate, torch.tensor([ids]), **hf_config)
             assert plain.output_ids == monitored.output_ids, "probes changed the output"
-            assert reference[0, len(ids):].tolist() == monitored.output_ids, "differs from plain HF"
+            assert reference[0, len(ids) :].tolist() == monitored.output_ids, "differs from plain HF"
             plain_t.append(t_plain)
             monitored_t.append(t_mon)
             hf_t.append(t_hf)
     result = {
-        "concepts": len(bank.names), "layers": len(bank.layers), "new_tokens": 64,
+        "concepts": len(bank.names),
+        "layers": len(bank.layers),
+        "new_tokens": 64,
         "runs": len(plain_t),
         "unmonitored_s_median": round(median(plain_t), 3),
         "monitored_s_median": round(median(monitored_t), 3),
@@ -119,16 +120,21 @@ def bench_article(eng, lengths=(32, 80, 256)) -> dict:
         t_ours = time.perf_counter() - started
         article, t_article = timed(article_loop, model, ids, bank.layers, n)
         same = article == generation.output_ids
-        rows.append({
-            "new_tokens": n, "article_s": round(t_article, 2), "monitored_s": round(t_ours, 2),
-            "speedup": round(t_article / t_ours, 2), "same_tokens": same,
-        })
+        rows.append(
+            {
+                "new_tokens": n,
+                "article_s": round(t_article, 2),
+                "monitored_s": round(t_ours, 2),
+                "speedup": round(t_article / t_ours, 2),
+                "same_tokens": same,
+            }
+        )
         print(f"article: {rows[-1]}", flush=True)
     return {"rows": rows, "targets": {"80": ">= 4", "256": ">= 10"}}
 
 
 def bench_batch(eng, n_texts: int = 256) -> dict:
-    from workers.concepts import per_text_scores
+    from workers.monitoring.concepts import per_text_scores
 
     model, bank = eng.model, eng.bank()
     path = EVAL_DIR / "sst2_test.jsonl"
@@ -138,11 +144,13 @@ def bench_batch(eng, n_texts: int = 256) -> dict:
     single, t_single = timed(per_text_scores, model, texts, bank.directions, bank.layers, batch_size=1)
     max_diff = float((batched - single).abs().max())
     result = {
-        "texts": n_texts, "batch_size": 32,
+        "texts": n_texts,
+        "batch_size": 32,
         "batched_texts_per_s": round(n_texts / t_batched, 1),
         "single_texts_per_s": round(n_texts / t_single, 1),
         "throughput_ratio": round(t_single / t_batched, 2),
-        "max_abs_score_difference": max_diff, "target": ">= 3",
+        "max_abs_score_difference": max_diff,
+        "target": ">= 3",
     }
     print(f"batch: {result}", flush=True)
     return result
@@ -151,9 +159,9 @@ def bench_batch(eng, n_texts: int = 256) -> dict:
 MEMORY_PROBE = """
 import torch
 from auditor.settings import Settings
-from workers.engine import Engine
-engine = Engine(Settings())
-model = engine.model
+from workers.serving.host import ModelHost
+host = ModelHost(Settings())
+model = host.model
 from workers.runtime.generate import SamplingConfig, encode_prompt, generate
 generate(model, encode_prompt(model, "Hello there"), SamplingConfig(max_new_tokens=16), list(range(model.n_layers)))
 # VmHWM is this process's own peak; ru_maxrss can carry the forking parent's peak over.
@@ -175,8 +183,11 @@ def bench_memory() -> dict:
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = peak(cache_dir)
         warm = peak(cache_dir)
-    result = {"cold_peak_rss_mib": cold, "warm_peak_rss_mib": warm,
-              "what": "fresh process: load default model + one monitored generation"}
+    result = {
+        "cold_peak_rss_mib": cold,
+        "warm_peak_rss_mib": warm,
+        "what": "fresh process: load default model + one monitored generation",
+    }
     print(f"memory: {result}", flush=True)
     return result
 
@@ -186,7 +197,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["monitor", "article", "batch", "memory"], action="append")
     args = parser.parse_args()
     chosen = args.only or ["monitor", "article", "batch", "memory"]
-    eng = engine()
+    eng = host()
     results = {}
     started = time.perf_counter()
     if "monitor" in chosen:

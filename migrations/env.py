@@ -9,12 +9,12 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.pool import NullPool
 
-from auditor.db import database_url, make_engine, normalize_url
-from auditor.models import Base
+from auditor.db.engine import database_url, make_engine, normalize_url
+from auditor.db.models import Base
 
 config = context.config
 
-# Programmatic runs (auditor.db.run_migrations) keep the application's logging as it is.
+# Programmatic runs (auditor.db.engine.run_migrations) keep the application's logging as it is.
 if config.config_file_name and config.attributes.get("configure_logging", True):
     fileConfig(config.config_file_name)
 

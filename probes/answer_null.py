@@ -58,8 +58,10 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 1.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k, n + 1)]
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k, n + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -101,7 +103,7 @@ def prefix_means(traces: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-token traces [n_answers, max_len, K] (anything past an answer's length ignored) ->
     the mean over each answer's first n tokens for n = 1..max_len, [n_answers, max_len, K];
     NaN where an answer is shorter than n."""
-    n_answers, max_len, _ = traces.shape
+    _, max_len, _ = traces.shape  # [n_answers, max_len, K]
     positions = torch.arange(1, max_len + 1)
     valid = positions.unsqueeze(0) <= lengths.unsqueeze(1)  # [N, T]
     cumulative = torch.where(valid.unsqueeze(-1), traces.double(), 0.0).cumsum(dim=1)
@@ -214,10 +216,15 @@ class LengthNull:
         """Headline figures of the fit: for each family, the worst length between `min_tokens`
         and the certified length (the highest in-sample rate) with its Clopper–Pearson 95 %
         upper bound."""
-        out = {"target_fpr": self.target_fpr, "confidence": self.confidence, "min_tokens": self.min_tokens,
-               "certified_length": self.certified_length, "threshold_method": self.threshold_method,
-               "n_answers": int(self.n_answers[self.length_index(self.min_tokens)]),
-               "n_answers_at_certified_length": int(self.n_answers[self.length_index(self.certified_length)])}
+        out = {
+            "target_fpr": self.target_fpr,
+            "confidence": self.confidence,
+            "min_tokens": self.min_tokens,
+            "certified_length": self.certified_length,
+            "threshold_method": self.threshold_method,
+            "n_answers": int(self.n_answers[self.length_index(self.min_tokens)]),
+            "n_answers_at_certified_length": int(self.n_answers[self.length_index(self.certified_length)]),
+        }
         for family, rates in (("divergence", self.divergence_rate), ("alert", self.alert_rate)):
             worst = (0.0, 0.0, 0)
             for t in range(min(self.min_tokens, self.certified_length) - 1, self.certified_length):
@@ -225,7 +232,11 @@ class LengthNull:
                 rate = float(rates[t])
                 bound = clopper_pearson_upper(round(rate * n), n)
                 worst = max(worst, (bound, rate, t + 1))
-            out[f"{family}_achieved_fpr"], out[f"{family}_upper_95"], out[f"{family}_worst_length"] = worst[1], worst[0], worst[2]
+            out[f"{family}_achieved_fpr"], out[f"{family}_upper_95"], out[f"{family}_worst_length"] = (
+                worst[1],
+                worst[0],
+                worst[2],
+            )
         return out
 
     def read(self, residual_mean: torch.Tensor, n_tokens: int, text_mean: torch.Tensor | None = None) -> Reading:
@@ -246,14 +257,38 @@ class LengthNull:
         divergence_threshold = float(self.divergence_threshold[t])
         alert_threshold = float(self.alert_threshold[t])
         if n_tokens < self.min_tokens:
-            return Reading(n_tokens, t + 1, "insufficient_tokens", residual_z, percentile, text_z, gap_z,
-                           none, none, none, divergence_threshold, alert_threshold)
+            return Reading(
+                n_tokens,
+                t + 1,
+                "insufficient_tokens",
+                residual_z,
+                percentile,
+                text_z,
+                gap_z,
+                none,
+                none,
+                none,
+                divergence_threshold,
+                alert_threshold,
+            )
         if gap_z is not None:
             hidden = (gap_z > divergence_threshold) & (residual_z > 0)
             surface = (-gap_z > divergence_threshold) & (text_z > 0)
         alert = residual_z > alert_threshold
-        return Reading(n_tokens, t + 1, "ok", residual_z, percentile, text_z, gap_z, hidden, surface, alert,
-                       divergence_threshold, alert_threshold)
+        return Reading(
+            n_tokens,
+            t + 1,
+            "ok",
+            residual_z,
+            percentile,
+            text_z,
+            gap_z,
+            hidden,
+            surface,
+            alert,
+            divergence_threshold,
+            alert_threshold,
+        )
 
     def _percentile(self, residual_z: torch.Tensor, n_tokens: int) -> torch.Tensor:
         if self.percentile_reference is None or not self.percentile_lengths:
@@ -283,9 +318,15 @@ def _statistics(residual: torch.Tensor, text: torch.Tensor | None, rows: torch.T
     statistic [N, T] or None). Every answer is standardised, in `rows` or not."""
     r_mean, r_std, count = _nan_mean_std(residual[rows])
     residual_z = (residual - r_mean) / r_std
-    moments = {"residual_mean": r_mean, "residual_std": r_std, "count": count,
-               "text_mean": torch.zeros_like(r_mean), "text_std": torch.ones_like(r_std),
-               "gap_mean": torch.zeros_like(r_mean), "gap_std": torch.ones_like(r_std)}
+    moments = {
+        "residual_mean": r_mean,
+        "residual_std": r_std,
+        "count": count,
+        "text_mean": torch.zeros_like(r_mean),
+        "text_std": torch.ones_like(r_std),
+        "gap_mean": torch.zeros_like(r_mean),
+        "gap_std": torch.ones_like(r_std),
+    }
     divergence = None
     if text is not None:
         t_mean, t_std, _ = _nan_mean_std(text[rows])
@@ -322,10 +363,17 @@ def minimum_answers(target_fpr: float, confidence: float) -> int:
     return math.ceil(math.log(1 - confidence) / math.log1p(-target_fpr))
 
 
-def fit_length_null(residual_traces: torch.Tensor, lengths: torch.Tensor, target_fpr: float,
-                    text_traces: torch.Tensor | None = None, confidence: float = 0.9,
-                    min_tokens: int = 4, max_length: int | None = None,
-                    text_lengths: torch.Tensor | None = None, groups: Sequence | None = None) -> LengthNull:
+def fit_length_null(
+    residual_traces: torch.Tensor,
+    lengths: torch.Tensor,
+    target_fpr: float,
+    text_traces: torch.Tensor | None = None,
+    confidence: float = 0.9,
+    min_tokens: int = 4,
+    max_length: int | None = None,
+    text_lengths: torch.Tensor | None = None,
+    groups: Sequence | None = None,
+) -> LengthNull:
     """Control answers' per-token traces [n_answers, max_len, K] and their lengths [n_answers]
     -> the length-aware null with family-wise thresholds at `target_fpr`.
 
@@ -382,8 +430,14 @@ def fit_length_null(residual_traces: torch.Tensor, lengths: torch.Tensor, target
 
     certified = [t + 1 for t in range(max_len) if certifiable(int(n_answers[t]), target_fpr, confidence)]
     certified_length = max(certified) if certified else max_len
-    div_threshold, div_rate = torch.full((max_len,), math.inf, dtype=torch.float64), torch.zeros(max_len, dtype=torch.float64)
-    alert_threshold, alert_rate = torch.full((max_len,), math.inf, dtype=torch.float64), torch.zeros(max_len, dtype=torch.float64)
+    div_threshold, div_rate = (
+        torch.full((max_len,), math.inf, dtype=torch.float64),
+        torch.zeros(max_len, dtype=torch.float64),
+    )
+    alert_threshold, alert_rate = (
+        torch.full((max_len,), math.inf, dtype=torch.float64),
+        torch.zeros(max_len, dtype=torch.float64),
+    )
     for t in range(max_len):
         if int(n_answers[t]) < 2:
             continue
@@ -395,12 +449,23 @@ def fit_length_null(residual_traces: torch.Tensor, lengths: torch.Tensor, target
     reference = residual_z[:, [length - 1 for length in grid]].permute(1, 0, 2)  # [G, N, K]
     reference = reference.sort(dim=1).values  # NaN sorts last
     return LengthNull(
-        target_fpr=target_fpr, confidence=confidence, min_tokens=max(1, min_tokens), n_answers=n_answers,
-        residual_mean=moments["residual_mean"], residual_std=moments["residual_std"],
-        text_mean=moments["text_mean"], text_std=moments["text_std"],
-        gap_mean=moments["gap_mean"], gap_std=moments["gap_std"], threshold_method=method,
-        divergence_threshold=div_threshold, alert_threshold=alert_threshold, divergence_rate=div_rate,
-        alert_rate=alert_rate, certified_length=certified_length, percentile_lengths=grid,
+        target_fpr=target_fpr,
+        confidence=confidence,
+        min_tokens=max(1, min_tokens),
+        n_answers=n_answers,
+        residual_mean=moments["residual_mean"],
+        residual_std=moments["residual_std"],
+        text_mean=moments["text_mean"],
+        text_std=moments["text_std"],
+        gap_mean=moments["gap_mean"],
+        gap_std=moments["gap_std"],
+        threshold_method=method,
+        divergence_threshold=div_threshold,
+        alert_threshold=alert_threshold,
+        divergence_rate=div_rate,
+        alert_rate=alert_rate,
+        certified_length=certified_length,
+        percentile_lengths=grid,
         percentile_reference=reference,
     )
 
@@ -415,13 +480,28 @@ def null_to_dict(null: LengthNull) -> dict:
         return [None if math.isnan(v) else (1e308 if v == math.inf else v) for v in tensor.flatten().tolist()]
 
     return {
-        "target_fpr": null.target_fpr, "confidence": null.confidence, "min_tokens": null.min_tokens,
+        "target_fpr": null.target_fpr,
+        "confidence": null.confidence,
+        "min_tokens": null.min_tokens,
         "certified_length": null.certified_length,
-        "threshold_method": null.threshold_method, "shape": [null.max_length, null.n_concepts],
+        "threshold_method": null.threshold_method,
+        "shape": [null.max_length, null.n_concepts],
         "n_answers": null.n_answers.tolist(),
-        **{name: listed(getattr(null, name)) for name in (
-            "residual_mean", "residual_std", "text_mean", "text_std", "gap_mean", "gap_std",
-            "divergence_threshold", "alert_threshold", "divergence_rate", "alert_rate")},
+        **{
+            name: listed(getattr(null, name))
+            for name in (
+                "residual_mean",
+                "residual_std",
+                "text_mean",
+                "text_std",
+                "gap_mean",
+                "gap_std",
+                "divergence_threshold",
+                "alert_threshold",
+                "divergence_rate",
+                "alert_rate",
+            )
+        },
         "percentile_lengths": list(null.percentile_lengths),
         "percentile_shape": list(null.percentile_reference.shape) if null.percentile_reference is not None else None,
         "percentile_reference": listed(null.percentile_reference),
@@ -439,14 +519,22 @@ def null_from_dict(data: dict) -> LengthNull:
     if data.get("percentile_reference") is not None:
         reference = tensor("percentile_reference", data["percentile_shape"])
     return LengthNull(
-        target_fpr=data["target_fpr"], confidence=data["confidence"], min_tokens=data["min_tokens"],
+        target_fpr=data["target_fpr"],
+        confidence=data["confidence"],
+        min_tokens=data["min_tokens"],
         n_answers=torch.tensor(data["n_answers"], dtype=torch.long),
-        residual_mean=tensor("residual_mean", (t, k)), residual_std=tensor("residual_std", (t, k)),
-        text_mean=tensor("text_mean", (t, k)), text_std=tensor("text_std", (t, k)),
-        gap_mean=tensor("gap_mean", (t, k)), gap_std=tensor("gap_std", (t, k)),
-        divergence_threshold=tensor("divergence_threshold", (t,)), alert_threshold=tensor("alert_threshold", (t,)),
-        divergence_rate=tensor("divergence_rate", (t,)), alert_rate=tensor("alert_rate", (t,)),
-        certified_length=data["certified_length"], threshold_method=data.get("threshold_method", "in_sample"),
+        residual_mean=tensor("residual_mean", (t, k)),
+        residual_std=tensor("residual_std", (t, k)),
+        text_mean=tensor("text_mean", (t, k)),
+        text_std=tensor("text_std", (t, k)),
+        gap_mean=tensor("gap_mean", (t, k)),
+        gap_std=tensor("gap_std", (t, k)),
+        divergence_threshold=tensor("divergence_threshold", (t,)),
+        alert_threshold=tensor("alert_threshold", (t,)),
+        divergence_rate=tensor("divergence_rate", (t,)),
+        alert_rate=tensor("alert_rate", (t,)),
+        certified_length=data["certified_length"],
+        threshold_method=data.get("threshold_method", "in_sample"),
         percentile_lengths=tuple(data["percentile_lengths"]),
         percentile_reference=reference,
     )

@@ -44,21 +44,45 @@ def divergences(reading: Reading, names: list[str]) -> list[Divergence]:
     for k, name in enumerate(names):
         r, t, gap = float(reading.residual_z[k]), float(reading.text_z[k]), float(reading.gap_z[k])
         if reading.hidden[k]:
-            found.append(Divergence(k, "hidden", r, t, limit,
-                                    f"{name}: internals at z={r:+.2f} but the text alone reads z={t:+.2f} "
-                                    f"(divergence {gap:+.2f} sd > {limit:.2f} at {reading.n_tokens} tokens)"))
+            found.append(
+                Divergence(
+                    k,
+                    "hidden",
+                    r,
+                    t,
+                    limit,
+                    f"{name}: internals at z={r:+.2f} but the text alone reads z={t:+.2f} "
+                    f"(divergence {gap:+.2f} sd > {limit:.2f} at {reading.n_tokens} tokens)",
+                )
+            )
         if reading.surface[k]:
-            found.append(Divergence(k, "surface", r, t, limit,
-                                    f"{name}: the text reads z={t:+.2f} but the internals only z={r:+.2f} "
-                                    f"(divergence {-gap:+.2f} sd > {limit:.2f} at {reading.n_tokens} tokens)"))
+            found.append(
+                Divergence(
+                    k,
+                    "surface",
+                    r,
+                    t,
+                    limit,
+                    f"{name}: the text reads z={t:+.2f} but the internals only z={r:+.2f} "
+                    f"(divergence {-gap:+.2f} sd > {limit:.2f} at {reading.n_tokens} tokens)",
+                )
+            )
     return found
 
 
 def alerts(reading: Reading, names: list[str]) -> list[Divergence]:
     """Concept-score alerts: the residual z above the family-wise alert threshold."""
     limit = reading.alert_threshold
-    return [Divergence(k, ALERT_KIND, float(reading.residual_z[k]),
-                       None if reading.text_z is None else float(reading.text_z[k]), limit,
-                       f"{name}: internals at z={float(reading.residual_z[k]):+.2f} against ordinary answers "
-                       f"of {reading.n_tokens} tokens (alert above {limit:.2f})")
-            for k, name in enumerate(names) if reading.alert[k]]
+    return [
+        Divergence(
+            k,
+            ALERT_KIND,
+            float(reading.residual_z[k]),
+            None if reading.text_z is None else float(reading.text_z[k]),
+            limit,
+            f"{name}: internals at z={float(reading.residual_z[k]):+.2f} against ordinary answers "
+            f"of {reading.n_tokens} tokens (alert above {limit:.2f})",
+        )
+        for k, name in enumerate(names)
+        if reading.alert[k]
+    ]

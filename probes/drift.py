@@ -62,9 +62,7 @@ def population_stability_index(baseline, recent, bins: int = 10) -> float:
     baseline = _sample(baseline, "baseline")
     recent = _sample(recent, "recent")
     if baseline.size < bins:
-        raise InvalidInputError(
-            f"baseline has {baseline.size} values, fewer than the {bins} bins it must define"
-        )
+        raise InvalidInputError(f"baseline has {baseline.size} values, fewer than the {bins} bins it must define")
     interior_quantiles = np.arange(1, bins) / bins
     edges = np.unique(np.quantile(baseline, interior_quantiles))
     # side="right": a value equal to an edge falls in the bin above it, for both samples alike.

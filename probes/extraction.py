@@ -19,9 +19,7 @@ METHODS: tuple[str, ...] = ("mean_diff", "logistic", "pca", "lda")
 def _unit(direction: torch.Tensor) -> torch.Tensor:
     norm = direction.norm()
     if float(norm) < MIN_NORM:
-        raise InvalidInputError(
-            "positive and negative activations do not differ: the concept direction is zero"
-        )
+        raise InvalidInputError("positive and negative activations do not differ: the concept direction is zero")
     return direction / norm
 
 
@@ -103,7 +101,7 @@ def shrinkage_lda_direction(pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> t
     delta = (sample - target).pow(2).sum() / d
     # beta: the estimated error of the sample covariance, from the rows' outer products
     row_sq = centred.pow(2).sum(dim=1)  # |x_i|^2
-    beta = ((row_sq.pow(2).sum() / n - 2 * (centred @ sample * centred).sum() / n + sample.pow(2).sum()) / (n * d))
+    beta = (row_sq.pow(2).sum() / n - 2 * (centred @ sample * centred).sum() / n + sample.pow(2).sum()) / (n * d)
     shrink = float((beta / delta).clamp(0, 1)) if float(delta) > 0 else 1.0
     covariance = shrink * target + (1 - shrink) * sample
     direction = torch.linalg.solve(covariance, pos.mean(dim=0) - neg.mean(dim=0))
@@ -123,9 +121,7 @@ def extract_direction(pos_acts: torch.Tensor, neg_acts: torch.Tensor, method: st
     try:
         extractor = EXTRACTORS[method]
     except KeyError:
-        raise InvalidInputError(
-            f"unknown extraction method {method!r}; choose one of {', '.join(METHODS)}"
-        ) from None
+        raise InvalidInputError(f"unknown extraction method {method!r}; choose one of {', '.join(METHODS)}") from None
     return extractor(pos_acts, neg_acts)
 
 

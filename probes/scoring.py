@@ -33,8 +33,7 @@ def cosine_scores(resid: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
         )
     if resid.shape[0] != directions.shape[0] or resid.shape[2] != directions.shape[2]:
         raise InvalidInputError(
-            f"resid {tuple(resid.shape)} and directions {tuple(directions.shape)} disagree on "
-            "layers or d_model"
+            f"resid {tuple(resid.shape)} and directions {tuple(directions.shape)} disagree on layers or d_model"
         )
     directions = directions.to(device=resid.device, dtype=resid.dtype)
     return torch.bmm(unit_rows(resid), directions.transpose(1, 2))
@@ -55,9 +54,7 @@ def aggregate(scores: torch.Tensor, start: int = 0, stop: int | None = None) -> 
     span = scores[:, start:stop]
     if span.shape[1] == 0:
         raise InvalidInputError(f"no token positions in span {start}:{stop} to aggregate")
-    return Aggregates(
-        mean=span.mean(dim=1), max=span.amax(dim=1), last=span[:, -1], n_tokens=span.shape[1]
-    )
+    return Aggregates(mean=span.mean(dim=1), max=span.amax(dim=1), last=span[:, -1], n_tokens=span.shape[1])
 
 
 def masked_mean(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,7 @@ class Steering:
     start_position: int = 0
 
 
-def steering_delta(
-    direction: torch.Tensor, alpha: float, reference_norm: float | None = None
-) -> torch.Tensor:
+def steering_delta(direction: torch.Tensor, alpha: float, reference_norm: float | None = None) -> torch.Tensor:
     """alpha * unit(direction); with `reference_norm`, alpha is relative to the layer's typical
     residual norm (alpha=0.5 adds half a typical residual's length)."""
     if not isinstance(alpha, (int, float)) or alpha != alpha or alpha in (float("inf"), float("-inf")):

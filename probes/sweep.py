@@ -13,7 +13,7 @@ import torch
 
 from probes.errors import InvalidInputError
 from probes.extraction import extract_direction
-from probes.metrics import auroc, cohens_d
+from probes.separation import auroc, cohens_d
 
 # AUROCs closer than this are treated as a tie and broken by effect size: held-out pair AUROC
 # saturates at 1.0 on many middle layers.

@@ -25,9 +25,7 @@ def check_vector(vector: torch.Tensor, d_model: int, what: str = "vector") -> to
     if vector.ndim != 1:
         raise InvalidInputError(f"{what} must be 1-D, got shape {tuple(vector.shape)}")
     if vector.shape[0] != d_model:
-        raise InvalidInputError(
-            f"{what} has dimension {vector.shape[0]} but the model's d_model is {d_model}"
-        )
+        raise InvalidInputError(f"{what} has dimension {vector.shape[0]} but the model's d_model is {d_model}")
     vector = vector.to(torch.float32)
     check_finite(vector, what)
     if float(vector.norm()) < MIN_NORM:
@@ -48,9 +46,7 @@ def check_pairs(positives: Sequence[str], negatives: Sequence[str]) -> None:
     if len(positives) == 0:
         raise InvalidInputError("no contrastive pairs given: at least one is needed")
     if len(positives) != len(negatives):
-        raise InvalidInputError(
-            f"pairs are unequal: {len(positives)} positive vs {len(negatives)} negative texts"
-        )
+        raise InvalidInputError(f"pairs are unequal: {len(positives)} positive vs {len(negatives)} negative texts")
     for side, texts in (("positive", positives), ("negative", negatives)):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
@@ -65,13 +61,11 @@ def check_paired_activations(pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> 
     """[n, d_model] each, same shape, finite."""
     if pos_acts.ndim != 2 or neg_acts.ndim != 2:
         raise InvalidInputError(
-            f"activations must be [n_pairs, d_model], got {tuple(pos_acts.shape)} and "
-            f"{tuple(neg_acts.shape)}"
+            f"activations must be [n_pairs, d_model], got {tuple(pos_acts.shape)} and {tuple(neg_acts.shape)}"
         )
     if pos_acts.shape != neg_acts.shape:
         raise InvalidInputError(
-            f"unequal pairs: positive activations {tuple(pos_acts.shape)} vs negative "
-            f"{tuple(neg_acts.shape)}"
+            f"unequal pairs: positive activations {tuple(pos_acts.shape)} vs negative {tuple(neg_acts.shape)}"
         )
     if pos_acts.shape[0] == 0:
         raise InvalidInputError("no pairs: at least one is needed")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from auditor import tokens
-from auditor.db import make_engine, run_migrations, session_factory
+from auditor.access import tokens
+from auditor.db.engine import make_engine, run_migrations, session_factory
 
 ALL_SCOPES = ("admin", "client", "reader")
 

@@ -33,20 +33,20 @@ def settings(data_dir):
 
 
 @pytest.fixture(scope="session")
-def engine(settings):
-    from workers.engine import Engine
+def host(settings):
+    from workers.serving.host import ModelHost
 
-    return Engine(settings)
-
-
-@pytest.fixture(scope="session")
-def model(engine):
-    return engine.model
+    return ModelHost(settings)
 
 
 @pytest.fixture(scope="session")
-def bank(engine):
-    return engine.bank()
+def model(host):
+    return host.model
+
+
+@pytest.fixture(scope="session")
+def bank(host):
+    return host.bank()
 
 
 def eval_rows(name: str, n: int, seed: int = 0) -> list[dict]:

@@ -9,11 +9,9 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from auditor.db import normalize_url
+from auditor.db.engine import normalize_url
 
-PG_ADMIN_URL = os.environ.get(
-    "AUDITOR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+PG_ADMIN_URL = os.environ.get("AUDITOR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 # ---- fresh databases on each backend ----
 
@@ -56,5 +54,3 @@ def _postgres_reachable() -> str | None:
             return None
     except Exception as exc:  # any failure means "cannot run here", reported as the skip reason
         return f"Postgres unreachable at {PG_ADMIN_URL}: {exc}".strip()
-
-

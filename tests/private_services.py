@@ -83,9 +83,24 @@ class PrivateRedis:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.workdir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         _wait_for(self.ping, 10, f"private redis on port {self.port}")
 
     def ping(self) -> bool:
@@ -152,17 +167,42 @@ class PrivatePostgres:
     def _run(self, *args: str, timeout: float = 120) -> None:
         done = subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}): {done.stdout}{done.stderr}\n{_tail(self.log)}")
+            raise RuntimeError(
+                f"{' '.join(args[:2])} failed ({done.returncode}): {done.stdout}{done.stderr}\n{_tail(self.log)}"
+            )
 
     def init(self) -> None:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                  "-E", "UTF8", "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
 
     def start(self) -> None:
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
-                  "-w", "-t", "60", "start")
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """`fast` ends every session at once (clients see their connections drop), as a
@@ -193,8 +233,9 @@ class PrivatePostgres:
 def _start(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
     # Output to files, never an unread PIPE: a chatty process would block once the pipe fills.
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     proc._log = log  # type: ignore[attr-defined]
     return proc
 
@@ -254,8 +295,12 @@ class Stack:
 
     def start_api(self, timeout: float = 120) -> None:
         port = free_port()
-        self.api = _start("api", [sys.executable, "-m", "auditor.cli", "api", "--host", "127.0.0.1",
-                                  "--port", str(port), "--no-migrate"], self.env, self.log_dir)
+        self.api = _start(
+            "api",
+            [sys.executable, "-m", "auditor.cli", "api", "--host", "127.0.0.1", "--port", str(port), "--no-migrate"],
+            self.env,
+            self.log_dir,
+        )
         self.base_url = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
@@ -271,8 +316,12 @@ class Stack:
         port = free_port()
         self._count += 1
         name = f"worker-{self._count}"
-        proc = _start(name, [sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
-                      {**self.env, "AUDITOR_WORKER_METRICS_PORT": str(port)}, self.log_dir)
+        proc = _start(
+            name,
+            [sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
+            {**self.env, "AUDITOR_WORKER_METRICS_PORT": str(port)},
+            self.log_dir,
+        )
         worker = Worker(proc, port, name)
         self.workers.append(worker)
         return worker

@@ -43,7 +43,21 @@ T = TypeVar("T")
 
 # ---- reading PromQL (no server needed) ----
 
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset", "inf", "nan"}
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)?\s*\{([^}]*)\}")
 _MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
@@ -98,7 +112,10 @@ def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interva
         except (OSError, urllib.error.URLError, ValueError) as exc:  # not up yet
             last_error = exc
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+            raise TimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f" (last error: {last_error})" if last_error else "")
+            )
         time.sleep(interval)
 
 
@@ -121,7 +138,9 @@ def rules_with_short_for(source: Path, destination: Path, hold: str = "1s") -> P
     return destination
 
 
-def write_config(path: Path, jobs: Mapping[str, Sequence[str]], rule_files: Sequence[Path] = (), interval: str = "1s") -> Path:
+def write_config(
+    path: Path, jobs: Mapping[str, Sequence[str]], rule_files: Sequence[Path] = (), interval: str = "1s"
+) -> Path:
     """A Prometheus config scraping `jobs` ({job name: ["host:port", ...]}) at /metrics."""
     config = {
         "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
@@ -170,8 +189,11 @@ class Prometheus:
     def wait_for_target_up(self, job: str, timeout: float = 15) -> list[dict]:
         return wait_until(lambda: [t for t in self.targets(job) if t["health"] == "up"], timeout, f"target {job} up")
 
-    def wait_for_alert(self, name: str, state: str = "firing", timeout: float = 20, labels: Mapping[str, str] | None = None) -> dict:
+    def wait_for_alert(
+        self, name: str, state: str = "firing", timeout: float = 20, labels: Mapping[str, str] | None = None
+    ) -> dict:
         """The first alert `name` in `state` ("pending" or "firing") whose labels include `labels`."""
+
         def match() -> dict | None:
             for alert in self.alerts(name):
                 if alert["state"] == state and all(alert["labels"].get(k) == v for k, v in (labels or {}).items()):
@@ -185,6 +207,7 @@ class Prometheus:
 
     def wait_for_evaluations(self, count: int = 2, timeout: float = 15) -> None:
         """Until every rule group has been evaluated `count` more times from now."""
+
         def stamps() -> list[str]:
             return [group["lastEvaluation"] for group in self.api("rules")["groups"]]
 
@@ -269,13 +292,15 @@ def stop(process: subprocess.Popen, timeout: float = 10) -> None:
 
 
 @contextmanager
-def python_process(code: str, *args: object, env: Mapping[str, str], ready: str = "ready", timeout: float = 30) -> Iterator[subprocess.Popen]:
+def python_process(
+    code: str, *args: object, env: Mapping[str, str], ready: str = "ready", timeout: float = 30
+) -> Iterator[subprocess.Popen]:
     """Run `code` in a fresh interpreter (from the repo root) until the block ends.
 
     The child prints `ready` on a line once it serves; it reads commands from stdin (the
     caller writes lines with `send`) and must exit when stdin closes. Its stderr goes to a
     file (a pipe nobody reads could fill and block it) and is shown if it fails to start."""
-    errors = tempfile.TemporaryFile(mode="w+")
+    errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - outlives this function, closed by the caller
     process = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         env=dict(env), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
@@ -286,7 +311,9 @@ def python_process(code: str, *args: object, env: Mapping[str, str], ready: str 
         if line.strip() != ready:
             stop(process)
             errors.seek(0)
-            raise RuntimeError(f"child did not print {ready!r} (exit {process.poll()}, printed {line!r}):\n{errors.read()[-3000:]}")
+            raise RuntimeError(
+                f"child did not print {ready!r} (exit {process.poll()}, printed {line!r}):\n{errors.read()[-3000:]}"
+            )
         yield process
     finally:
         if process.stdin and not process.stdin.closed:

@@ -1,5 +1,5 @@
 """The alerting rules: promtool accepts and unit-tests them, and a real Prometheus on loopback
-scrapes a worker metrics server (auditor.metrics.start_worker_metrics_server, in its own
+scrapes a worker metrics server (auditor.telemetry.metrics.start_worker_metrics_server, in its own
 process, multiprocess mode) and takes rules.yml's alerts from inactive to firing when the
 emitted values cross their thresholds."""
 
@@ -9,7 +9,6 @@ import os
 
 import pytest
 import yaml
-
 from prometheus_harness import (
     PROMETHEUS,
     PROMTOOL,
@@ -25,13 +24,16 @@ from prometheus_harness import (
     start_prometheus,
 )
 
-from auditor.metrics import exported_series
+from auditor.telemetry.metrics import exported_series
 
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None, reason=SKIP_REASON)
 
 ALERTS = {
-    "AuditorConceptThresholdRateHigh", "AuditorDivergenceFlagRateHigh", "AuditorConceptScoreDrift",
-    "AuditorNoLiveWorker", "AuditorQueueBacklog",
+    "AuditorConceptThresholdRateHigh",
+    "AuditorDivergenceFlagRateHigh",
+    "AuditorConceptScoreDrift",
+    "AuditorNoLiveWorker",
+    "AuditorQueueBacklog",
 }
 
 
@@ -65,7 +67,7 @@ def test_rules_use_only_exported_metrics_and_their_labels():
             references = series_references(rule["expr"])
             assert references, rule["alert"]
             for name, labels in references:
-                assert name in catalogue, f"{rule['alert']}: {name} is not exported by auditor/metrics.py"
+                assert name in catalogue, f"{rule['alert']}: {name} is not exported by auditor/telemetry/metrics.py"
                 assert labels <= catalogue[name], f"{rule['alert']}: {name} has no label {labels - catalogue[name]}"
 
 
@@ -82,7 +84,7 @@ def test_promtool_unit_tests_pass():
 # threshold and PSI 0.45, as steered traffic would look.
 EMITTER = """
 import sys, threading, time
-from auditor import metrics
+from auditor.telemetry import metrics
 
 model = "smollm2-test"
 state = {"steered": False}
@@ -116,9 +118,12 @@ def test_prometheus_scrapes_a_worker_and_an_alert_fires_when_values_cross(tmp_pa
     port = free_port()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "multiproc")}
     rules = rules_with_short_for(RULES, tmp_path / "rules.yml", hold="1s")
-    with python_process(EMITTER, port, env=env) as emitter, start_prometheus(
-        tmp_path / "prometheus", {"auditor-worker": [f"127.0.0.1:{port}"]}, rule_files=[rules]
-    ) as prometheus:
+    with (
+        python_process(EMITTER, port, env=env) as emitter,
+        start_prometheus(
+            tmp_path / "prometheus", {"auditor-worker": [f"127.0.0.1:{port}"]}, rule_files=[rules]
+        ) as prometheus,
+    ):
         (target,) = prometheus.wait_for_target_up("auditor-worker")
         assert target["lastError"] == ""
         # The service's own series, through Prometheus: scraped from the multiprocess files.
@@ -134,15 +139,20 @@ def test_prometheus_scrapes_a_worker_and_an_alert_fires_when_values_cross(tmp_pa
         assert prometheus.alerts() == []
 
         send(emitter, "steer")
-        alert = prometheus.wait_for_alert("AuditorConceptThresholdRateHigh", "firing", timeout=20,
-                                          labels={"concept": "pessimism", "model": "smollm2-test"})
+        alert = prometheus.wait_for_alert(
+            "AuditorConceptThresholdRateHigh",
+            "firing",
+            timeout=20,
+            labels={"concept": "pessimism", "model": "smollm2-test"},
+        )
         assert alert["labels"]["severity"] == "warning"
         # Over the 10m window the share climbs from 0 towards the steered 50%; it fired
         # on the way, once above the rule's 5%.
         assert 0.05 < float(alert["value"]) <= 0.6
         assert alert["annotations"]["summary"].startswith("pessimism above its alert threshold in")
-        drift = prometheus.wait_for_alert("AuditorConceptScoreDrift", "firing", timeout=10,
-                                          labels={"concept": "pessimism", "layer": "15"})
+        drift = prometheus.wait_for_alert(
+            "AuditorConceptScoreDrift", "firing", timeout=10, labels={"concept": "pessimism", "layer": "15"}
+        )
         assert float(drift["value"]) == pytest.approx(0.45)
         # Negative control: a worker is up, so the no-worker alert stays quiet throughout.
         assert prometheus.alerts("AuditorNoLiveWorker") == []

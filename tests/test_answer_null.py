@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from auditor.errors import InvalidInputError
 from probes.answer_null import (
     binomial_sf,
     clopper_pearson_upper,
@@ -21,7 +22,6 @@ from probes.answer_null import (
     pac_rank,
     prefix_means,
 )
-from probes.errors import InvalidInputError
 
 
 def answers(n: int, k: int, max_len: int, seed: int, shift: torch.Tensor | None = None):
@@ -42,8 +42,9 @@ def answers(n: int, k: int, max_len: int, seed: int, shift: torch.Tensor | None 
     if shift is not None:
         residual = residual + shift  # planted: the internals carry a concept the words do not
     # Some answers stop early (EOS), most run to the limit.
-    lengths = torch.where(torch.rand(n, generator=g) < 0.25,
-                          torch.randint(1, max_len + 1, (n,), generator=g), torch.full((n,), max_len))
+    lengths = torch.where(
+        torch.rand(n, generator=g) < 0.25, torch.randint(1, max_len + 1, (n,), generator=g), torch.full((n,), max_len)
+    )
     return residual, text, lengths
 
 
@@ -61,7 +62,7 @@ def family_rates(null, residual, text, lengths, n_tokens):
 def test_binomial_tail_and_clopper_pearson_match_known_values():
     assert binomial_sf(0, 10, 0.3) == 1.0
     assert binomial_sf(3, 600, 0.01) == pytest.approx(1 - math.exp(-6) * (1 + 6 + 18), abs=3e-3)  # ~Poisson(6)
-    assert binomial_sf(1, 100, 0.01) == pytest.approx(1 - 0.99 ** 100)
+    assert binomial_sf(1, 100, 0.01) == pytest.approx(1 - 0.99**100)
     # Textbook: 0 of n -> upper 95 % bound 1 - 0.05^(1/n) (the "rule of three" ~ 3/n).
     assert clopper_pearson_upper(0, 300) == pytest.approx(1 - 0.05 ** (1 / 300), rel=1e-6)
     assert clopper_pearson_upper(10, 1000) == pytest.approx(0.01696, abs=2e-4)
@@ -93,7 +94,7 @@ def test_family_wise_false_alarm_rate_holds_at_every_length(k):
     test_residual, test_text, test_lengths = answers(6000, k, 64, seed=1)
     flagged_rates, alerted_rates = [], []
     for n_tokens in (1, 2, 4, 8, 16, 32, 64):
-        flagged, alerted, n = family_rates(null, test_residual, test_text, test_lengths, n_tokens)
+        flagged, alerted, _ = family_rates(null, test_residual, test_text, test_lengths, n_tokens)
         assert flagged <= 1.75 * target and alerted <= 1.75 * target, (k, n_tokens, flagged, alerted)
         # Not vacuous: the thresholds are not so high that nothing ever flags.
         assert flagged > target / 6 and alerted > target / 6, (k, n_tokens, flagged, alerted)

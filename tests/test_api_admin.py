@@ -10,16 +10,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save as save_safetensors
-
-from auditor.api.main import create_app
-from auditor.db import run_migrations
-from auditor.model_identity import describe_model
-from auditor.settings import Settings
-
 from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
 from http_server import free_port, serving
+from safetensors.torch import save as save_safetensors
+
+from auditor.api.main import create_app
+from auditor.db.engine import run_migrations
+from auditor.model_identity import describe_model
+from auditor.settings import Settings
 
 D_MODEL, N_LAYERS = 576, 30
 
@@ -64,7 +63,9 @@ def test_a_new_vector_under_a_name_is_a_new_version(api):
     assert (body["version"], body["layers"], body["primary_layer"], body["active"]) == (1, [15], 15, True)
     assert body["model_fingerprint"] == api.get("/v1/model").json()["fingerprint"]
     assert body["provenance"]["original_norms"]["15"] == pytest.approx(3.0)
-    second = api.post("/admin/concepts", json={"name": "doom", "vectors": {"10": unit(2).tolist(), "20": unit(3).tolist()}})
+    second = api.post(
+        "/admin/concepts", json={"name": "doom", "vectors": {"10": unit(2).tolist(), "20": unit(3).tolist()}}
+    )
     assert second.status_code == 201 and second.json()["version"] == 2
     assert second.json()["layers"] == [10, 20]
     exported = api.get(f"/admin/concepts/{body['id']}/export", params={"format": "json"})
@@ -76,9 +77,13 @@ def test_a_new_vector_under_a_name_is_a_new_version(api):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "gguf", "json"])
 def test_upload_round_trips_through_every_export_format(api, fmt):
-    tensors = {"direction.12": torch.from_numpy(unit(12)).float(), "direction.18": torch.from_numpy(2 * unit(18)).float()}
+    tensors = {
+        "direction.12": torch.from_numpy(unit(12)).float(),
+        "direction.18": torch.from_numpy(2 * unit(18)).float(),
+    }
     created = api.post(
-        "/admin/concepts/upload", data={"name": f"upload-{fmt}"},
+        "/admin/concepts/upload",
+        data={"name": f"upload-{fmt}"},
         files={"file": ("vectors.safetensors", save_safetensors(tensors), "application/octet-stream")},
     )
     assert created.status_code == 201, created.text
@@ -86,21 +91,26 @@ def test_upload_round_trips_through_every_export_format(api, fmt):
     assert concept["layers"] == [12, 18] and concept["source"] == "upload-safetensors"
     exported = api.get(f"/admin/concepts/{concept['id']}/export", params={"format": fmt})
     assert exported.status_code == 200
-    again = api.post("/admin/concepts/upload", data={"name": f"upload-{fmt}"}, files={"file": (f"v.{fmt}", exported.content)})
+    again = api.post(
+        "/admin/concepts/upload", data={"name": f"upload-{fmt}"}, files={"file": (f"v.{fmt}", exported.content)}
+    )
     assert again.status_code == 201, again.text
     assert again.json()["version"] == 2 and again.json()["layers"] == [12, 18]
     assert again.json()["vector_hash"] == concept["vector_hash"]  # the same unit vectors came back
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"name": "bad", "layer": 15, "vector": [1.0] * 10}, "dimension 10"),
-    ({"name": "bad", "layer": 15, "vector": [0.0] * D_MODEL}, "norm"),
-    ({"name": "bad", "layer": 30, "vector": [1.0] * D_MODEL}, "out of range"),
-    ({"name": "bad", "vector": [1.0] * D_MODEL}, "needs `layer`"),
-    ({"name": "bad", "layer": 15, "vector": [1.0] * D_MODEL, "model_fingerprint": "0" * 64}, "basis"),
-    ({"name": "bad name!", "layer": 15, "vector": [1.0] * D_MODEL}, "pattern"),
-    ({"name": "bad", "vectors": {"3": [1.0] * D_MODEL}, "primary_layer": 4}, "primary_layer 4"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"name": "bad", "layer": 15, "vector": [1.0] * 10}, "dimension 10"),
+        ({"name": "bad", "layer": 15, "vector": [0.0] * D_MODEL}, "norm"),
+        ({"name": "bad", "layer": 30, "vector": [1.0] * D_MODEL}, "out of range"),
+        ({"name": "bad", "vector": [1.0] * D_MODEL}, "needs `layer`"),
+        ({"name": "bad", "layer": 15, "vector": [1.0] * D_MODEL, "model_fingerprint": "0" * 64}, "basis"),
+        ({"name": "bad name!", "layer": 15, "vector": [1.0] * D_MODEL}, "pattern"),
+        ({"name": "bad", "vectors": {"3": [1.0] * D_MODEL}, "primary_layer": 4}, "primary_layer 4"),
+    ],
+)
 def test_invalid_vectors_get_a_clear_4xx_and_write_nothing(api, payload, message):
     before = count(api)
     response = api.post("/admin/concepts", json=payload)
@@ -112,10 +122,15 @@ def test_invalid_vectors_get_a_clear_4xx_and_write_nothing(api, payload, message
 
 def test_nan_and_garbage_uploads_are_rejected(api):
     before = count(api)
-    nan = api.post("/admin/concepts", content=b'{"name": "nan", "layer": 1, "vector": [NaN' + b", 1.0" * (D_MODEL - 1) + b"]}",
-                   headers={"content-type": "application/json"})
+    nan = api.post(
+        "/admin/concepts",
+        content=b'{"name": "nan", "layer": 1, "vector": [NaN' + b", 1.0" * (D_MODEL - 1) + b"]}",
+        headers={"content-type": "application/json"},
+    )
     assert nan.status_code == 422
-    garbage = api.post("/admin/concepts/upload", data={"name": "junk"}, files={"file": ("x.gguf", b"GGUF\x03\x00\x00\x00garbage")})
+    garbage = api.post(
+        "/admin/concepts/upload", data={"name": "junk"}, files={"file": ("x.gguf", b"GGUF\x03\x00\x00\x00garbage")}
+    )
     assert garbage.status_code == 422 and "gguf" in garbage.text.lower()
     assert count(api) == before
 
@@ -135,7 +150,10 @@ def test_activate_deactivate_retire(api):
 
 
 def test_completion_requests_are_validated_before_any_worker_is_involved(api):
-    bad = api.post("/v1/chat/completions", json={"model": "auditor", "messages": [{"role": "user", "content": "hi"}], "temperature": 5})
+    bad = api.post(
+        "/v1/chat/completions",
+        json={"model": "auditor", "messages": [{"role": "user", "content": "hi"}], "temperature": 5},
+    )
     assert bad.status_code == 422 and "temperature" in bad.json()["error"]["message"]
     empty = api.post("/v1/chat/completions", json={"model": "auditor", "messages": []})
     assert empty.status_code == 422
@@ -164,7 +182,7 @@ def dead_broker_api(tmp_path_factory) -> Iterator[tuple[httpx.Client, str]]:
 def _rows(url: str, model) -> list:
     from sqlalchemy import select
 
-    from auditor.db import make_engine, session_factory
+    from auditor.db.engine import make_engine, session_factory
 
     engine = make_engine(url)
     try:
@@ -175,18 +193,28 @@ def _rows(url: str, model) -> list:
 
 
 def test_broker_down_gives_503_with_retry_after_and_marks_rows_not_queued(dead_broker_api):
-    from auditor.models import Job, MonitoredRequest
+    from auditor.db.models import Job, MonitoredRequest
 
     client, url = dead_broker_api
     started = time.monotonic()
-    chat = client.post("/v1/chat/completions", json={"model": "auditor", "messages": [{"role": "user", "content": "hi"}]})
+    chat = client.post(
+        "/v1/chat/completions", json={"model": "auditor", "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert chat.status_code == 503 and int(chat.headers["Retry-After"]) > 0
     assert "broker unavailable" in chat.json()["error"]["message"]
     assert time.monotonic() - started < 30  # the client hears back promptly, not after request_timeout
     audit = client.post("/v1/audits", json={"items": [{"prompt": "p", "completion": "c"}]})
     assert audit.status_code == 503 and "Retry-After" in audit.headers
-    job = client.post("/admin/concepts/extract", json={"name": "x", "pairs": [
-        {"positive": "I love it", "negative": "I hate it"}, {"positive": "Great day", "negative": "Awful day"}]})
+    job = client.post(
+        "/admin/concepts/extract",
+        json={
+            "name": "x",
+            "pairs": [
+                {"positive": "I love it", "negative": "I hate it"},
+                {"positive": "Great day", "negative": "Awful day"},
+            ],
+        },
+    )
     assert job.status_code == 503 and "Retry-After" in job.headers
 
     requests = _rows(url, MonitoredRequest)
@@ -204,7 +232,7 @@ def test_broker_down_gives_503_with_retry_after_and_marks_rows_not_queued(dead_b
     ([{"positive": "", "negative": "x"}, {"positive": "a", "negative": "b"}], "at least 1 character"),
 ])  # fmt: skip
 def test_invalid_extraction_requests_get_422_and_queue_nothing(dead_broker_api, pairs, message):
-    from auditor.models import Job
+    from auditor.db.models import Job
 
     client, url = dead_broker_api
     before = len(_rows(url, Job))
@@ -215,7 +243,7 @@ def test_invalid_extraction_requests_get_422_and_queue_nothing(dead_broker_api, 
 
 
 def test_bad_calibration_requests_get_422_and_queue_nothing(dead_broker_api):
-    from auditor.models import Job
+    from auditor.db.models import Job
 
     client, url = dead_broker_api
     before = len(_rows(url, Job))

@@ -10,20 +10,20 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import select
-from typer.testing import CliRunner
-
-from auditor import tokens
-from auditor.api.main import create_app
-from auditor.api.security import PUBLIC_PATHS
-from auditor.cli import _embedded_admin_token, app as cli_app
-from auditor.db import make_engine, run_migrations, session_factory
-from auditor.models import AdminAction, ApiToken
-from auditor.settings import Settings
-
 from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
 from http_server import serving
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from auditor.access import tokens
+from auditor.api.main import create_app
+from auditor.api.security import PUBLIC_PATHS
+from auditor.cli import _embedded_admin_token
+from auditor.cli import app as cli_app
+from auditor.db.engine import make_engine, run_migrations, session_factory
+from auditor.db.models import AdminAction, ApiToken
+from auditor.settings import Settings
 
 D_MODEL = 576
 # Which scope each part of the API needs (auditor/api/main.py).
@@ -119,15 +119,21 @@ def test_tokens_are_stored_hashed_and_a_revoked_token_is_refused(service):
 def test_admin_actions_are_in_the_audit_log_with_who_what_and_the_vector_hash(service):
     http, admin = service["http"], bearer(service["tokens"]["admin"])
     vector = np.random.default_rng(5).normal(size=D_MODEL)
-    created = http.post("/admin/concepts", headers=admin, json={
-        "name": "audited", "layer": 3, "vector": (vector / np.linalg.norm(vector)).tolist()})
+    created = http.post(
+        "/admin/concepts",
+        headers=admin,
+        json={"name": "audited", "layer": 3, "vector": (vector / np.linalg.norm(vector)).tolist()},
+    )
     assert created.status_code == 201, created.text
     concept = created.json()
     assert concept["created_by"] == "only-admin"
     assert http.post(f"/admin/concepts/{concept['id']}/deactivate", headers=admin).status_code == 200
     assert http.post(f"/admin/concepts/{concept['id']}/retire", headers=admin).status_code == 200
     # A refused request is not an action: nothing is logged for it.
-    assert http.post(f"/admin/concepts/{concept['id']}/activate", headers=bearer(service["tokens"]["client"])).status_code == 403
+    assert (
+        http.post(f"/admin/concepts/{concept['id']}/activate", headers=bearer(service["tokens"]["client"])).status_code
+        == 403
+    )
 
     log = http.get("/admin/audit-log", headers=admin, params={"limit": 50}).json()
     mine = [e for e in log if e["target"] == f"concept:audited:v{concept['version']}"]
@@ -174,8 +180,15 @@ def test_cli_creates_a_working_token_and_the_embedded_default_rotates_its_own(se
 
 def test_malformed_credentials_are_401_not_500(service):
     http = service["http"]
-    for header in ("Bearer", "Bearer x y", "Basic dXNlcjpwdw==", "Bearer aud__", "Bearer aud_" + "x" * 200 + "_y",
-                   "Bearer not-a-token", "Bearer aud_zz_\u00e9"):
+    for header in (
+        "Bearer",
+        "Bearer x y",
+        "Basic dXNlcjpwdw==",
+        "Bearer aud__",
+        "Bearer aud_" + "x" * 200 + "_y",
+        "Bearer not-a-token",
+        "Bearer aud_zz_\u00e9",
+    ):
         answer = http.get("/reports/summary", headers={"Authorization": header.encode("utf-8")})
         assert answer.status_code == 401, (header, answer.status_code, answer.text)
 

@@ -6,9 +6,9 @@ import random
 import numpy as np
 import pytest
 
+from auditor.errors import InvalidInputError
 from probes.baselines import bag_of_words_scores, keyword_pattern, keyword_scores
-from probes.errors import InvalidInputError
-from probes.metrics import auroc
+from probes.separation import auroc
 
 
 def test_keywords_count_whole_words_and_phrases_case_insensitively():
@@ -27,7 +27,21 @@ def test_keywords_count_whole_words_and_phrases_case_insensitively():
 def _lexical_set(n: int, seed: int):
     """Label 1 texts use 'grim' / 'bleak' somewhere among filler words; label 0 do not."""
     rng = random.Random(seed)
-    filler = "the a day report team plan result week meeting data project update note".split()
+    filler = [
+        "the",
+        "a",
+        "day",
+        "report",
+        "team",
+        "plan",
+        "result",
+        "week",
+        "meeting",
+        "data",
+        "project",
+        "update",
+        "note",
+    ]
     texts, labels = [], []
     for i in range(n):
         words = rng.choices(filler, k=12)
@@ -57,7 +71,7 @@ def test_bag_of_words_needs_two_texts_of_each_label():
 
 def test_an_evaluation_too_small_for_cross_validation_keeps_its_keyword_baseline():
     from probes.concepts import load_concept
-    from workers.evaluation import text_baselines
+    from workers.monitoring.evaluation import text_baselines
 
     texts = ["this is hopeless and doomed", "a fine sunny day", "lunch was good", "the plan works"]
     baselines = text_baselines(load_concept("pessimism"), texts, [1, 0, 0, 0], n_boot=100)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from probes.steering import Steering, start_position, steering_delta
-from workers.monitor import score_generation
+from workers.monitoring.scores import score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
 from workers.runtime.generate import SamplingConfig, encode_prompt, generate
 
@@ -82,12 +82,15 @@ def test_requests_joining_a_running_batch_match_serving_alone(model, bank, reque
         _assert_same(alone[i], generation, bank)
 
 
-def test_steering_one_row_leaves_its_batch_mates_untouched(engine, model, bank, requests, alone):
+def test_steering_one_row_leaves_its_batch_mates_untouched(host, model, bank, requests, alone):
     prompt = requests[1].prompt_ids
     vectors = bank.vectors["pessimism"]
     layer = vectors.auto_layer
-    steer = Steering(layer, steering_delta(vectors.direction(layer), 0.8, bank.typical_norms[layer]),
-                     start_position("generated", len(prompt)))
+    steer = Steering(
+        layer,
+        steering_delta(vectors.direction(layer), 0.8, bank.typical_norms[layer]),
+        start_position("generated", len(prompt)),
+    )
     steered_request = SequenceRequest(prompt, requests[1].config, steering=[steer])
     steered_alone = generate(model, prompt, requests[1].config, bank.layers, [steer])
     assert steered_alone.output_ids != alone[1].output_ids  # the steering is strong enough to show
@@ -100,8 +103,10 @@ def test_steering_one_row_leaves_its_batch_mates_untouched(engine, model, bank, 
 
 
 def test_seeded_sampling_in_a_batch_matches_alone(model, bank, requests):
-    sampled = [SequenceRequest(r.prompt_ids, SamplingConfig(max_new_tokens=12, temperature=0.8, seed=7 + i))
-               for i, r in enumerate(requests[:3])]
+    sampled = [
+        SequenceRequest(r.prompt_ids, SamplingConfig(max_new_tokens=12, temperature=0.8, seed=7 + i))
+        for i, r in enumerate(requests[:3])
+    ]
     batch = BatchGenerator(model, bank.layers)
     done = _run(batch, {0: list(enumerate(sampled))})
     for i, request in enumerate(sampled):
@@ -133,17 +138,24 @@ def test_padding_columns_are_trimmed_once_the_long_rows_leave(model, bank, reque
 
 
 @pytest.fixture(scope="module")
-def runtime(engine, tmp_path_factory):
-    from auditor.db import run_migrations
+def runtime(host, tmp_path_factory):
+    from auditor.db.engine import run_migrations
     from auditor.settings import Settings
-    from workers.service import Runtime
+    from workers.serving.service import WorkerContext
 
     url = f"sqlite:///{tmp_path_factory.mktemp('batching-db') / 'auditor.db'}"
     run_migrations(url)
     # Divergence flags off: they are tests/test_monitoring.py's subject, and fitting them costs a minute.
-    runtime = Runtime(Settings(database_url=url, data_dir=engine.settings.data_dir, batch_max_size=8, batch_wait_ms=50,
-                               divergence_flags=False))
-    runtime.engine.__dict__["model"] = engine.model  # share the session's loaded weights
+    runtime = WorkerContext(
+        Settings(
+            database_url=url,
+            data_dir=host.settings.data_dir,
+            batch_max_size=8,
+            batch_wait_ms=50,
+            divergence_flags=False,
+        )
+    )
+    runtime.host.__dict__["model"] = host.model  # share the session's loaded weights
     runtime.model_thread.call(runtime.bank).result()
     return runtime
 
@@ -151,7 +163,7 @@ def runtime(engine, tmp_path_factory):
 def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runtime, model):
     from concurrent.futures import wait
 
-    from probes.errors import InvalidInputError
+    from auditor.errors import InvalidInputError
 
     too_long = "word " * (model.max_context + 10)
     prompts = [PROMPTS[1], too_long, PROMPTS[3], PROMPTS[4]]
@@ -169,10 +181,12 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runtime, mode
 
 
 def test_audits_from_separate_submissions_replay_together_and_a_bad_item_fails_alone(runtime, model):
-    from workers.replay import encode_replay, replay_scores
+    from workers.monitoring.replay import encode_replay, replay_scores
 
-    good = [{"prompt": "Tell me about rain.", "completion": " Rain is water falling from clouds."},
-            {"messages": [{"role": "user", "content": "Hi"}], "completion": "Hello! How can I help you today?"}]
+    good = [
+        {"prompt": "Tell me about rain.", "completion": " Rain is water falling from clouds."},
+        {"messages": [{"role": "user", "content": "Hi"}], "completion": "Hello! How can I help you today?"},
+    ]
     bad = {"prompt": "x", "completion": "word " * (model.max_context + 10)}
     first = runtime.model_thread.replay([good[0], bad])
     second = runtime.model_thread.replay([good[1]])
@@ -180,7 +194,7 @@ def test_audits_from_separate_submissions_replay_together_and_a_bad_item_fails_a
     assert isinstance(outcome_first[1], Exception) and "context" in str(outcome_first[1])
     bank = runtime.bank()
     for item, outcome in ((good[0], outcome_first[0]), (good[1], outcome_second[0])):
-        scores, n_prompt, n_completion = outcome.scores, outcome.prompt_tokens, outcome.completion_tokens
+        scores = outcome.scores
         (alone,) = replay_scores(model, bank, [encode_replay(model, item)])
         assert float((scores.aggregates.mean - alone.aggregates.mean).abs().max()) < 1e-4
 
@@ -192,9 +206,9 @@ def test_concurrent_task_threads_share_the_embedded_sqlite_store(runtime):
 
     from sqlalchemy import func, select
 
-    from auditor import store
-    from auditor.models import RequestScore
-    from workers.service import serve_generation
+    from auditor.db import store
+    from auditor.db.models import RequestScore
+    from workers.serving.service import serve_generation
 
     ids = [f"chatcmpl-sqlite-{i}" for i in range(6)]
     with runtime.sessions() as session:
@@ -209,13 +223,15 @@ def test_concurrent_task_threads_share_the_embedded_sqlite_store(runtime):
     with runtime.sessions() as session:
         for request_id in ids:
             assert store.get_request(session, request_id=request_id).status == "done"
-            n = session.scalar(select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request_id))
+            n = session.scalar(
+                select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request_id)
+            )
             assert n == len(bank.names) * len(bank.layers)
 
 
 def test_per_token_traces_are_stored_when_asked_and_round_trip(runtime, bank, alone):
-    from auditor import store
-    from workers.service import score_rows
+    from auditor.db import store
+    from workers.serving.service import score_rows
 
     scores = score_generation(bank, alone[1])
     bank_ids = bank.__class__(**{**bank.__dict__, "concept_ids": list(range(1, len(bank.names) + 1))})
@@ -224,7 +240,9 @@ def test_per_token_traces_are_stored_when_asked_and_round_trip(runtime, bank, al
     with runtime.sessions() as session:
         store.create_request(session, request_id="chatcmpl-traces", kind="chat", prompt_text="p")
         store.insert_scores(session, request_id="chatcmpl-traces", rows=rows)
-        stored = {(r.concept_id, r.layer): r.trace for r in store.scores_for_request(session, request_id="chatcmpl-traces")}
+        stored = {
+            (r.concept_id, r.layer): r.trace for r in store.scores_for_request(session, request_id="chatcmpl-traces")
+        }
         session.rollback()
     k, layer = bank.names.index("pessimism"), 15
     trace = store.trace_from_bytes(stored[(k + 1, layer)])

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import EVAL_DIR
 
 AUDITOR = [sys.executable, "-m", "auditor.cli"]
@@ -36,13 +35,19 @@ def test_eval_of_a_missing_file_is_a_clear_error():
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"text": "fine", "label": 1}', "{not json"], "set.jsonl:2: not valid JSON"),
-    (['{"text": "fine", "label": 1}', '{"text": "fine"}'], 'set.jsonl:2: expected an object with "text" and "label"'),
-    (['{"text": "fine", "label": 2}'], "label must be 0 or 1, got 2"),
-    (['{"text": "", "label": 1}'], "text must be a non-empty string"),
-    (['{"text": "a", "label": 1}', '{"text": "b", "label": 1}'], "AUROC needs both classes"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "fine", "label": 1}', "{not json"], "set.jsonl:2: not valid JSON"),
+        (
+            ['{"text": "fine", "label": 1}', '{"text": "fine"}'],
+            'set.jsonl:2: expected an object with "text" and "label"',
+        ),
+        (['{"text": "fine", "label": 2}'], "label must be 0 or 1, got 2"),
+        (['{"text": "", "label": 1}'], "text must be a non-empty string"),
+        (['{"text": "a", "label": 1}', '{"text": "b", "label": 1}'], "AUROC needs both classes"),
+    ],
+)
 def test_eval_rejects_malformed_sets_with_the_line_number(jsonl, lines, message):
     result = run_cli("eval", str(jsonl(lines)), "--concept", "pessimism")
     assert result.returncode == 2, result.stderr
@@ -58,19 +63,28 @@ def test_unknown_concept_is_named_before_the_model_loads(command):
 
 
 @pytest.mark.model
-def test_eval_json_reports_a_real_auroc(data_dir, engine):
-    engine.vectors("pessimism")  # the subprocess reuses this session's cached extraction
+def test_eval_json_reports_a_real_auroc(data_dir, host):
+    host.vectors("pessimism")  # the subprocess reuses this session's cached extraction
     rows_file = EVAL_DIR / "uci_yelp_labelled.jsonl"
     if not rows_file.exists():
         pytest.skip("eval data not present")
     result = run_cli(
-        "eval", str(rows_file), "--concept", "pessimism", "--flip", "--json", "--limit", "300", "--n-boot", "200",
+        "eval",
+        str(rows_file),
+        "--concept",
+        "pessimism",
+        "--flip",
+        "--json",
+        "--limit",
+        "300",
+        "--n-boot",
+        "200",
         env_extra={"AUDITOR_DATA_DIR": str(data_dir)},
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert {"auroc", "ci_low", "ci_high", "layer", "n"} <= report.keys()
-    assert report["n"] == 300 and report["layer"] == engine.vectors("pessimism").auto_layer
+    assert report["n"] == 300 and report["layer"] == host.vectors("pessimism").auto_layer
     assert report["ci_low"] <= report["auroc"] <= report["ci_high"]
     assert report["auroc"] > 0.8  # negative Yelp sentences score as pessimistic
     # Text-only baselines on the same rows: the lexicon of gloom words barely separates reviews;
@@ -82,19 +96,38 @@ def test_eval_json_reports_a_real_auroc(data_dir, engine):
 
 
 @pytest.mark.model
-def test_sweep_prints_every_layer_and_draws_the_plot(data_dir, engine, tmp_path):
-    engine.vectors("urgency")
+def test_sweep_prints_every_layer_and_draws_the_plot(data_dir, host, tmp_path):
+    host.vectors("urgency")
     plot = tmp_path / "urgency.png"
-    result = run_cli("sweep", "--concept", "urgency", "--plot", str(plot), env_extra={"AUDITOR_DATA_DIR": str(data_dir), "COLUMNS": "120"})
+    result = run_cli(
+        "sweep",
+        "--concept",
+        "urgency",
+        "--plot",
+        str(plot),
+        env_extra={"AUDITOR_DATA_DIR": str(data_dir), "COLUMNS": "120"},
+    )
     assert result.returncode == 0, result.stderr
-    auto = engine.vectors("urgency").auto_layer
+    auto = host.vectors("urgency").auto_layer
     assert "◀ auto" in result.stdout
     auto_line = next(line for line in result.stdout.splitlines() if "◀ auto" in line)
     assert auto_line.split("│")[1].strip() == str(auto)
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("value", ["pessimism", "pessimism:", ":0.1", "pessimism:0.1:2", "pessimism:abc", "bad name:0.1", "pessimism:0..1", "pessimism:."])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "pessimism",
+        "pessimism:",
+        ":0.1",
+        "pessimism:0.1:2",
+        "pessimism:abc",
+        "bad name:0.1",
+        "pessimism:0..1",
+        "pessimism:.",
+    ],
+)
 def test_a_malformed_steering_drill_setting_is_refused_at_startup(value):
     from pydantic import ValidationError
 

@@ -4,18 +4,21 @@ import json
 
 import pytest
 
+from auditor.errors import InvalidInputError
 from probes.concepts import builtin_concepts, load_concept, load_concept_file
-from probes.errors import InvalidInputError
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ('{"pairs": []}', "'name' must be a non-empty string"),
-    ('{"name": "x", "pairs": [{"positive": "a"}]}', "must be a list of"),
-    ('{"name": "x", "pairs": []}', "no contrastive pairs"),
-    ('{"name": "x", "pairs": [{"positive": "a", "negative": " "}]}', "negative text #0 is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"pairs": []}', "'name' must be a non-empty string"),
+        ('{"name": "x", "pairs": [{"positive": "a"}]}', "must be a list of"),
+        ('{"name": "x", "pairs": []}', "no contrastive pairs"),
+        ('{"name": "x", "pairs": [{"positive": "a", "negative": " "}]}', "negative text #0 is empty"),
+    ],
+)
 def test_malformed_concept_files_are_rejected(tmp_path, content, message):
     path = tmp_path / "concept.json"
     path.write_text(content)
@@ -37,7 +40,14 @@ def test_builtin_library_meets_its_minimum_sizes_and_hashes_are_stable(tmp_path)
     pessimism = load_concept("pessimism")
     assert pessimism.positives[0] == "I know this won't work but let me try anyway"  # the article's first pair
     copy = tmp_path / "copy.json"
-    copy.write_text(json.dumps({"name": "copy", "pairs": [{"positive": p, "negative": n} for p, n in zip(pessimism.positives, pessimism.negatives)]}))
+    copy.write_text(
+        json.dumps(
+            {
+                "name": "copy",
+                "pairs": [{"positive": p, "negative": n} for p, n in zip(pessimism.positives, pessimism.negatives)],
+            }
+        )
+    )
     assert load_concept_file(copy).pairs_hash == pessimism.pairs_hash  # same pairs, same provenance hash
 
 

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-
-from probes.concepts import ConceptDefinition, load_concept
-from probes.errors import InvalidInputError
-from probes.metrics import auroc
-from workers.concepts import extract_concept, per_text_scores
-from workers.runtime.activations import sink_token_id
-
 from conftest import eval_rows
+
+from auditor.errors import InvalidInputError
+from probes.concepts import ConceptDefinition, load_concept
+from probes.separation import auroc
+from workers.monitoring.concepts import extract_concept, per_text_scores
+from workers.runtime.activations import sink_token_id
 
 pytestmark = pytest.mark.model
 
@@ -52,50 +51,59 @@ def test_batched_extraction_equals_the_plain_reference(model, small_concept, poo
 
 
 def test_batched_scoring_equals_one_text_at_a_time(model, bank):
-    texts = ["Short one.", "A somewhat longer sentence about the weather in spring.", "Nothing ever works out for me, and it won't start now."]
+    texts = [
+        "Short one.",
+        "A somewhat longer sentence about the weather in spring.",
+        "Nothing ever works out for me, and it won't start now.",
+    ]
     batched = per_text_scores(model, texts, bank.directions, bank.layers, batch_size=3)
     single = torch.cat([per_text_scores(model, [t], bank.directions, bank.layers, batch_size=1) for t in texts])
     assert batched.shape == (3, len(bank.layers), len(bank.names))
     assert torch.allclose(batched, single, atol=1e-4)
 
 
-def test_pessimism_probe_separates_real_sentiment_text(engine, model):
+def test_pessimism_probe_separates_real_sentiment_text(host, model):
     rows = eval_rows("sst2_test.jsonl", 300)
-    vectors = engine.vectors("pessimism")
-    scores = per_text_scores(model, [r["text"] for r in rows], vectors.direction(vectors.auto_layer)[None, None], [vectors.auto_layer])
+    vectors = host.vectors("pessimism")
+    scores = per_text_scores(
+        model, [r["text"] for r in rows], vectors.direction(vectors.auto_layer)[None, None], [vectors.auto_layer]
+    )
     negative_sentiment = [1 - r["label"] for r in rows]
     assert auroc(scores[:, 0, 0], negative_sentiment) >= 0.8
 
 
-def test_auto_layer_comes_from_held_out_pairs(engine, model):
-    vectors = engine.vectors("pessimism")
+def test_auto_layer_comes_from_held_out_pairs(host, model):
+    vectors = host.vectors("pessimism")
     assert len(vectors.sweep) == model.n_layers
     best = max(r.auroc for r in vectors.sweep if r.layer == vectors.auto_layer for _ in [0])
     assert best > 0.75  # held-out pairs separate well at the chosen layer
 
 
-def test_calibration_centres_neutral_text_and_flags_the_concept(engine, bank):
+def test_calibration_centres_neutral_text_and_flags_the_concept(host, bank):
     k = bank.index("pessimism")
     li = bank.layer_index(bank.auto_layers["pessimism"])
     assert bank.calibration.n_reference > 100
     assert abs(float(bank.calibration.mean[li, k])) < 1  # cosines, not norms
-    scores = engine.probe([
-        "Everything we try falls apart; there is no reason to expect this to end well.",
-        "The museum opens at nine and the cafe is on the second floor.",
-    ], bank)
+    scores = host.probe(
+        [
+            "Everything we try falls apart; there is no reason to expect this to end well.",
+            "The museum opens at nine and the cafe is on the second floor.",
+        ],
+        bank,
+    )
     gloomy, neutral = float(scores["z"][0, li, k]), float(scores["z"][1, li, k])
     assert gloomy > 2.0 and abs(neutral) < 2.0
     assert float(scores["percentile"][0, li, k]) > 0.95
 
 
-def test_steering_moves_the_probe_score_and_the_text(engine, bank):
-    from workers.engine import SteerRequest
+def test_steering_moves_the_probe_score_and_the_text(host, bank):
     from workers.runtime.generate import SamplingConfig
+    from workers.serving.host import SteerRequest
 
     prompt = "What should I pack for a weekend trip to the coast?"
     sampling = SamplingConfig(max_new_tokens=32)
-    baseline = engine.generate(prompt, sampling, bank=bank)
-    steered = engine.generate(prompt, sampling, [SteerRequest("pessimism", 0.3, relative=True)], bank)
+    baseline = host.generate(prompt, sampling, bank=bank)
+    steered = host.generate(prompt, sampling, [SteerRequest("pessimism", 0.3, relative=True)], bank)
     assert steered.text != baseline.text
     injected = bank.auto_layers["pessimism"]
     # Read five layers downstream, with that layer's own direction: the injected signal must
@@ -111,16 +119,16 @@ def test_texts_longer_than_the_context_and_empty_texts_are_rejected(model, bank)
         per_text_scores(model, ["fine", "  "], bank.directions, bank.layers)
 
 
-def test_steering_rejects_bad_vectors_and_layers(engine, bank):
-    from workers.engine import SteerRequest
+def test_steering_rejects_bad_vectors_and_layers(host, bank):
+    from workers.serving.host import SteerRequest
 
     with pytest.raises(InvalidInputError, match="out of range"):
-        engine.steering(SteerRequest("pessimism", 1.0, layer=model_layers(engine)), bank, 10)
+        host.steering(SteerRequest("pessimism", 1.0, layer=model_layers(host)), bank, 10)
     with pytest.raises(InvalidInputError, match="finite"):
-        engine.steering(SteerRequest("pessimism", float("nan")), bank, 10)
+        host.steering(SteerRequest("pessimism", float("nan")), bank, 10)
     with pytest.raises(InvalidInputError, match="unknown concept"):
-        engine.steering(SteerRequest("optimism-that-does-not-exist", 1.0), bank, 10)
+        host.steering(SteerRequest("optimism-that-does-not-exist", 1.0), bank, 10)
 
 
-def model_layers(engine) -> int:
-    return engine.model.n_layers
+def model_layers(host) -> int:
+    return host.model.n_layers

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from probes.concepts import load_control_prompts, load_control_set
-from workers import control
-from workers.divergence import primary
+from workers.monitoring import control
+from workers.monitoring.divergence import primary
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
 from workers.runtime.generate import SamplingConfig, encode_prompt
 
@@ -38,13 +38,15 @@ def test_shipped_answers_are_the_default_models_greedy_answers(model):
 def test_replayed_traces_equal_what_generation_captured(model, bank):
     prompts = ["How do I water a fern?", "Write one line about the sea."]
     batch = BatchGenerator(model, bank.layers)
-    requests = [(i, SequenceRequest(encode_prompt(model, p), SamplingConfig(max_new_tokens=10))) for i, p in enumerate(prompts)]
+    requests = [
+        (i, SequenceRequest(encode_prompt(model, p), SamplingConfig(max_new_tokens=10))) for i, p in enumerate(prompts)
+    ]
     done = dict(batch.add(requests))
     while len(batch):
         done.update(batch.step())
     answers = [control.ControlAnswer(list(r.prompt_ids), list(done[i].output_ids)) for i, r in requests]
     traces = control.answer_traces(model, bank, answers)
-    from workers.monitor import score_generation
+    from workers.monitoring.scores import score_generation
 
     for i, answer in enumerate(answers):
         captured = score_generation(bank, done[i]).per_token  # [n_layers, n_tokens, K]
@@ -54,17 +56,24 @@ def test_replayed_traces_equal_what_generation_captured(model, bank):
         torch.testing.assert_close(traces.residual[i, :n].float(), want.float(), atol=2e-3, rtol=0)
         assert traces.residual[i, n:].isnan().all()
         # The mean of the trace is the served score at the primary layer.
-        torch.testing.assert_close(traces.residual[i, :n].mean(0).float(),
-                                   primary(bank, score_generation(bank, done[i]).aggregates.mean).float(), atol=2e-3, rtol=0)
+        torch.testing.assert_close(
+            traces.residual[i, :n].mean(0).float(),
+            primary(bank, score_generation(bank, done[i]).aggregates.mean).float(),
+            atol=2e-3,
+            rtol=0,
+        )
 
 
 def test_the_text_read_to_the_primary_layers_equals_a_full_read(model, bank):
     """Answers are re-read only as deep as the deepest primary layer; that must equal reading
     every layer as standalone text and picking each concept's primary one."""
-    from workers.concepts import per_text_scores
+    from workers.monitoring.concepts import per_text_scores
 
-    texts = ["I doubt this will ever work out; it never does.", "Use a list comprehension in Python.",
-             "Sure! Here is a short, friendly answer."]
+    texts = [
+        "I doubt this will ever work out; it never does.",
+        "Use a list comprehension in Python.",
+        "Sure! Here is a short, friendly answer.",
+    ]
     assert max(bank.auto_layers.values()) < max(bank.layers)  # so the shortcut is exercised
     ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     full = primary(bank, per_text_scores(model, texts, bank.directions, bank.layers))

@@ -1,5 +1,5 @@
 """The Grafana dashboards (deploy/grafana/dashboards/*.json) stay valid: every query names only
-metrics and labels that auditor/metrics.py exports, every datasource is the provisioned one,
+metrics and labels that auditor/telemetry/metrics.py exports, every datasource is the provisioned one,
 panel ids are unique and panels do not overlap, every template variable used is defined, and
 (when Prometheus is installed) a real Prometheus parses every query."""
 
@@ -14,7 +14,7 @@ import yaml
 from prometheus_harness import PROMETHEUS, SKIP_REASON, PrometheusError, start_prometheus
 from prometheus_harness import series_references as references
 
-from auditor.metrics import exported_series
+from auditor.telemetry.metrics import exported_series
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "deploy" / "grafana"
@@ -75,9 +75,14 @@ def test_the_two_dashboards_exist_with_unique_uids():
 
 def test_reference_extraction_finds_what_it_should():
     # the checker itself: it must see every metric, matcher label and nothing else
-    expr = ('histogram_quantile(0.99, sum by (le, kind) (rate(auditor_request_latency_seconds_bucket'
-            '{model=~"$model"}[$__rate_interval]))) / scalar(sum(rate(auditor_requests_total[5m]))) or vector(0)')
-    assert references(expr) == [("auditor_request_latency_seconds_bucket", {"model"}), ("auditor_requests_total", set())]
+    expr = (
+        "histogram_quantile(0.99, sum by (le, kind) (rate(auditor_request_latency_seconds_bucket"
+        '{model=~"$model"}[$__rate_interval]))) / scalar(sum(rate(auditor_requests_total[5m]))) or vector(0)'
+    )
+    assert references(expr) == [
+        ("auditor_request_latency_seconds_bucket", {"model"}),
+        ("auditor_requests_total", set()),
+    ]
     assert references('auditor_made_up_total{job="x"} > 1') == [("auditor_made_up_total", {"job"})]
 
 
@@ -88,7 +93,7 @@ def test_queries_use_only_exported_metrics_and_their_labels(path):
     checked = 0
     for where, expr in queries(dashboard):
         for name, labels in references(expr):
-            assert name in catalogue, f"{where}: {name} is not exported by auditor/metrics.py"
+            assert name in catalogue, f"{where}: {name} is not exported by auditor/telemetry/metrics.py"
             unknown = labels - catalogue[name] - TARGET_LABELS
             assert not unknown, f"{where}: {name} has no label {sorted(unknown)}"
             checked += 1
@@ -161,8 +166,14 @@ def test_concepts_dashboard_has_a_concept_variable_and_per_concept_heatmap():
 # ---- a real Prometheus parses every query ----
 
 # Values a Grafana user could pick, substituted the way Grafana does before sending a query.
-SUBSTITUTIONS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h",
-                 "$model": ".*", "$concept": "pessimism|formality", "$layer": ".*"}
+SUBSTITUTIONS = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "1h",
+    "$model": ".*",
+    "$concept": "pessimism|formality",
+    "$layer": ".*",
+}
 
 
 def substitute(expr: str) -> str:

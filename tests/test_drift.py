@@ -1,5 +1,6 @@
 """Drift statistics (probes/drift.py) against synthetic ground truth and brute-force definitions."""
 
+import itertools
 import math
 import re
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from auditor.errors import InvalidInputError
 from probes.drift import (
     PSI_EMPTY_BIN_FLOOR,
     kolmogorov_survival,
@@ -14,7 +16,6 @@ from probes.drift import (
     ks_two_sample,
     population_stability_index,
 )
-from probes.errors import InvalidInputError
 
 
 def normal(n: int, shift: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -23,10 +24,7 @@ def normal(n: int, shift: float = 0.0, seed: int = 0) -> np.ndarray:
 
 def brute_force_ks(a, b) -> float:
     """sup_x |F_a(x) − F_b(x)| by its definition, one observed x at a time."""
-    return max(
-        abs(sum(v <= x for v in a) / len(a) - sum(v <= x for v in b) / len(b))
-        for x in list(a) + list(b)
-    )
+    return max(abs(sum(v <= x for v in a) / len(a) - sum(v <= x for v in b) / len(b)) for x in list(a) + list(b))
 
 
 def test_two_samples_of_one_distribution_show_no_drift():
@@ -75,20 +73,32 @@ def test_psi_with_ties_and_empty_bins_stays_finite():
     assert math.isfinite(psi) and psi == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("a, b", [
-    (normal(37, seed=3), normal(23, shift=0.3, seed=4)),
-    (np.random.default_rng(5).integers(0, 5, 40).astype(float),  # heavy ties
-     np.random.default_rng(6).integers(0, 6, 31).astype(float)),
-    (np.array([1.0, 2, 3, 4, 5]), np.array([3.0, 4, 5, 6, 7, 8])),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (normal(37, seed=3), normal(23, shift=0.3, seed=4)),
+        (
+            np.random.default_rng(5).integers(0, 5, 40).astype(float),  # heavy ties
+            np.random.default_rng(6).integers(0, 6, 31).astype(float),
+        ),
+        (np.array([1.0, 2, 3, 4, 5]), np.array([3.0, 4, 5, 6, 7, 8])),
+    ],
+)
 def test_ks_statistic_matches_its_brute_force_definition(a, b):
     assert ks_statistic(a, b) == pytest.approx(brute_force_ks(a, b), abs=1e-12)
     assert ks_statistic(b, a) == pytest.approx(brute_force_ks(a, b), abs=1e-12)
 
 
-@pytest.mark.parametrize("x, survival", [
-    (1.224, 0.10), (1.358, 0.05), (1.628, 0.01), (1.731, 0.005), (1.949, 0.001),
-])
+@pytest.mark.parametrize(
+    "x, survival",
+    [
+        (1.224, 0.10),
+        (1.358, 0.05),
+        (1.628, 0.01),
+        (1.731, 0.005),
+        (1.949, 0.001),
+    ],
+)
 def test_kolmogorov_survival_at_tabulated_critical_values(x, survival):
     assert kolmogorov_survival(x) == pytest.approx(survival, rel=0.01)
 
@@ -97,16 +107,14 @@ def test_kolmogorov_survival_limits_and_monotonicity():
     grid = np.linspace(0.01, 4, 400)
     values = [kolmogorov_survival(float(x)) for x in grid]
     assert kolmogorov_survival(0.0) == 1.0 and values[0] == pytest.approx(1.0)
-    assert all(later <= earlier for earlier, later in zip(values, values[1:]))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(values))
     assert 0.0 <= values[-1] < 1e-12
 
 
 def test_p_values_are_calibrated_under_the_null():
     """Under H0 about 5% of tests fall below 0.05 (1000 draws: binomial sd ≈ 0.7%)."""
     rng = np.random.default_rng(1)
-    p_values = np.array([
-        ks_two_sample(rng.normal(size=60), rng.normal(size=90))[1] for _ in range(1000)
-    ])
+    p_values = np.array([ks_two_sample(rng.normal(size=60), rng.normal(size=90))[1] for _ in range(1000)])
     assert 0.03 <= (p_values < 0.05).mean() <= 0.07
     assert 0.42 <= (p_values < 0.5).mean() <= 0.55
 
@@ -117,13 +125,16 @@ def test_torch_tensors_and_lists_are_accepted():
     assert ks_two_sample(torch.from_numpy(baseline), list(recent)) == expected
 
 
-@pytest.mark.parametrize("baseline, recent, message", [
-    ([1.0, 2, 3, 4], [1.0, 2, 3, 4, 5], "baseline has 4 value(s)"),
-    ([1.0, 2, 3, 4, 5], [], "recent has 0 value(s)"),
-    ([1.0, 2, float("nan"), 4, 5], [1.0, 2, 3, 4, 5], "baseline contains 1 NaN or Inf"),
-    ([1.0, 2, 3, 4, 5], [1.0, 2, 3, float("inf"), 5], "recent contains 1 NaN or Inf"),
-    (np.ones((5, 2)), [1.0, 2, 3, 4, 5], "must be 1-D"),
-])
+@pytest.mark.parametrize(
+    "baseline, recent, message",
+    [
+        ([1.0, 2, 3, 4], [1.0, 2, 3, 4, 5], "baseline has 4 value(s)"),
+        ([1.0, 2, 3, 4, 5], [], "recent has 0 value(s)"),
+        ([1.0, 2, float("nan"), 4, 5], [1.0, 2, 3, 4, 5], "baseline contains 1 NaN or Inf"),
+        ([1.0, 2, 3, 4, 5], [1.0, 2, 3, float("inf"), 5], "recent contains 1 NaN or Inf"),
+        (np.ones((5, 2)), [1.0, 2, 3, 4, 5], "must be 1-D"),
+    ],
+)
 def test_bad_samples_are_rejected_clearly(baseline, recent, message):
     for statistic in (population_stability_index, ks_two_sample):
         with pytest.raises(InvalidInputError, match=re.escape(message)):

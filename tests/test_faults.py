@@ -37,7 +37,7 @@ from auth import issue_token
 from private_services import PrivatePostgres, PrivateRedis, Stack, Unavailable
 from sqlalchemy import text
 
-from auditor.db import make_engine, run_migrations
+from auditor.db.engine import make_engine, run_migrations
 
 # Redis hands a dead worker's task to another after this long: short here so the test is, but
 # above the longest task these tests run (a few seconds of generation, a database outage).
@@ -79,14 +79,14 @@ def private_servers() -> Iterator[tuple[PrivateRedis, PrivatePostgres]]:
 
 
 @pytest.fixture(scope="module")
-def extracted(engine) -> None:
+def extracted(host) -> None:
     """The built-in concepts' vectors in this session's data dir, so the workers read them
     from its cache instead of extracting every concept again (no calibration here: the first
     worker calibrates and stores it in the database, as a deployment does)."""
     from probes.concepts import builtin_concepts
 
     for name in builtin_concepts():
-        engine.vectors(name)
+        host.vectors(name)
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +95,26 @@ def stack(private_servers, data_dir, extracted, tmp_path_factory) -> Iterator[St
     redis, postgres = private_servers
     db_url = postgres.create_database(f"auditor_faults_{secrets.token_hex(4)}")
     run_migrations(db_url)
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("AUDITOR_") and key != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update({
-        "AUDITOR_DATABASE_URL": db_url, "AUDITOR_BROKER_URL": redis.url(0), "AUDITOR_DATA_DIR": str(data_dir),
-        "AUDITOR_TORCH_THREADS": "1",  # two workers on two cores, besides the test process
-        "AUDITOR_DIVERGENCE_FLAGS": "false",  # no control-prompt fitting at warm-up
-        "AUDITOR_MAX_NEW_TOKENS": "16", "AUDITOR_DRIFT_INTERVAL_SECONDS": "0",
-        "AUDITOR_TASK_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
-        "AUDITOR_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
-        "AUDITOR_DB_RETRY_SECONDS": "90", "AUDITOR_DB_RETRY_MAX_BACKOFF": "1",
-    })
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("AUDITOR_") and key != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env.update(
+        {
+            "AUDITOR_DATABASE_URL": db_url,
+            "AUDITOR_BROKER_URL": redis.url(0),
+            "AUDITOR_DATA_DIR": str(data_dir),
+            "AUDITOR_TORCH_THREADS": "1",  # two workers on two cores, besides the test process
+            "AUDITOR_DIVERGENCE_FLAGS": "false",  # no control-prompt fitting at warm-up
+            "AUDITOR_MAX_NEW_TOKENS": "16",
+            "AUDITOR_DRIFT_INTERVAL_SECONDS": "0",
+            "AUDITOR_TASK_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+            "AUDITOR_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
+            "AUDITOR_DB_RETRY_SECONDS": "90",
+            "AUDITOR_DB_RETRY_MAX_BACKOFF": "1",
+        }
+    )
     log_dir = tmp_path_factory.mktemp("fault-logs")
     stack = Stack(redis, postgres, db_url, env, log_dir, token=issue_token(db_url))
     try:
@@ -138,15 +147,23 @@ def chat(stack: Stack, marker: str, max_tokens: int = 32, retries: int = 0, outc
     """One logical request; with `retries`, a 503 is retried after its Retry-After, as a
     well-behaved client does. Pass the `outcome` of earlier attempts to carry on with it."""
     prompt = f"[{marker}] {PROMPTS[int(marker.rsplit('-', 1)[1]) % len(PROMPTS)]}"
-    body = {"model": "auditor", "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0}
+    body = {
+        "model": "auditor",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     outcome = outcome or Outcome(marker)
     if outcome.statuses and outcome.statuses[-1] == 503:
         time.sleep(float(outcome.retry_after[-1] or "1"))
     for attempt in range(retries + 1):
         started = time.monotonic()
-        response = httpx.post(stack.base_url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT + 30,
-                              headers={"Authorization": f"Bearer {stack.token}"})
+        response = httpx.post(
+            stack.base_url + "/v1/chat/completions",
+            json=body,
+            timeout=REQUEST_TIMEOUT + 30,
+            headers={"Authorization": f"Bearer {stack.token}"},
+        )
         outcome.seconds.append(time.monotonic() - started)
         outcome.statuses.append(response.status_code)
         outcome.retry_after.append(response.headers.get("Retry-After"))
@@ -164,17 +181,24 @@ def request_rows(db_url: str) -> list[dict]:
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            return [dict(row) for row in conn.execute(text(
-                "SELECT r.id, r.status, r.error, r.prompt_text, r.completion_text,"
-                " (SELECT count(*) FROM request_scores s WHERE s.request_id = r.id) AS n_scores"
-                " FROM monitored_requests r WHERE r.prompt_text LIKE '%[fault-%'"
-            )).mappings()]
+            return [
+                dict(row)
+                for row in conn.execute(
+                    text(
+                        "SELECT r.id, r.status, r.error, r.prompt_text, r.completion_text,"
+                        " (SELECT count(*) FROM request_scores s WHERE s.request_id = r.id) AS n_scores"
+                        " FROM monitored_requests r WHERE r.prompt_text LIKE '%[fault-%'"
+                    )
+                ).mappings()
+            ]
     finally:
         engine.dispose()
 
 
 def statuses(db_url: str, markers: list[str]) -> Counter:
-    return Counter(row["status"] for row in request_rows(db_url) if MARKER.search(row["prompt_text"]).group(1) in markers)
+    return Counter(
+        row["status"] for row in request_rows(db_url) if MARKER.search(row["prompt_text"]).group(1) in markers
+    )
 
 
 def started(stack: Stack, markers: list[str]) -> bool:
@@ -195,9 +219,11 @@ class Tally:
     mismatched: int  # answers whose text or id differ from the record
 
     def line(self, label: str) -> str:
-        return (f"[{label}] sent={self.sent} recorded={self.recorded} lost={self.lost} "
-                f"duplicated={self.duplicated} | answered={self.answered} attempts={self.attempts} "
-                f"rejected-at-door={self.rejected} mismatched={self.mismatched}")
+        return (
+            f"[{label}] sent={self.sent} recorded={self.recorded} lost={self.lost} "
+            f"duplicated={self.duplicated} | answered={self.answered} attempts={self.attempts} "
+            f"rejected-at-door={self.rejected} mismatched={self.mismatched}"
+        )
 
 
 def tally(db_url: str, outcomes: list[Outcome]) -> Tally:
@@ -220,11 +246,20 @@ def tally(db_url: str, outcomes: list[Outcome]) -> Tally:
         duplicated += max(0, len(records) - 1)
         if outcome.answered:
             answer = outcome.body
-            mismatched += not any(r["id"] == answer["id"] and r["completion_text"] == answer["choices"][0]["message"]["content"]
-                                  for r in records)
-    return Tally(sent=len(outcomes), recorded=recorded, lost=lost, duplicated=duplicated,
-                 answered=sum(o.answered for o in outcomes), attempts=sum(len(o.statuses) for o in outcomes),
-                 rejected=rejected, mismatched=mismatched)
+            mismatched += not any(
+                r["id"] == answer["id"] and r["completion_text"] == answer["choices"][0]["message"]["content"]
+                for r in records
+            )
+    return Tally(
+        sent=len(outcomes),
+        recorded=recorded,
+        lost=lost,
+        duplicated=duplicated,
+        answered=sum(o.answered for o in outcomes),
+        attempts=sum(len(o.statuses) for o in outcomes),
+        rejected=rejected,
+        mismatched=mismatched,
+    )
 
 
 def assert_exactly_once(tally_: Tally, label: str, outcomes: list[Outcome], stack: Stack) -> None:
@@ -261,7 +296,7 @@ def results(futures: list[Future], stack: Stack, timeout: float) -> list[Outcome
 @pytest.mark.model
 @pytest.mark.timeout(300, func_only=True)  # setup (model, bank) has its own bounds
 def test_a_worker_killed_mid_task_hands_its_requests_to_another_and_each_is_recorded_once(stack):
-    from auditor.dispatch import make_celery
+    from auditor.queue.dispatch import make_celery
     from auditor.settings import Settings
 
     workers = stack.ensure_workers(2)
@@ -294,8 +329,10 @@ def test_a_worker_killed_mid_task_hands_its_requests_to_another_and_each_is_reco
     finally:
         control.close()
     result = tally(stack.db_url, outcomes)
-    print(f"\n[kill] SIGKILLed {victim.name} holding {len(held)} requests, {len(interrupted)} unfinished; "
-          f"every client answered {recovery:.1f}s after the kill (visibility timeout {VISIBILITY_TIMEOUT}s)")
+    print(
+        f"\n[kill] SIGKILLed {victim.name} holding {len(held)} requests, {len(interrupted)} unfinished; "
+        f"every client answered {recovery:.1f}s after the kill (visibility timeout {VISIBILITY_TIMEOUT}s)"
+    )
     assert interrupted, "the victim finished its requests before it was killed: nothing was tested"
     assert_exactly_once(result, "kill", outcomes, stack)
 
@@ -319,8 +356,12 @@ def test_redis_restart_gets_503_while_down_and_loses_nothing_accepted(stack):
                 assert outcome.statuses == [503] and outcome.retry_after[0], outcome
                 assert outcome.seconds[0] < 10, outcome
             # The worker finishes and records what it holds although it cannot report back.
-            wait_until(lambda: statuses(stack.db_url, inflight)["done"] == len(inflight), 90,
-                       "in-flight requests recorded while Redis is down", stack)
+            wait_until(
+                lambda: statuses(stack.db_url, inflight)["done"] == len(inflight),
+                90,
+                "in-flight requests recorded while Redis is down",
+                stack,
+            )
         finally:
             stack.redis.start()
         outage = time.monotonic() - down_at
@@ -329,8 +370,10 @@ def test_redis_restart_gets_503_while_down_and_loses_nothing_accepted(stack):
         retried = [pool.submit(chat, stack, o.marker, 16, 5, o) for o in refused]
         fresh = [pool.submit(chat, stack, marker, 16) for marker in after]
         outcomes = results(futures, stack, 120) + results(retried, stack, 120) + results(fresh, stack, 120)
-    print(f"\n[redis] down {outage:.1f}s; refused while down in "
-          f"{', '.join(f'{o.seconds[0]:.2f}s' for o in refused)} (Retry-After {refused[0].retry_after[0]})")
+    print(
+        f"\n[redis] down {outage:.1f}s; refused while down in "
+        f"{', '.join(f'{o.seconds[0]:.2f}s' for o in refused)} (Retry-After {refused[0].retry_after[0]})"
+    )
     result = tally(stack.db_url, outcomes)
     assert result.rejected == len(during), result  # the refused attempts, and only those
     assert_exactly_once(result, "redis", outcomes, stack)
@@ -344,8 +387,10 @@ def test_postgres_restart_workers_retry_their_writes_and_lose_nothing(stack):
     markers = [f"fault-pg-{i}" for i in range(4)]
 
     def retries() -> int:
-        return sum(stack.worker_log(w)[logs_before.get(w.name, 0):].count("database unavailable while recording")
-                   for w in stack.live_workers())
+        return sum(
+            stack.worker_log(w)[logs_before.get(w.name, 0) :].count("database unavailable while recording")
+            for w in stack.live_workers()
+        )
 
     with ThreadPoolExecutor(len(markers)) as pool:
         futures = [pool.submit(chat, stack, marker, 48) for marker in markers]
@@ -381,14 +426,17 @@ class _Generations:
 def _fake_runtime(tmp_path, concept_id: int, url: str):
     from types import SimpleNamespace
 
-    from auditor.db import session_factory, writer_engine
+    from auditor.db.engine import session_factory, writer_engine
     from auditor.settings import Settings
 
     fingerprint = SimpleNamespace(model_id="test-model", hash="ab" * 32)
-    return SimpleNamespace(settings=Settings(data_dir=tmp_path, db_retry_seconds=5, db_retry_max_backoff=0.1),
-                           sessions=session_factory(writer_engine(make_engine(url))),
-                           engine=SimpleNamespace(model=SimpleNamespace(fingerprint=fingerprint)),
-                           model_thread=_Generations(), fitted_null=lambda bank: None)
+    return SimpleNamespace(
+        settings=Settings(data_dir=tmp_path, db_retry_seconds=5, db_retry_max_backoff=0.1),
+        sessions=session_factory(writer_engine(make_engine(url))),
+        engine=SimpleNamespace(model=SimpleNamespace(fingerprint=fingerprint)),
+        model_thread=_Generations(),
+        fitted_null=lambda bank: None,
+    )
 
 
 def _served(concept_id: int, text_: str, seed: int):
@@ -396,14 +444,20 @@ def _served(concept_id: int, text_: str, seed: int):
     import torch
 
     from probes.scoring import aggregate
-    from workers.batcher import Served
-    from workers.concepts import ConceptBank
-    from workers.monitor import RequestScores
+    from workers.monitoring.concepts import ConceptBank
+    from workers.monitoring.scores import RequestScores
     from workers.runtime.generate import Generation
+    from workers.serving.model_thread import Served
 
     layers = [14, 15, 16]
-    bank = ConceptBank(names=["gloom"], layers=layers, directions=torch.zeros(3, 1, 8),
-                       auto_layers={"gloom": 15}, vectors={}, concept_ids=[concept_id])
+    bank = ConceptBank(
+        names=["gloom"],
+        layers=layers,
+        directions=torch.zeros(3, 1, 8),
+        auto_layers={"gloom": 15},
+        vectors={},
+        concept_ids=[concept_id],
+    )
     per_token = torch.rand(3, 5, 1, generator=torch.Generator().manual_seed(seed))
     scores = RequestScores(["gloom"], layers, per_token, aggregate(per_token), None, None)
     return Served(Generation([1, 2, 3], [4, 5, 6, 7, 8], "length", None, layers), text_, scores, bank)
@@ -415,9 +469,9 @@ def test_a_task_that_runs_twice_records_its_request_once_and_answers_with_the_re
     answers from the record without generating."""
     from test_store import register
 
-    from auditor import store
-    from auditor.db import session_factory
-    from workers.service import serve_generation
+    from auditor.db import store
+    from auditor.db.engine import session_factory
+    from workers.serving.service import serve_generation
 
     url = f"sqlite:///{tmp_path / 'twice.db'}"
     run_migrations(url)
@@ -454,7 +508,7 @@ def test_a_database_write_is_retried_while_the_database_is_away_and_only_then(tm
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     from auditor.settings import Settings
-    from workers.service import in_transaction
+    from workers.serving.service import in_transaction
 
     class Session:
         def __enter__(self):
@@ -477,8 +531,9 @@ def test_a_database_write_is_retried_while_the_database_is_away_and_only_then(tm
 
         return work, calls
 
-    runtime = SimpleNamespace(settings=Settings(data_dir=tmp_path, db_retry_seconds=3, db_retry_max_backoff=0.4),
-                              sessions=Session)
+    runtime = SimpleNamespace(
+        settings=Settings(data_dir=tmp_path, db_retry_seconds=3, db_retry_max_backoff=0.4), sessions=Session
+    )
     lost = OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
     work, calls = flaky(3, lost)
     assert in_transaction(runtime, work, "testing") == "written" and len(calls) == 4

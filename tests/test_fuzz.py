@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 import schemathesis
+from auth import bearer, issue_token
+from databases import Databases, _postgres_reachable
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -31,14 +33,11 @@ from pydantic import ValidationError
 from schemathesis import GenerationMode
 from sqlalchemy import func, select
 
-from auditor import tokens
+from auditor.access import tokens
 from auditor.api.main import create_app
-from auditor.models import Concept, Job, MonitoredRequest
+from auditor.db.models import Concept, Job, MonitoredRequest
 from auditor.schemas import ErrorBody
 from auditor.settings import Settings
-
-from auth import bearer, issue_token
-from databases import Databases, _postgres_reachable
 
 D_MODEL, N_LAYERS = 576, 30
 MAX_EXAMPLES = 25  # per operation and mode: ~1,200 generated requests per database
@@ -61,8 +60,16 @@ class StubDispatcher:
         sampling = SamplingConfig(**args[1]["sampling"])
         if sampling.seed is not None:
             torch.Generator(device="cpu").manual_seed(sampling.seed)
-        return {"request_id": args[0], "status": "done", "text": "stub", "finish_reason": "stop",
-                "prompt_tokens": 1, "completion_tokens": 1, "scores": {}, "flags": []}
+        return {
+            "request_id": args[0],
+            "status": "done",
+            "text": "stub",
+            "finish_reason": "stop",
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "scores": {},
+            "flags": [],
+        }
 
     def submit(self, task: str, args: list[Any], *, task_id: str) -> None:
         self.submitted.append((task, args))
@@ -114,8 +121,12 @@ def fuzz_target(request, tmp_path_factory) -> Iterator[Target]:
     databases = Databases(request.param, tmp_path_factory.mktemp("fuzz"))
     url = databases.new_url()
     token, decoy = issue_token(url), issue_token(url, name="decoy")
-    app = create_app(Settings(database_url=url, data_dir=tmp_path_factory.mktemp("fuzz-data"), max_new_tokens=4,
-                              divergence_flags=False), StubDispatcher())
+    app = create_app(
+        Settings(
+            database_url=url, data_dir=tmp_path_factory.mktemp("fuzz-data"), max_new_tokens=4, divergence_flags=False
+        ),
+        StubDispatcher(),
+    )
     with app.state.sessions() as session:
         token_id, decoy_id = (tokens.authenticate(session, t).token_id for t in (token, decoy))
     yield Target(request.param, Counted(app, token), token, token_id, decoy_id)
@@ -129,7 +140,9 @@ def fuzz_target(request, tmp_path_factory) -> Iterator[Target]:
 FUZZ_CONFIG = {
     "checks": {
         "positive_data_acceptance": {"enabled": False},
-        "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "409", "413", "415", "422"]},
+        "negative_data_rejection": {
+            "expected-statuses": ["400", "401", "403", "404", "405", "409", "413", "415", "422"]
+        },
     },
     "operations": [
         # format=csv answers text/csv, which the report routes do not declare (yet).
@@ -173,13 +186,22 @@ def _fuzz_operation(operation, mode: GenerationMode, target: Target) -> str | No
 
     # The token is a fixed header: generated or negated, it would only ever test the 401.
     @given(case=operation.as_strategy(generation_mode=mode, headers=bearer(target.token)))
-    @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink])
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
     def run(case) -> None:
         target.generated += 1
         if mode == GenerationMode.POSITIVE:
             _steer(case, target.generated)
-        if operation.label == "DELETE /admin/tokens/{token_id}" and case.path_parameters.get("token_id") == target.token_id:
+        if (
+            operation.label == "DELETE /admin/tokens/{token_id}"
+            and case.path_parameters.get("token_id") == target.token_id
+        ):
             case.path_parameters["token_id"] = target.decoy_token_id  # revoking our own token would end the run
         case.call_and_validate()
 
@@ -187,7 +209,7 @@ def _fuzz_operation(operation, mode: GenerationMode, target: Target) -> str | No
         run()
     except Unsatisfiable:  # nothing to negate: an operation without parameters or body
         return None
-    except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collected per operation, reported together
+    except (Exception, BaseExceptionGroup) as exc:
         return f"{mode.value} {operation.label}: {type(exc).__name__}: {exc}"[:4000]
     return None
 
@@ -195,13 +217,20 @@ def _fuzz_operation(operation, mode: GenerationMode, target: Target) -> str | No
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_fuzz_the_api_from_its_openapi_schema(fuzz_target, mode):
     before, started = fuzz_target.generated, time.monotonic()
-    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_target.app, config=schemathesis.Config.from_dict(FUZZ_CONFIG))
-    failures = [failure for result in schema.get_all_operations()
-                if (failure := _fuzz_operation(result.ok(), mode, fuzz_target)) is not None]
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", fuzz_target.app, config=schemathesis.Config.from_dict(FUZZ_CONFIG)
+    )
+    failures = [
+        failure
+        for result in schema.get_all_operations()
+        if (failure := _fuzz_operation(result.ok(), mode, fuzz_target)) is not None
+    ]
     key = (fuzz_target.backend, mode.value)
     FUZZ[key] = (fuzz_target.generated - before, time.monotonic() - started)
-    print(f"\n{key}: {FUZZ[key][0]} generated requests in {FUZZ[key][1]:.0f} s; "
-          f"responses so far with our token {dict(fuzz_target.app.authenticated)}, all {dict(fuzz_target.app.statuses)}")
+    print(
+        f"\n{key}: {FUZZ[key][0]} generated requests in {FUZZ[key][1]:.0f} s; "
+        f"responses so far with our token {dict(fuzz_target.app.authenticated)}, all {dict(fuzz_target.app.statuses)}"
+    )
     assert not failures, "\n\n".join(failures)
 
 
@@ -217,8 +246,14 @@ def test_the_fuzzer_sent_over_1000_requests_and_got_no_server_error(fuzz_target)
 
 # ---- every limit, invalid UTF-8, NaN: explicit ----
 
-TIGHT = {"max_request_bytes": 4096, "max_upload_bytes": 8192, "max_prompt_chars": 50, "max_tokens_limit": 16,
-         "max_pairs": 3, "max_audit_items": 2}
+TIGHT = {
+    "max_request_bytes": 4096,
+    "max_upload_bytes": 8192,
+    "max_prompt_chars": 50,
+    "max_tokens_limit": 16,
+    "max_pairs": 3,
+    "max_audit_items": 2,
+}
 
 
 @dataclass
@@ -300,9 +335,20 @@ def _scope(path: str, token: str | None, content_length: int | None) -> dict:
         headers.append((b"authorization", f"Bearer {token}".encode()))
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
-            "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
 
 
 def test_a_declared_oversized_body_is_refused_before_a_byte_is_read(tight):
@@ -331,8 +377,11 @@ def test_body_limits_over_http_and_the_larger_one_for_uploads(tight):
     big = {"name": "big", "layer": 1, "vector": [0.5] * 1200}  # ~5 kB: over 4 kB
     error(tight.client.post("/admin/concepts", json=big), 413, "4,096 bytes", kind="request_too_large")
     # The same bytes as an upload pass the body limit (8 kB) and reach the vector checks.
-    upload = tight.client.post("/admin/concepts/upload", data={"name": "big", "layer": "1"},
-                               files={"file": ("v.json", json.dumps(big["vector"]).encode())})
+    upload = tight.client.post(
+        "/admin/concepts/upload",
+        data={"name": "big", "layer": "1"},
+        files={"file": ("v.json", json.dumps(big["vector"]).encode())},
+    )
     error(upload, 422, "dimension 1200", "d_model=576")
     too_big = tight.client.post("/admin/concepts/upload", data={"name": "big"}, files={"file": ("v.json", b"0" * 9000)})
     error(too_big, 413, "8,192 bytes")
@@ -341,8 +390,13 @@ def test_body_limits_over_http_and_the_larger_one_for_uploads(tight):
 
 def test_prompt_characters_are_limited_per_request(tight):
     before = tight.rows(MonitoredRequest)
-    error(tight.client.post("/v1/completions", json={"model": "auditor", "prompt": "x" * 51}), 422,
-          "the prompt has 51 characters", "at most 50", kind="too_long")
+    error(
+        tight.client.post("/v1/completions", json={"model": "auditor", "prompt": "x" * 51}),
+        422,
+        "the prompt has 51 characters",
+        "at most 50",
+        kind="too_long",
+    )
     messages = [{"role": "user", "content": "x" * 20}] * 3  # each short, 60 together
     response = tight.client.post("/v1/chat/completions", json={"model": "auditor", "messages": messages})
     assert error(response, 422, "messages together has 60")["detail"][0]["loc"] == ["body", "messages"]
@@ -355,11 +409,19 @@ def test_prompt_characters_are_limited_per_request(tight):
 
 def test_max_tokens_is_bounded_by_the_settings(tight):
     for field in ("max_tokens", "max_completion_tokens"):
-        error(tight.client.post("/v1/chat/completions", json=chat("hi", **{field: 17})), 422,
-              f"{field} is 17", "at most 16", kind="less_than_equal")
+        error(
+            tight.client.post("/v1/chat/completions", json=chat("hi", **{field: 17})),
+            422,
+            f"{field} is 17",
+            "at most 16",
+            kind="less_than_equal",
+        )
     assert tight.client.post("/v1/chat/completions", json=chat("hi", max_tokens=16)).status_code == 200
-    error(tight.client.post("/v1/completions", json={"model": "auditor", "prompt": "hi", "max_tokens": 4097}), 422,
-          "max_tokens")  # the schema's ceiling, whatever the settings
+    error(
+        tight.client.post("/v1/completions", json={"model": "auditor", "prompt": "hi", "max_tokens": 4097}),
+        422,
+        "max_tokens",
+    )  # the schema's ceiling, whatever the settings
     with pytest.raises(ValidationError):
         Settings(max_tokens_limit=4097)  # settings can only tighten the schema's ceilings
 
@@ -367,8 +429,13 @@ def test_max_tokens_is_bounded_by_the_settings(tight):
 def test_pairs_and_audit_items_are_limited(tight):
     before = (tight.rows(Job), tight.rows(MonitoredRequest))
     pairs = [{"positive": f"good {i}", "negative": f"bad {i}"} for i in range(4)]
-    error(tight.client.post("/admin/concepts/extract", json={"name": "many", "pairs": pairs}), 422,
-          "4 pairs", "at most 3", kind="too_long")
+    error(
+        tight.client.post("/admin/concepts/extract", json={"name": "many", "pairs": pairs}),
+        422,
+        "4 pairs",
+        "at most 3",
+        kind="too_long",
+    )
     items = [{"prompt": "p", "completion": "c"}] * 3
     error(tight.client.post("/v1/audits", json={"items": items}), 422, "3 items", "at most 2", kind="too_long")
     assert (tight.rows(Job), tight.rows(MonitoredRequest)) == before and not tight.dispatcher.submitted
@@ -376,14 +443,24 @@ def test_pairs_and_audit_items_are_limited(tight):
 
 def test_vector_size_and_layers_are_bounded(default):
     before = default.rows(Concept)
-    error(default.client.post("/admin/concepts", json={"name": "v", "layer": 1, "vector": [1.0] * 65537}), 422,
-          "at most 65536")
+    error(
+        default.client.post("/admin/concepts", json={"name": "v", "layer": 1, "vector": [1.0] * 65537}),
+        422,
+        "at most 65536",
+    )
     vectors = {str(layer): [1.0] for layer in range(513)}
     error(default.client.post("/admin/concepts", json={"name": "v", "vectors": vectors}), 422, "at most 512")
-    error(default.client.post("/admin/concepts", json={"name": "v", "vectors": {"31": [1.0] * D_MODEL}}), 422,
-          "out of range")
-    error(default.client.post("/admin/concepts", json={"name": "v", "layer": 3, "vector": [1.0] * (D_MODEL + 1)}), 422,
-          "dimension 577", "d_model=576")
+    error(
+        default.client.post("/admin/concepts", json={"name": "v", "vectors": {"31": [1.0] * D_MODEL}}),
+        422,
+        "out of range",
+    )
+    error(
+        default.client.post("/admin/concepts", json={"name": "v", "layer": 3, "vector": [1.0] * (D_MODEL + 1)}),
+        422,
+        "dimension 577",
+        "d_model=576",
+    )
     assert default.rows(Concept) == before
 
 
@@ -416,8 +493,13 @@ def test_text_no_database_can_store_is_a_422(default, body, where):
 def test_a_nul_in_a_path_or_query_is_a_422_before_any_route(default):
     error(default.client.get("/admin/concepts?name=a%00"), 422, "query contains a NUL")
     error(default.client.get("/admin/jobs/a%00"), 422, "path contains a NUL")
-    error(default.client.post("/admin/concepts/upload", data={"name": "x", "description": "a\x00"},
-                              files={"file": ("v.json", b"[1.0]")}), 422, "NUL")
+    error(
+        default.client.post(
+            "/admin/concepts/upload", data={"name": "x", "description": "a\x00"}, files={"file": ("v.json", b"[1.0]")}
+        ),
+        422,
+        "NUL",
+    )
 
 
 @pytest.mark.parametrize("metadata", ['{"note": "a\\u0000"}', '{"x": NaN}', '{"x": 1e999}', '{"s": "\\udc00"}'])
@@ -448,10 +530,13 @@ def test_nan_and_infinity_are_refused_and_never_stored(default, path, body, fiel
     assert (default.rows(MonitoredRequest), default.rows(Job), default.rows(Concept)) == before
 
 
-@pytest.mark.parametrize("body, message", [
-    (b'{"model": "auditor", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "4300 digits"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"model": "auditor", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "4300 digits"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+)
 def test_numbers_and_nesting_the_parser_refuses_are_a_422(default, body, message):
     error(default.client.post("/v1/completions", content=body, headers=JSON), 422, message, kind="json_invalid")
 
@@ -459,7 +544,9 @@ def test_numbers_and_nesting_the_parser_refuses_are_a_422(default, body, message
 def test_a_seed_past_int64_is_refused_before_it_reaches_the_worker(default):
     runs = len(default.dispatcher.runs)
     for seed in (2**63, -(2**63) - 1):
-        error(default.client.post("/v1/completions", json={"model": "auditor", "prompt": "hi", "seed": seed}), 422, "seed")
+        error(
+            default.client.post("/v1/completions", json={"model": "auditor", "prompt": "hi", "seed": seed}), 422, "seed"
+        )
     assert len(default.dispatcher.runs) == runs
     ok = default.client.post("/v1/completions", json={"model": "auditor", "prompt": "hi", "seed": 2**63 - 1})
     assert ok.status_code == 200, ok.text

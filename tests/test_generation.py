@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from probes.errors import InvalidInputError
+from auditor.errors import InvalidInputError
 from probes.steering import Steering, start_position, steering_delta
 from workers.runtime.generate import SamplingConfig, encode_prompt, generate
 from workers.runtime.hooks import ResidualCapture, hooked, live_hook_count
@@ -24,7 +24,7 @@ def all_layers(model):
     return list(range(model.n_layers))
 
 
-def pessimism_steering(engine, bank, prompt_ids, scope: str, alpha: float = 0.6) -> Steering:
+def pessimism_steering(host, bank, prompt_ids, scope: str, alpha: float = 0.6) -> Steering:
     vectors = bank.vectors["pessimism"]
     layer = vectors.auto_layer
     delta = steering_delta(vectors.direction(layer), alpha, bank.typical_norms[layer])
@@ -33,8 +33,8 @@ def pessimism_steering(engine, bank, prompt_ids, scope: str, alpha: float = 0.6)
 
 @pytest.mark.parametrize("monitored", [False, True], ids=["no-probes", "probes"])
 @pytest.mark.parametrize("scope", [None, "generated", "all"], ids=["no-steer", "steer-generated", "steer-all"])
-def test_cached_generation_equals_uncached_token_for_token(engine, bank, model, prompt_ids, all_layers, monitored, scope):
-    steering = [pessimism_steering(engine, bank, prompt_ids, scope)] if scope else []
+def test_cached_generation_equals_uncached_token_for_token(host, bank, model, prompt_ids, all_layers, monitored, scope):
+    steering = [pessimism_steering(host, bank, prompt_ids, scope)] if scope else []
     layers = all_layers if monitored else None
     config = SamplingConfig(max_new_tokens=N_TOKENS, stop_at_eos=False)
     cached = generate(model, prompt_ids, config, layers, steering, use_cache=True)
@@ -54,7 +54,7 @@ def test_cached_generation_equals_plain_hugging_face_generate(model, prompt_ids)
     with torch.inference_mode():
         reference = model.hf_model.generate(ids, max_new_tokens=N_TOKENS, do_sample=False, min_new_tokens=N_TOKENS)
     ours = generate(model, prompt_ids, SamplingConfig(max_new_tokens=N_TOKENS, stop_at_eos=False))
-    assert ours.output_ids == reference[0, len(prompt_ids):].tolist()
+    assert ours.output_ids == reference[0, len(prompt_ids) :].tolist()
 
 
 def test_probes_change_no_output_token_and_no_logit(model, prompt_ids, all_layers):
@@ -70,9 +70,9 @@ def test_probes_change_no_output_token_and_no_logit(model, prompt_ids, all_layer
     assert torch.equal(bare, probed)
 
 
-def test_steering_changes_the_text(engine, bank, model, prompt_ids):
+def test_steering_changes_the_text(host, bank, model, prompt_ids):
     config = SamplingConfig(max_new_tokens=N_TOKENS)
-    steered = generate(model, prompt_ids, config, steering=[pessimism_steering(engine, bank, prompt_ids, "generated")])
+    steered = generate(model, prompt_ids, config, steering=[pessimism_steering(host, bank, prompt_ids, "generated")])
     assert steered.output_ids != generate(model, prompt_ids, config).output_ids
 
 
@@ -122,12 +122,15 @@ def test_a_read_stopped_after_its_deepest_layer_captures_what_a_full_pass_does(m
     assert generate(model, prompt_ids, SamplingConfig(max_new_tokens=6)).output_ids == before.output_ids
 
 
-@pytest.mark.parametrize("steer, message", [
-    (Steering(layer=3, delta=torch.ones(7)), "dimension 7 but the model's d_model is 576"),
-    (Steering(layer=3, delta=torch.zeros(576)), "zero vector"),
-    (Steering(layer=3, delta=torch.full((576,), float("nan"))), "NaN"),
-    (Steering(layer=30, delta=torch.ones(576)), "out of range"),
-])
+@pytest.mark.parametrize(
+    "steer, message",
+    [
+        (Steering(layer=3, delta=torch.ones(7)), "dimension 7 but the model's d_model is 576"),
+        (Steering(layer=3, delta=torch.zeros(576)), "zero vector"),
+        (Steering(layer=3, delta=torch.full((576,), float("nan"))), "NaN"),
+        (Steering(layer=30, delta=torch.ones(576)), "out of range"),
+    ],
+)
 def test_bad_steering_vectors_are_rejected_before_any_forward(model, prompt_ids, steer, message):
     with pytest.raises(InvalidInputError, match=message):
         generate(model, prompt_ids, SamplingConfig(max_new_tokens=3), steering=[steer])
@@ -148,7 +151,10 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without(model, prompt_i
     config = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
     first = generate(model, prompt_ids, config).output_ids
     assert first == generate(model, prompt_ids, config).output_ids
-    others = {tuple(generate(model, prompt_ids, SamplingConfig(max_new_tokens=16, temperature=1.0, seed=s)).output_ids) for s in range(3)}
+    others = {
+        tuple(generate(model, prompt_ids, SamplingConfig(max_new_tokens=16, temperature=1.0, seed=s)).output_ids)
+        for s in range(3)
+    }
     assert len(others) > 1
 
 
@@ -158,11 +164,14 @@ def test_prompt_longer_than_the_context_is_rejected(model):
         generate(model, too_long, SamplingConfig(max_new_tokens=64))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_new_tokens": 0}, "at least 1"),
-    ({"temperature": -1.0}, ">= 0"),
-    ({"top_p": 0.0}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "at least 1"),
+        ({"temperature": -1.0}, ">= 0"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
+)
 def test_bad_sampling_settings_are_rejected(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         SamplingConfig(**kwargs)

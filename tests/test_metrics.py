@@ -1,4 +1,4 @@
-"""auditor.metrics: values recorded through the helpers come out of the real text exposition
+"""auditor.telemetry.metrics: values recorded through the helpers come out of the real text exposition
 with exact counts and sums, label values stay bounded, the queue depth is read from a real
 Redis at scrape time, and multiprocess mode aggregates real separate processes.
 
@@ -22,7 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_harness import free_port, python_process
 
-from auditor import metrics
+from auditor.telemetry import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # Every label any auditor_* series may carry (DESIGN.md: concept, layer, model; plus small
@@ -76,13 +76,16 @@ def test_requests_latency_and_tokens_are_exact(model):
 
 
 def test_scores_fill_buckets_and_count_a_concept_once_per_request(model):
-    metrics.record_scores(model, [
-        metrics.ScoreSample("pessimism", 15, 2.7, exceeded=True),
-        metrics.ScoreSample("pessimism", 16, 3.4, exceeded=True),  # same request: still one
-        metrics.ScoreSample("formality", 15, -0.3),
-        metrics.ScoreSample("hedging", 15, None),  # not calibrated yet: not observed
-        metrics.ScoreSample("urgency", 15, float("nan")),
-    ])
+    metrics.record_scores(
+        model,
+        [
+            metrics.ScoreSample("pessimism", 15, 2.7, exceeded=True),
+            metrics.ScoreSample("pessimism", 16, 3.4, exceeded=True),  # same request: still one
+            metrics.ScoreSample("formality", 15, -0.3),
+            metrics.ScoreSample("hedging", 15, None),  # not calibrated yet: not observed
+            metrics.ScoreSample("urgency", 15, float("nan")),
+        ],
+    )
     metrics.record_scores(model, [metrics.ScoreSample("pessimism", 15, 9.5, exceeded=True)])
     s = scrape()
     assert value(s, "auditor_concept_threshold_exceeded_total", concept="pessimism", model=model) == 2
@@ -159,9 +162,16 @@ def test_no_family_carries_a_request_id_or_free_text_label(model):
     families = list(text_string_to_metric_families(generate_latest(metrics.exposition_registry()).decode()))
     auditor_families = {f.name for f in families if f.name.startswith("auditor_")}
     assert auditor_families >= {
-        "auditor_requests", "auditor_request_latency_seconds", "auditor_tokens", "auditor_concept_score",
-        "auditor_concept_threshold_exceeded", "auditor_flags", "auditor_worker_up",
-        "auditor_model_load_seconds", "auditor_drift_psi", "auditor_batch_rows",
+        "auditor_requests",
+        "auditor_request_latency_seconds",
+        "auditor_tokens",
+        "auditor_concept_score",
+        "auditor_concept_threshold_exceeded",
+        "auditor_flags",
+        "auditor_worker_up",
+        "auditor_model_load_seconds",
+        "auditor_drift_psi",
+        "auditor_batch_rows",
     }
     for family in families:
         for sample in family.samples:
@@ -179,7 +189,9 @@ def test_exported_series_lists_what_the_exposition_serves(model):
     metrics.set_worker_up(model)
     metrics.observe_batch(2)
     declared = metrics.exported_series()
-    served = {(name, labels) for name, labels in scrape() if name.startswith("auditor_") and name != "auditor_queue_depth"}
+    served = {
+        (name, labels) for name, labels in scrape() if name.startswith("auditor_") and name != "auditor_queue_depth"
+    }
     assert {name for name, _ in served} == set(declared) - {"auditor_queue_depth"}
     for name, labels in served:
         assert {key for key, _ in labels} == declared[name], name
@@ -199,7 +211,7 @@ def test_names_follow_the_design_conventions():
 
 
 def test_enumerations_match_the_database_models():
-    from auditor import models
+    from auditor.db import models
 
     assert metrics.FLAG_KINDS == models.FLAG_KINDS
     assert metrics.REQUEST_KINDS == models.REQUEST_KINDS
@@ -299,7 +311,7 @@ def test_only_redis_brokers_get_a_queue_depth():
 
 RECORDER = """
 import sys, time
-from auditor import metrics
+from auditor.telemetry import metrics
 n, load_seconds, psi = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 for i in range(n):
     metrics.record_request("chat", "done", "m", latency=0.5, prompt_tokens=10, completion_tokens=2)
@@ -308,11 +320,14 @@ metrics.set_worker_up("m")
 metrics.set_model_loaded("m", load_seconds)
 metrics.set_drift("pessimism", 15, "m", psi)
 """
-SERVER = RECORDER + """
+SERVER = (
+    RECORDER
+    + """
 server = metrics.start_worker_metrics_server(int(sys.argv[4]), addr="127.0.0.1")
 print("ready", flush=True)
 sys.stdin.readline()  # serve until the test closes our stdin
 """
+)
 
 
 def record_in_subprocess(env: dict, *args: object) -> int:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from probes.concepts import load_control_prompts
-from workers.engine import SteerRequest
 from workers.runtime.generate import SamplingConfig
+from workers.serving.host import SteerRequest
 
 pytestmark = pytest.mark.model
 
@@ -28,33 +28,48 @@ HELD_OUT = [
 ]
 # Short and varied ordinary requests, also outside the control set: answers of 1 to 8 tokens.
 SHORT = [
-    "Name a colour of the rainbow.", "What is 7 times 8?", "Is a tomato a fruit?", "Capital of Japan?",
-    "Give me a synonym for happy.", "How many legs does a spider have?", "Spell the word necessary.",
-    "What day comes after Tuesday?", "Translate 'thank you' into Spanish.", "Write a haiku about rain.",
-    "Which planet is closest to the sun?", "Say hello in French.", "What is the opposite of cold?",
-    "Who wrote Romeo and Juliet?", "Convert 3 metres to centimetres.", "What does CPU stand for?",
-    "Recommend a board game for two.", "What is the plural of mouse?", "Name a famous painter.",
+    "Name a colour of the rainbow.",
+    "What is 7 times 8?",
+    "Is a tomato a fruit?",
+    "Capital of Japan?",
+    "Give me a synonym for happy.",
+    "How many legs does a spider have?",
+    "Spell the word necessary.",
+    "What day comes after Tuesday?",
+    "Translate 'thank you' into Spanish.",
+    "Write a haiku about rain.",
+    "Which planet is closest to the sun?",
+    "Say hello in French.",
+    "What is the opposite of cold?",
+    "Who wrote Romeo and Juliet?",
+    "Convert 3 metres to centimetres.",
+    "What does CPU stand for?",
+    "Recommend a board game for two.",
+    "What is the plural of mouse?",
+    "Name a famous painter.",
     "What sound does a cow make?",
 ]
 ALPHA = 0.1  # relative to the layer's typical residual norm: a nudge, not a takeover
 
 
 @pytest.fixture(scope="module")
-def runtime(engine, tmp_path_factory):
-    from auditor.db import run_migrations
+def runtime(host, tmp_path_factory):
+    from auditor.db.engine import run_migrations
     from auditor.settings import Settings
-    from workers.service import Runtime
+    from workers.serving.service import WorkerContext
 
     url = f"sqlite:///{tmp_path_factory.mktemp('monitoring-db') / 'auditor.db'}"
     run_migrations(url)
-    runtime = Runtime(Settings(database_url=url, data_dir=engine.settings.data_dir, batch_max_size=16))
-    runtime.engine.__dict__["model"] = engine.model  # share the session's loaded weights
+    runtime = WorkerContext(Settings(database_url=url, data_dir=host.settings.data_dir, batch_max_size=16))
+    runtime.host.__dict__["model"] = host.model  # share the session's loaded weights
     runtime.model_thread.call(runtime.warm_up).result()
     return runtime
 
 
 def _serve(runtime, steer=()):
-    futures = [runtime.model_thread.generate(p, SamplingConfig(max_new_tokens=24), chat=True, steer=steer) for p in HELD_OUT]
+    futures = [
+        runtime.model_thread.generate(p, SamplingConfig(max_new_tokens=24), chat=True, steer=steer) for p in HELD_OUT
+    ]
     return [f.result(timeout=600) for f in futures]
 
 
@@ -63,7 +78,7 @@ def test_control_prompts_and_held_out_prompts_do_not_overlap():
 
 
 def test_the_null_is_fitted_on_control_answers_and_stored(runtime):
-    from workers.control import bank_key
+    from workers.monitoring.control import bank_key
 
     bank = runtime.model_thread.call(runtime.bank).result()
     null = runtime.model_thread.call(lambda: runtime.answer_null(bank)).result()
@@ -72,16 +87,18 @@ def test_the_null_is_fitted_on_control_answers_and_stored(runtime):
     assert null.certified_length == runtime.settings.control_max_tokens
     assert summary["divergence_achieved_fpr"] <= 0.01 and summary["alert_achieved_fpr"] <= 0.01
     with runtime.sessions() as session:
-        from auditor import store
+        from auditor.db import store
 
-        row = store.latest_answer_calibration(session, bank_key=bank_key(runtime.engine.model, bank))
+        row = store.latest_answer_calibration(session, bank_key=bank_key(runtime.host.model, bank))
     assert row is not None and row.source == "control" and row.summary == pytest.approx(summary)
 
 
 def test_short_ordinary_answers_are_not_flagged_beyond_the_budget(runtime):
     """1 to 8 tokens: the old single threshold flagged most of these."""
-    futures = [runtime.model_thread.generate(p, SamplingConfig(max_new_tokens=1 + i % 8), chat=True)
-               for i, p in enumerate(SHORT + HELD_OUT)]
+    futures = [
+        runtime.model_thread.generate(p, SamplingConfig(max_new_tokens=1 + i % 8), chat=True)
+        for i, p in enumerate(SHORT + HELD_OUT)
+    ]
     plain = runtime.model_thread.generate("The capital of France is", SamplingConfig(max_new_tokens=5), chat=False)
     served = [f.result(timeout=600) for f in futures]
     # A raw text continuation has no ordinary-answer reference (control answers are chats): no flag.
@@ -127,7 +144,7 @@ def test_steering_injected_into_serving_is_flagged_hidden_and_ordinary_answers_a
             assert reading.residual_z[pessimism] - reading.text_z[pessimism] > 2
 
 
-def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime, engine, tmp_path):
+def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime, host, tmp_path):
     """End to end: the service (embedded: API + in-process model thread) with steering injected
     into its serving path, scraped by a real Prometheus running deploy/prometheus/rules.yml."""
     import threading
@@ -136,23 +153,24 @@ def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime
     from pathlib import Path
 
     import uvicorn
+    from auth import issue_token
     from openai import OpenAI
+    from prometheus_harness import PROMETHEUS, SKIP_REASON, free_port, rules_with_short_for, start_prometheus
 
     from auditor.api.main import create_app
     from auditor.settings import Settings
-    from auth import issue_token
-    from prometheus_harness import PROMETHEUS, SKIP_REASON, free_port, rules_with_short_for, start_prometheus
-    from workers.inprocess import InProcessDispatcher
+    from workers.serving.inprocess import InProcessDispatcher
 
     if PROMETHEUS is None:
         pytest.skip(SKIP_REASON)
     # The `runtime` fixture's database: its calibrations and the null of ordinary answers are
     # stored there, so this service's warm-up reads them instead of fitting them again.
     url = runtime.settings.database_url
-    settings = Settings(database_url=url, data_dir=engine.settings.data_dir, inject_steering="pessimism:0.1",
-                        drift_interval_seconds=0)
+    settings = Settings(
+        database_url=url, data_dir=host.settings.data_dir, inject_steering="pessimism:0.1", drift_interval_seconds=0
+    )
     dispatcher = InProcessDispatcher(settings)
-    dispatcher.runtime.engine.__dict__["model"] = engine.model  # share the session's loaded weights
+    dispatcher.runtime.host.__dict__["model"] = host.model  # share the session's loaded weights
     dispatcher.warm_up()
     app = create_app(settings, dispatcher)
     token = issue_token(url, scopes=["client"], name="alert-drill")
@@ -161,25 +179,37 @@ def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    rules = rules_with_short_for(Path(__file__).resolve().parents[1] / "deploy/prometheus/rules.yml",
-                                 tmp_path / "rules.yml", hold="1s")
+    rules = rules_with_short_for(
+        Path(__file__).resolve().parents[1] / "deploy/prometheus/rules.yml", tmp_path / "rules.yml", hold="1s"
+    )
     try:
-        with start_prometheus(tmp_path / "prometheus", {"auditor-api": [f"127.0.0.1:{port}"]}, rule_files=[rules]) as prometheus:
+        with start_prometheus(
+            tmp_path / "prometheus", {"auditor-api": [f"127.0.0.1:{port}"]}, rule_files=[rules]
+        ) as prometheus:
             prometheus.wait_for_target_up("auditor-api")
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0, timeout=300)
 
             def ask(i: int):
                 return client.chat.completions.create(
-                    model="auditor", max_tokens=8, temperature=0,
-                    messages=[{"role": "user", "content": HELD_OUT[i % len(HELD_OUT)]}])
+                    model="auditor",
+                    max_tokens=8,
+                    temperature=0,
+                    messages=[{"role": "user", "content": HELD_OUT[i % len(HELD_OUT)]}],
+                )
 
             with ThreadPoolExecutor(8) as pool:
                 answers = list(pool.map(ask, range(24)))
-            flagged = sum(any(f["kind"] == "hidden" and f["concept"] == "pessimism" for f in a.model_extra["auditor"]["flags"])
-                          for a in answers)
+            flagged = sum(
+                any(f["kind"] == "hidden" and f["concept"] == "pessimism" for f in a.model_extra["auditor"]["flags"])
+                for a in answers
+            )
             assert flagged >= 20  # the monitor saw the tampering in nearly every answer
-            alert = prometheus.wait_for_alert("AuditorDivergenceFlagRateHigh", "firing", timeout=120,
-                                              labels={"concept": "pessimism", "kind": "hidden"})
+            alert = prometheus.wait_for_alert(
+                "AuditorDivergenceFlagRateHigh",
+                "firing",
+                timeout=120,
+                labels={"concept": "pessimism", "kind": "hidden"},
+            )
             assert alert["labels"]["severity"] == "critical"
     finally:
         server.should_exit = True

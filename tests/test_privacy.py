@@ -26,10 +26,11 @@ import uuid
 
 import pytest
 
-from auditor import privacy, store
-from auditor.db import make_engine, run_migrations, session_factory, writer_engine
+from auditor import privacy
+from auditor.db import store
+from auditor.db.engine import make_engine, run_migrations, session_factory, writer_engine
+from auditor.errors import InvalidInputError
 from auditor.privacy import redact, scrub, scrubbed_exception, stored_text, task_argsrepr
-from probes.errors import InvalidInputError
 
 # ---- the redactor ----
 
@@ -45,8 +46,10 @@ REDACTED = [
     ("IBAN DE89 3704 0044 0532 0130 00 thanks", "IBAN [IBAN] thanks"),
     ("pay GB82WEST12345698765432 now", "pay [IBAN] now"),
     ("OPENAI_API_KEY=sk-proj-abcdefghijklmnop1234567890", "OPENAI_API_KEY=[SECRET]"),
-    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFU",
-     "Authorization: Bearer [SECRET]"),
+    (
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFU",
+        "Authorization: Bearer [SECRET]",
+    ),
     ("password: hunter2, api_key='AbC123xyz'", "password: [SECRET], api_key=[SECRET]"),
     ("keys AKIAIOSFODNN7EXAMPLE ghp_abcdefghijklmnopqrstuvwxyz0123456789", "keys [SECRET] [SECRET]"),
     ("postgresql://auditor:s3cr3t@db:5432/auditor", "postgresql://[SECRET]@db:5432/auditor"),
@@ -136,9 +139,10 @@ def test_log_records_are_redacted_outside_full_mode(log_mode, caplog):
         logger.exception("failed for carol@example.org")
     # Celery's success line quotes the task's return value (a completion); its DEBUG pool line
     # the raw message body.
-    logging.getLogger("celery.app.trace").info("Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s",
-                                               {"name": "auditor.generate", "id": "x", "runtime": 0.1,
-                                                "return_value": "{'text': 'zebra-quartz'}"})
+    logging.getLogger("celery.app.trace").info(
+        "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s",
+        {"name": "auditor.generate", "id": "x", "runtime": 0.1, "return_value": "{'text': 'zebra-quartz'}"},
+    )
     logging.getLogger("celery.pool").debug("TaskPool: Apply %s (args:%s kwargs:%s)", "<fn>", "(zebra-quartz,)", "{}")
     text = caplog.text
     assert "ann@example.org" in text  # full mode: untouched
@@ -172,7 +176,7 @@ def test_a_celery_worker_never_logs_payloads_or_results(tmp_path):
         pytest.skip("no free Redis database at 127.0.0.1:6379")
     import redis
 
-    from auditor.dispatch import TASK_GENERATE, CeleryDispatcher
+    from auditor.queue.dispatch import TASK_GENERATE, CeleryDispatcher
     from auditor.settings import Settings
 
     url = f"sqlite:///{tmp_path / 'auditor.db'}"
@@ -181,20 +185,45 @@ def test_a_celery_worker_never_logs_payloads_or_results(tmp_path):
     with session_factory(engine)() as session:
         store.create_request(session, request_id="done-1", kind="chat", prompt_text="old zebra-quartz prompt")
         store.mark_request(session, request_id="done-1", status="running")
-        store.mark_request(session, request_id="done-1", status="done", completion_text="answer zebra-quartz to ann@example.org")
+        store.mark_request(
+            session, request_id="done-1", status="done", completion_text="answer zebra-quartz to ann@example.org"
+        )
         session.commit()
     engine.dispose()
     broker = f"redis://127.0.0.1:6379/{redis_db}"
-    env = {**os.environ, "AUDITOR_DATABASE_URL": url, "AUDITOR_BROKER_URL": broker, "AUDITOR_DATA_DIR": str(tmp_path),
-           "AUDITOR_PRIVACY_MODE": "hash", "AUDITOR_WORKER_METRICS_PORT": "0", "AUDITOR_RETENTION_DAYS": "0"}
+    env = {
+        **os.environ,
+        "AUDITOR_DATABASE_URL": url,
+        "AUDITOR_BROKER_URL": broker,
+        "AUDITOR_DATA_DIR": str(tmp_path),
+        "AUDITOR_PRIVACY_MODE": "hash",
+        "AUDITOR_WORKER_METRICS_PORT": "0",
+        "AUDITOR_RETENTION_DAYS": "0",
+    }
     env.pop("AUDITOR_WORKER_POOL", None)  # no model warm-up
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "--pool=threads", "--concurrency=2",
-         "--loglevel=DEBUG", f"--hostname=privacy-{os.getpid()}@%h"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.tasks",
+            "worker",
+            "--pool=threads",
+            "--concurrency=2",
+            "--loglevel=DEBUG",
+            f"--hostname=privacy-{os.getpid()}@%h",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     dispatcher = CeleryDispatcher(Settings(database_url=url, broker_url=broker, privacy_mode="hash"))
-    planted = {"messages": [{"role": "user", "content": "zebra-quartz, write to ann@example.org"}],
-               "sampling": {"max_new_tokens": 2}}
+    planted = {
+        "messages": [{"role": "user", "content": "zebra-quartz, write to ann@example.org"}],
+        "sampling": {"max_new_tokens": 2},
+    }
     try:
         done = dispatcher.run(TASK_GENERATE, ["done-1", planted], task_id=f"done-{uuid.uuid4().hex}", timeout=60)
         assert done["status"] == "done"
@@ -233,22 +262,23 @@ def _planted(mode: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack_db(engine, tmp_path_factory):
+def stack_db(host, tmp_path_factory):
     """One SQLite database for all three modes, registered and calibrated once (vectors come
     from the session's data dir, extracted there once)."""
     from auth import issue_token
 
     from auditor.settings import Settings
-    from workers.inprocess import InProcessDispatcher
+    from workers.serving.inprocess import InProcessDispatcher
 
     url = f"sqlite:///{tmp_path_factory.mktemp('privacy-db') / 'auditor.db'}"
     run_migrations(url)
-    settings = Settings(database_url=url, data_dir=engine.settings.data_dir, divergence_flags=False,
-                        drift_interval_seconds=0)
+    settings = Settings(
+        database_url=url, data_dir=host.settings.data_dir, divergence_flags=False, drift_interval_seconds=0
+    )
     warm = InProcessDispatcher(settings)
-    warm.runtime.engine.__dict__["model"] = engine.model
+    warm.runtime.host.__dict__["model"] = host.model
     warm.warm_up()
-    return {"url": url, "token": issue_token(url), "data_dir": engine.settings.data_dir}
+    return {"url": url, "token": issue_token(url), "data_dir": host.settings.data_dir}
 
 
 def _serve(app):
@@ -268,9 +298,12 @@ def _serve(app):
 def _fail_on_marker(monkeypatch, marker: str) -> None:
     """Make the model thread reject prompts (and audit replays) that carry `marker`, with an
     error that quotes them, as a tokenizer or validation error might."""
-    import workers.batcher
+    import workers.serving.model_thread
 
-    encode_prompt, encode_replay = workers.batcher.encode_prompt, workers.batcher.encode_replay
+    encode_prompt, encode_replay = (
+        workers.serving.model_thread.encode_prompt,
+        workers.serving.model_thread.encode_replay,
+    )
 
     def failing_encode(model, prompt, chat):
         if marker in str(prompt):
@@ -282,8 +315,8 @@ def _fail_on_marker(monkeypatch, marker: str) -> None:
             raise ValueError(f"cannot replay {item['completion']!r}")
         return encode_replay(model, item)
 
-    monkeypatch.setattr(workers.batcher, "encode_prompt", failing_encode)
-    monkeypatch.setattr(workers.batcher, "encode_replay", failing_replay)
+    monkeypatch.setattr(workers.serving.model_thread, "encode_prompt", failing_encode)
+    monkeypatch.setattr(workers.serving.model_thread, "encode_replay", failing_replay)
 
 
 def _dump(url: str) -> str:
@@ -298,14 +331,22 @@ def _plant_flags(url: str, request_ids: list[str]) -> None:
     """Divergence flags are off (fast); flag the requests directly so reports list them."""
     from sqlalchemy import select
 
-    from auditor.models import Concept
+    from auditor.db.models import Concept
 
     engine = make_engine(url)
     with session_factory(writer_engine(engine))() as session:  # reads, then writes: BEGIN IMMEDIATE
         concept = session.scalars(select(Concept).where(Concept.name == "pessimism")).first()
         for request_id in request_ids:
-            store.add_flag(session, request_id=request_id, concept_id=concept.id, layer=concept.primary_layer,
-                           kind="hidden", residual_signal=9.0, threshold=1.0, reason="planted by test_privacy")
+            store.add_flag(
+                session,
+                request_id=request_id,
+                concept_id=concept.id,
+                layer=concept.primary_layer,
+                kind="hidden",
+                residual_signal=9.0,
+                threshold=1.0,
+                reason="planted by test_privacy",
+            )
         session.commit()
     engine.dispose()
 
@@ -329,8 +370,13 @@ def _report_outputs(stack_db, base_url: str) -> dict[str, str]:
         outputs["api html"] = page.text
     env = {**os.environ, "AUDITOR_DATABASE_URL": stack_db["url"], "AUDITOR_DATA_DIR": str(stack_db["data_dir"])}
     for fmt, extra in (("table", []), ("csv", ["--table", "flagged"]), ("json", []), ("html", [])):
-        result = subprocess.run([sys.executable, "-m", "auditor.cli", "report", "--since", "2h", "--top", "1000",
-                                 "--format", fmt, *extra], env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "auditor.cli", "report", "--since", "2h", "--top", "1000", "--format", fmt, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         outputs[f"cli {fmt}"] = result.stdout + result.stderr
     return outputs
@@ -338,41 +384,59 @@ def _report_outputs(stack_db, base_url: str) -> dict[str, str]:
 
 @pytest.mark.model
 @pytest.mark.parametrize("mode", MODES)
-def test_each_mode_end_to_end(mode, stack_db, engine, monkeypatch, caplog):
+def test_each_mode_end_to_end(mode, stack_db, host, monkeypatch, caplog):
     from openai import InternalServerError, OpenAI
 
     from auditor.api.main import create_app
-    from auditor.models import MonitoredRequest
+    from auditor.db.models import MonitoredRequest
     from auditor.settings import Settings
-    from workers.inprocess import InProcessDispatcher
+    from workers.serving.inprocess import InProcessDispatcher
 
     planted = _planted(mode)
     _fail_on_marker(monkeypatch, f"FAIL-{mode}")
     caplog.set_level(logging.DEBUG)  # the server's side: the API, the worker, uvicorn
     for client_side in ("openai", "httpx", "httpcore", "httpx2", "httpcore2"):  # the caller's logs of what it sent
         caplog.set_level(logging.WARNING, logger=client_side)
-    settings = Settings(database_url=stack_db["url"], data_dir=stack_db["data_dir"], privacy_mode=mode,
-                        divergence_flags=False, drift_interval_seconds=0, retention_interval_seconds=0)
+    settings = Settings(
+        database_url=stack_db["url"],
+        data_dir=stack_db["data_dir"],
+        privacy_mode=mode,
+        divergence_flags=False,
+        drift_interval_seconds=0,
+        retention_interval_seconds=0,
+    )
     dispatcher = InProcessDispatcher(settings)  # the worker side shares the mode, as in a deployment
-    dispatcher.runtime.engine.__dict__["model"] = engine.model
+    dispatcher.runtime.host.__dict__["model"] = host.model
     dispatcher.warm_up()  # reads the stored calibration
     app = create_app(settings, dispatcher)
     server, thread, base_url = _serve(app)
     try:
         client = OpenAI(base_url=f"{base_url}/v1", api_key=stack_db["token"], max_retries=0, timeout=300)
-        chat = client.chat.completions.create(model="auditor", max_tokens=8, temperature=0,
-                                              messages=[{"role": "user", "content": planted["chat"]}])
-        completion = client.completions.create(model="auditor", prompt=planted["completion"], max_tokens=8,
-                                               temperature=0)
+        chat = client.chat.completions.create(
+            model="auditor", max_tokens=8, temperature=0, messages=[{"role": "user", "content": planted["chat"]}]
+        )
+        completion = client.completions.create(
+            model="auditor", prompt=planted["completion"], max_tokens=8, temperature=0
+        )
         # Its own client: uvicorn drops the connection after a 500, and a pooled one would go with it.
         with OpenAI(base_url=f"{base_url}/v1", api_key=stack_db["token"], max_retries=0) as failing:
             with pytest.raises(InternalServerError):
-                failing.chat.completions.create(model="auditor", max_tokens=4, temperature=0,
-                                                messages=[{"role": "user", "content": planted["fail"]}])
-        audit = client.post("/audits", cast_to=dict, body={"items": [
-            {"prompt": planted["audit_prompt"], "completion": planted["audit_completion"]},
-            {"prompt": planted["audit_prompt"], "completion": planted["fail"]},
-        ]})
+                failing.chat.completions.create(
+                    model="auditor",
+                    max_tokens=4,
+                    temperature=0,
+                    messages=[{"role": "user", "content": planted["fail"]}],
+                )
+        audit = client.post(
+            "/audits",
+            cast_to=dict,
+            body={
+                "items": [
+                    {"prompt": planted["audit_prompt"], "completion": planted["audit_completion"]},
+                    {"prompt": planted["audit_prompt"], "completion": planted["fail"]},
+                ]
+            },
+        )
         deadline, audit_reads = time.monotonic() + 120, []
         for audit_id in audit["ids"]:
             while (read := client.get(f"/audits/{audit_id}", cast_to=dict))["status"] not in ("done", "failed"):

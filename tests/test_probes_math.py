@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from auditor.errors import InvalidInputError
 from probes.calibration import fit_calibration, fpr_thresholds, percentiles, z_scores
-from probes.errors import InvalidInputError
 from probes.extraction import extract_direction, extract_per_layer, mean_difference
-from probes.metrics import auroc, auroc_with_ci
 from probes.pooling import pool
 from probes.scoring import aggregate, cosine_scores, masked_mean
+from probes.separation import auroc, auroc_with_ci
 from probes.steering import Steering, apply_steering, start_position, steering_delta
 from probes.sweep import choose_layer, sweep_layers
 from probes.validation import check_layer, check_pairs, check_vector

@@ -17,30 +17,29 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-
-from auditor import store
-from auditor.api.main import create_app
-from auditor.db import make_engine, run_migrations, session_factory
-from auditor.reports import Report, build_report
-from auditor.reports.aggregate import DRIFT_P_VALUE
-from auditor.reports.render import SECTIONS, rows_to_csv, to_csv, to_html, to_json, to_text
-from auditor.reports.window import Window, WindowError, baseline_window, choose_bucket, report_window
-from auditor.settings import Settings
-from probes.drift import ks_two_sample, population_stability_index
-from probes.errors import InvalidInputError
-
 from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
 from http_server import serving
 
-UTC = timezone.utc
+from auditor.api.main import create_app
+from auditor.db import store
+from auditor.db.engine import make_engine, run_migrations, session_factory
+from auditor.errors import InvalidInputError, NotFoundError, WindowError
+from auditor.reports import Report, build_report
+from auditor.reports.aggregate import DRIFT_P_VALUE
+from auditor.reports.render import SECTIONS, rows_to_csv, to_csv, to_html, to_json, to_text
+from auditor.reports.window import Window, baseline_window, choose_bucket, report_window
+from auditor.settings import Settings
+from probes.drift import ks_two_sample, population_stability_index
+
+UTC = UTC
 BASELINE = Window(datetime(2025, 5, 25, tzinfo=UTC), datetime(2025, 5, 28, tzinfo=UTC))
 RECENT = Window(datetime(2025, 5, 28, tzinfo=UTC), datetime(2025, 5, 31, tzinfo=UTC))
 MODEL_A, MODEL_B = "org/model-a", "org/model-b"
@@ -124,8 +123,16 @@ def _register_concepts(session, seeded: Seeded) -> None:
     p1 = seeded.concept_ids[PESSIMISM_V1]
     # An older calibration with another threshold: the report must use the newest.
     store.add_calibration(session, concept_id=p1, layer=15, mean=0.05, std=0.01, reference=[0.05] * 4, threshold=0.5)
-    store.add_calibration(session, concept_id=p1, layer=15, mean=0.05, std=0.01, reference=[0.05] * 4,
-                          threshold=THRESHOLD, target_fpr=0.02)
+    store.add_calibration(
+        session,
+        concept_id=p1,
+        layer=15,
+        mean=0.05,
+        std=0.01,
+        reference=[0.05] * 4,
+        threshold=THRESHOLD,
+        target_fpr=0.02,
+    )
 
 
 def _score_rows(seeded: Seeded, request_id: str, scores: dict[tuple[str, int], float | None]) -> list[dict]:
@@ -134,37 +141,73 @@ def _score_rows(seeded: Seeded, request_id: str, scores: dict[tuple[str, int], f
         raw = raw_score(0.0 if z is None else z)
         seeded.z.setdefault(concept, {})[request_id] = z
         seeded.requests[request_id].setdefault("raw", {})[concept] = raw
-        model, primary, layers = CONCEPTS[concept]
+        _model, primary, layers = CONCEPTS[concept]
         for layer in layers:
             # Off the primary layer an absurd value: any report that reads it is visibly wrong.
             value = raw if layer == primary else 5.0
-            rows.append({"concept_id": seeded.concept_ids[concept], "layer": layer, "mean": value,
-                         "max": value, "last": value, "answer_z": z if layer == primary else None,
-                         # The neutral-text z is another scale: reports must not read it.
-                         "calibrated_z": 99.0, "percentile": None, "n_tokens": 7})
+            rows.append(
+                {
+                    "concept_id": seeded.concept_ids[concept],
+                    "layer": layer,
+                    "mean": value,
+                    "max": value,
+                    "last": value,
+                    "answer_z": z if layer == primary else None,
+                    # The neutral-text z is another scale: reports must not read it.
+                    "calibrated_z": 99.0,
+                    "percentile": None,
+                    "n_tokens": 7,
+                }
+            )
     return rows
 
 
 def _flag(session, seeded: Seeded, request_id: str, concept, kind: str, layer: int, residual: float) -> None:
-    store.add_flag(session, request_id=request_id, concept_id=seeded.concept_ids[concept], layer=layer, kind=kind,
-                   residual_signal=residual, threshold=THRESHOLD, text_signal=0.1, reason=f"seeded {kind}")
-    seeded.flags.append({"request_id": request_id, "concept": concept, "kind": kind,
-                         "margin": abs(residual - THRESHOLD)})
+    store.add_flag(
+        session,
+        request_id=request_id,
+        concept_id=seeded.concept_ids[concept],
+        layer=layer,
+        kind=kind,
+        residual_signal=residual,
+        threshold=THRESHOLD,
+        text_signal=0.1,
+        reason=f"seeded {kind}",
+    )
+    seeded.flags.append(
+        {"request_id": request_id, "concept": concept, "kind": kind, "margin": abs(residual - THRESHOLD)}
+    )
 
 
-def _seed_request(session, seeded: Seeded, *, request_id: str, window_name: str, model: str,
-                  created_at: datetime, index: int) -> None:
+def _seed_request(
+    session, seeded: Seeded, *, request_id: str, window_name: str, model: str, created_at: datetime, index: int
+) -> None:
     mode = ("full", "hash", "redacted")[index % 3]
     email = f"{request_id}@example.com"
     prompt, completion = f"prompt secret {request_id} mail {email}", f"completion secret {request_id} to {email}"
-    row = store.create_request(session, request_id=request_id, kind="chat", prompt_text=prompt, privacy_mode=mode,
-                               model_id=model, model_fingerprint=FINGERPRINT[model], created_at=created_at)
+    row = store.create_request(
+        session,
+        request_id=request_id,
+        kind="chat",
+        prompt_text=prompt,
+        privacy_mode=mode,
+        model_id=model,
+        model_fingerprint=FINGERPRINT[model],
+        created_at=created_at,
+    )
     if request_id in (LEGACY_HASH_ROW, LEGACY_REDACTED_ROW):
         row.prompt_text = prompt  # as if written in full mode before the mode changed
     store.mark_request(session, request_id=request_id, status="running")
     store.mark_request(session, request_id=request_id, status="done", completion_text=completion)
-    seeded.requests[request_id] = {"window": window_name, "model": model, "mode": mode, "prompt": prompt,
-                                   "completion": completion, "email": email, "created_at": created_at}
+    seeded.requests[request_id] = {
+        "window": window_name,
+        "model": model,
+        "mode": mode,
+        "prompt": prompt,
+        "completion": completion,
+        "email": email,
+        "created_at": created_at,
+    }
 
 
 def _seed_traffic(session, seeded: Seeded) -> None:
@@ -175,8 +218,15 @@ def _seed_traffic(session, seeded: Seeded) -> None:
             step = window.duration / n  # the first request sits exactly on the window's start
             for i in range(n):
                 request_id = f"{window_name}-{model[-1]}-{i:03d}"
-                _seed_request(session, seeded, request_id=request_id, window_name=window_name, model=model,
-                              created_at=window.start + i * step, index=i)
+                _seed_request(
+                    session,
+                    seeded,
+                    request_id=request_id,
+                    window_name=window_name,
+                    model=model,
+                    created_at=window.start + i * step,
+                    index=i,
+                )
                 if model == MODEL_A:
                     z1, z2 = float(rng.normal()), float(rng.normal(loc=shift))
                     scores = {PESSIMISM_V1: z1, PESSIMISM_V2: z2}
@@ -283,7 +333,7 @@ def test_drift_flags_the_shifted_concept_and_not_the_stable_ones(report, seeded)
 def test_comparison_groups_by_serving_model_and_concept_version(report, seeded):
     rows = {(r.model_id, r.concept, r.version): r for r in report.comparison}
     assert set(rows) == {(MODEL_A, "pessimism", 1), (MODEL_A, "pessimism", 2), (MODEL_B, "formality", 1)}
-    for (model, name, version), row in rows.items():
+    for (_model, name, version), row in rows.items():
         concept = (name, version)
         assert row.requests == len(seeded.ids_in("recent", concept))
         assert row.mean_z == pytest.approx(seeded.z_values("recent", concept).mean(), abs=1e-9)
@@ -297,8 +347,11 @@ def test_time_series_buckets_partition_the_window(report, seeded):
         assert all(p.bucket_start.minute == 0 and RECENT.start <= p.bucket_start < RECENT.end for p in points)
         assert sum(p.requests for p in points) == len(seeded.ids_in("recent", concept))
         assert sum(p.flagged for p in points) == len(seeded.flagged_ids("recent", concept))
-        first_hour = [rid for rid in seeded.ids_in("recent", concept)
-                      if seeded.requests[rid]["created_at"] < RECENT.start + timedelta(hours=1)]
+        first_hour = [
+            rid
+            for rid in seeded.ids_in("recent", concept)
+            if seeded.requests[rid]["created_at"] < RECENT.start + timedelta(hours=1)
+        ]
         assert points[0].bucket_start == RECENT.start and points[0].requests == len(first_hour)
 
 
@@ -307,17 +360,18 @@ def strongest_flags(seeded: Seeded, concept) -> dict[str, dict]:
     strongest: dict[str, dict] = {}
     for flag in seeded.flags:
         rid = flag["request_id"]
-        if flag["concept"] == concept and seeded.requests[rid]["window"] == "recent":
-            if rid not in strongest or flag["margin"] > strongest[rid]["margin"]:
-                strongest[rid] = flag
+        recent = flag["concept"] == concept and seeded.requests[rid]["window"] == "recent"
+        if recent and (rid not in strongest or flag["margin"] > strongest[rid]["margin"]):
+            strongest[rid] = flag
     return strongest
 
 
 def test_top_flagged_lists_each_request_once_strongest_first(seeded, report):
     engine = make_engine(seeded.url)
     with session_factory(engine)() as session:
-        top = build_report(session, RECENT.start, RECENT.end, BASELINE.start, BASELINE.end,
-                           concepts=["pessimism"], top=5).flagged
+        top = build_report(
+            session, RECENT.start, RECENT.end, BASELINE.start, BASELINE.end, concepts=["pessimism"], top=5
+        ).flagged
     engine.dispose()
     strongest = strongest_flags(seeded, PESSIMISM_V1)
     expected = sorted(strongest, key=lambda rid: strongest[rid]["margin"], reverse=True)[:5]
@@ -328,7 +382,10 @@ def test_top_flagged_lists_each_request_once_strongest_first(seeded, report):
     listed = [r for r in report.flagged if (r.concept, r.version) == PESSIMISM_V1]
     assert sorted(r.request_id for r in listed) == sorted(strongest)
     for row in listed:
-        assert (row.kind, row.margin) == (strongest[row.request_id]["kind"], pytest.approx(strongest[row.request_id]["margin"]))
+        assert (row.kind, row.margin) == (
+            strongest[row.request_id]["kind"],
+            pytest.approx(strongest[row.request_id]["margin"]),
+        )
 
 
 def test_flagged_requests_show_only_what_their_privacy_mode_stored(report, seeded):
@@ -379,19 +436,28 @@ def test_csv_text_cannot_run_as_a_spreadsheet_formula():
 
     rows = [Row('=HYPERLINK("http://evil.example","x")', -0.5), Row("@SUM(A1)", 0.25), Row("fine", 1.0)]
     records = list(csv.DictReader(io.StringIO(rows_to_csv(Row, rows))))
-    assert [r["prompt"] for r in records] == ["'=HYPERLINK(\"http://evil.example\",\"x\")", "'@SUM(A1)", "fine"]
+    assert [r["prompt"] for r in records] == ['\'=HYPERLINK("http://evil.example","x")', "'@SUM(A1)", "fine"]
     assert [float(r["score"]) for r in records] == [-0.5, 0.25, 1.0]
 
 
 def test_an_empty_window_still_renders_every_format(seeded):
     engine = make_engine(seeded.url)
     with session_factory(engine)() as session:
-        empty = build_report(session, datetime(2020, 1, 2, tzinfo=UTC), datetime(2020, 1, 3, tzinfo=UTC),
-                             datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 1, 2, tzinfo=UTC))
+        empty = build_report(
+            session,
+            datetime(2020, 1, 2, tzinfo=UTC),
+            datetime(2020, 1, 3, tzinfo=UTC),
+            datetime(2020, 1, 1, tzinfo=UTC),
+            datetime(2020, 1, 2, tzinfo=UTC),
+        )
     engine.dispose()
     # Active versions are listed with no data; the retired one, unscored here, is not.
     assert [(row.concept, row.version, row.requests) for row in empty.summary] == [
-        (*FORMALITY, 0), (*IDLE, 0), (*PESSIMISM_V1, 0), (*PESSIMISM_V2, 0)]
+        (*FORMALITY, 0),
+        (*IDLE, 0),
+        (*PESSIMISM_V1, 0),
+        (*PESSIMISM_V2, 0),
+    ]
     assert {row.status for row in empty.drift} == {"insufficient data"}
     assert empty.series == empty.flagged == empty.comparison == []
     page = to_html(empty)
@@ -403,7 +469,7 @@ def test_an_empty_window_still_renders_every_format(seeded):
 
 def test_an_unknown_concept_is_named(seeded):
     engine = make_engine(seeded.url)
-    with session_factory(engine)() as session, pytest.raises(store.NotFoundError, match="unknown concept 'nope'"):
+    with session_factory(engine)() as session, pytest.raises(NotFoundError, match="unknown concept 'nope'"):
         build_report(session, RECENT.start, RECENT.end, BASELINE.start, BASELINE.end, concepts=["pessimism", "nope"])
     engine.dispose()
 
@@ -427,14 +493,17 @@ def test_windows_parse_relative_iso_and_default_baselines():
     assert choose_bucket("auto", window) == "hour" and choose_bucket(None, report_window("7d", "now", now=NOW)) == "day"
 
 
-@pytest.mark.parametrize("since, until, baseline, field_name, message", [
-    ("yesterday", "now", None, "since", "cannot read 'yesterday'"),
-    ("1h", "2h", None, "until", "the window is empty"),
-    ("24h", "now", "12h/now", "baseline", "overlaps the report window"),
-    ("24h", "now", "0d", "baseline", "length zero"),
-    ("24h", "now", "last week", "baseline", "cannot read 'last week'"),
-    ("24h", "now", "2d/3d", "baseline", "is empty"),
-])
+@pytest.mark.parametrize(
+    "since, until, baseline, field_name, message",
+    [
+        ("yesterday", "now", None, "since", "cannot read 'yesterday'"),
+        ("1h", "2h", None, "until", "the window is empty"),
+        ("24h", "now", "12h/now", "baseline", "overlaps the report window"),
+        ("24h", "now", "0d", "baseline", "length zero"),
+        ("24h", "now", "last week", "baseline", "cannot read 'last week'"),
+        ("24h", "now", "2d/3d", "baseline", "is empty"),
+    ],
+)
 def test_bad_windows_name_the_parameter(since, until, baseline, field_name, message):
     with pytest.raises(WindowError, match=message) as caught:
         window = report_window(since, until, now=NOW)
@@ -458,12 +527,16 @@ def api(seeded, tmp_path_factory) -> Iterator[httpx.Client]:
         yield client
 
 
-WINDOW_PARAMS = {"since": RECENT.start.isoformat(), "until": RECENT.end.isoformat(),
-                 "baseline": f"{BASELINE.start.isoformat()}/{BASELINE.end.isoformat()}"}
+WINDOW_PARAMS = {
+    "since": RECENT.start.isoformat(),
+    "until": RECENT.end.isoformat(),
+    "baseline": f"{BASELINE.start.isoformat()}/{BASELINE.end.isoformat()}",
+}
 
 
-@pytest.mark.parametrize("section, key", [("summary", "summary"), ("drift", "drift"), ("compare", "comparison"),
-                                          ("series", "series")])  # path, report field
+@pytest.mark.parametrize(
+    "section, key", [("summary", "summary"), ("drift", "drift"), ("compare", "comparison"), ("series", "series")]
+)  # path, report field
 def test_api_sections_equal_the_report(api, report, section, key):
     response = api.get(f"/reports/{section}", params=WINDOW_PARAMS)
     assert response.status_code == 200, response.text
@@ -477,8 +550,9 @@ def test_api_flagged_respects_top_concept_and_privacy(api, seeded):
     rows = api.get("/reports/flagged", params=params).json()["rows"]
     assert Counter((r["concept"], r["version"]) for r in rows) == {PESSIMISM_V1: 3, FORMALITY: 3}
     csv_text = api.get("/reports/flagged", params={**WINDOW_PARAMS, "top": 1000, "format": "csv"}).text
-    assert len(list(csv.DictReader(io.StringIO(csv_text)))) == len(
-        seeded.flagged_ids("recent", PESSIMISM_V1)) + len(seeded.flagged_ids("recent", FORMALITY))
+    assert len(list(csv.DictReader(io.StringIO(csv_text)))) == len(seeded.flagged_ids("recent", PESSIMISM_V1)) + len(
+        seeded.flagged_ids("recent", FORMALITY)
+    )
     assert not [text for text in seeded.hidden_texts() if text in csv_text]
 
 
@@ -492,14 +566,17 @@ def test_api_csv_and_html(api, report):
         assert f'<figure class="plot" id="{plot_id}"><svg' in page.text
 
 
-@pytest.mark.parametrize("params, status, loc, message", [
-    ({"since": "yesterday"}, 422, ["query", "since"], "cannot read 'yesterday'"),
-    ({"since": "1h", "until": "2h"}, 422, ["query", "until"], "the window is empty"),
-    ({"baseline": "1h/now"}, 422, ["query", "baseline"], "overlaps"),
-    ({"bucket": "week"}, 422, ["query", "bucket"], "'auto', 'hour' or 'day'"),
-    ({"top": 0}, 422, ["query", "top"], "greater than or equal to 1"),
-    ({"concept": "nope"}, 404, ["query", "concept"], "unknown concept 'nope'"),
-])
+@pytest.mark.parametrize(
+    "params, status, loc, message",
+    [
+        ({"since": "yesterday"}, 422, ["query", "since"], "cannot read 'yesterday'"),
+        ({"since": "1h", "until": "2h"}, 422, ["query", "until"], "the window is empty"),
+        ({"baseline": "1h/now"}, 422, ["query", "baseline"], "overlaps"),
+        ({"bucket": "week"}, 422, ["query", "bucket"], "'auto', 'hour' or 'day'"),
+        ({"top": 0}, 422, ["query", "top"], "greater than or equal to 1"),
+        ({"concept": "nope"}, 404, ["query", "concept"], "unknown concept 'nope'"),
+    ],
+)
 def test_api_rejects_bad_parameters_in_the_error_shape(api, params, status, loc, message):
     path = "/reports/series" if "bucket" in params else "/reports/flagged"
     response = api.get(path, params=params)
@@ -521,8 +598,16 @@ def run_report(*args: str, url: str | None = None) -> subprocess.CompletedProces
 
 
 def test_cli_writes_csv_json_and_html(seeded, report, tmp_path):
-    window = ["--since", RECENT.start.isoformat(), "--until", RECENT.end.isoformat(),
-              "--baseline", f"{BASELINE.start.isoformat()}/{BASELINE.end.isoformat()}", "--top", "1000"]
+    window = [
+        "--since",
+        RECENT.start.isoformat(),
+        "--until",
+        RECENT.end.isoformat(),
+        "--baseline",
+        f"{BASELINE.start.isoformat()}/{BASELINE.end.isoformat()}",
+        "--top",
+        "1000",
+    ]
     outputs = {fmt: tmp_path / f"report.{fmt}" for fmt in ("csv", "json", "html")}
     for fmt, path in outputs.items():
         result = run_report(*window, "--format", fmt, "--output", str(path), url=seeded.url)
@@ -543,11 +628,14 @@ def test_cli_writes_csv_json_and_html(seeded, report, tmp_path):
     assert statuses == {("pessimism", "1"): "stable", ("pessimism", "2"): "drift"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--since", "last tuesday"], "since: cannot read 'last tuesday'"),
-    (["--since", "1h", "--until", "2h"], "until: the window is empty"),
-    (["--baseline", "1h/now"], "baseline:"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--since", "last tuesday"], "since: cannot read 'last tuesday'"),
+        (["--since", "1h", "--until", "2h"], "until: the window is empty"),
+        (["--baseline", "1h/now"], "baseline:"),
+    ],
+)
 def test_cli_bad_windows_are_one_line_and_exit_2(args, message):
     result = run_report(*args)
     assert result.returncode == 2, result.stderr
@@ -589,7 +677,9 @@ class FigureCensus(HTMLParser):
             self.tags[self.figure][tag] += 1
             if tag == "g":
                 self.groups.append(attributes.get("id") or "")
-            data_group = next((g for g in reversed(self.groups) if re.search(r"-(series|baseline|recent)-\d+$", g)), None)
+            data_group = next(
+                (g for g in reversed(self.groups) if re.search(r"-(series|baseline|recent)-\d+$", g)), None
+            )
             if tag == "path" and data_group:
                 vertices = sum((attributes.get("d") or "").count(command) for command in "MLC")
                 self.data_vertices[data_group] = max(self.data_vertices.get(data_group, 0), vertices)
@@ -664,16 +754,18 @@ def test_drift_on_live_traffic_is_exported_for_alerting(seeded, report):
     """The worker's periodic drift export sets auditor_drift_psi to the report's PSI."""
     from prometheus_client import REGISTRY
 
-    from auditor.drift_export import DriftExporter
+    from auditor.telemetry.drift_export import DriftExporter
 
     engine = make_engine(seeded.url)
-    exporter = DriftExporter(session_factory(engine), "test-model", recent=RECENT.duration,
-                             baseline=BASELINE.duration, interval=0)
+    exporter = DriftExporter(
+        session_factory(engine), "test-model", recent=RECENT.duration, baseline=BASELINE.duration, interval=0
+    )
     rows = exporter.run_once(now=RECENT.end)
     engine.dispose()
     expected = {(r.concept, r.version): r.psi for r in report.drift}
     assert {(r.concept, r.version): r.psi for r in rows} == expected
     v2 = by_label(report.drift)[PESSIMISM_V2]
     exported = REGISTRY.get_sample_value(
-        "auditor_drift_psi", {"concept": f"{v2.concept}:v{v2.version}", "layer": str(v2.layer), "model": "test-model"})
+        "auditor_drift_psi", {"concept": f"{v2.concept}:v{v2.version}", "layer": str(v2.layer), "model": "test-model"}
+    )
     assert exported == pytest.approx(v2.psi) and exported > 0.5

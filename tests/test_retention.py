@@ -16,26 +16,25 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pytest
+from databases import Databases, _postgres_reachable
 from sqlalchemy import func, select
 
-from auditor import store
-from auditor.db import make_engine, run_migrations, session_factory, writer_engine
-from auditor.models import FLAG_KINDS, DailyRollup, Flag, Job, MonitoredRequest, RequestScore
+from auditor.db import store
+from auditor.db.engine import make_engine, run_migrations, session_factory, writer_engine
+from auditor.db.models import FLAG_KINDS, DailyRollup, Flag, Job, MonitoredRequest, RequestScore
+from auditor.db.retention import RetentionLoop, cutoff_for, run_retention
 from auditor.reports import build_report
 from auditor.reports.queries import resolve_concepts
 from auditor.reports.render import to_json
 from auditor.reports.report import series_section
 from auditor.reports.window import Window
-from auditor.retention import RetentionLoop, cutoff_for, run_retention
 from auditor.settings import Settings
 
-from databases import Databases, _postgres_reachable
-
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2025, 7, 1, 12, 0, tzinfo=UTC)
 DAYS = 30
 CUTOFF = NOW - timedelta(days=DAYS)
@@ -58,7 +57,8 @@ class Seeded:
     def expected_rollups(self) -> dict[tuple[date, str, int], dict]:
         """The rollup rows retention must write, computed from the seed alone."""
         groups: dict[tuple[date, str, int], dict] = defaultdict(
-            lambda: {"scores": [], "z": [], "flagged": set(), **{k: set() for k in FLAG_KINDS}})
+            lambda: {"scores": [], "z": [], "flagged": set(), **{k: set() for k in FLAG_KINDS}}
+        )
         for rid in self.ids(old=True):
             r = self.requests[rid]
             for name, concept_id in self.concept_ids.items():
@@ -103,8 +103,15 @@ def _seed(url: str) -> Seeded:
         for i in range(140):
             created_at = NOW - timedelta(days=40) + timedelta(hours=6.9 * i, minutes=int(rng.integers(0, 50)))
             rid, model = f"req-{i:03d}", MODELS[i % 3]
-            store.create_request(session, request_id=rid, kind="chat", prompt_text=f"prompt {i}", model_id=model,
-                                 created_at=created_at, privacy_mode=("full", "redacted", "hash")[i % 3])
+            store.create_request(
+                session,
+                request_id=rid,
+                kind="chat",
+                prompt_text=f"prompt {i}",
+                model_id=model,
+                created_at=created_at,
+                privacy_mode=("full", "redacted", "hash")[i % 3],
+            )
             record = {"created_at": created_at, "model": model, "scores": {}, "flags": []}
             seeded.requests[rid] = record
             if i % 11 == 5:  # failed before it was scored
@@ -121,18 +128,38 @@ def _seed(url: str) -> Seeded:
                 record["scores"][name] = (score, z)
                 for layer in layers:
                     value = score if layer == primary else 5.0
-                    rows.append({"concept_id": seeded.concept_ids[name], "layer": layer, "mean": value, "max": value,
-                                 "last": value, "answer_z": z if layer == primary else None,
-                                 "calibrated_z": 99.0, "percentile": None,
-                                 "n_tokens": 4, "trace": [value] * 4 if i % 5 == 0 else None})
+                    rows.append(
+                        {
+                            "concept_id": seeded.concept_ids[name],
+                            "layer": layer,
+                            "mean": value,
+                            "max": value,
+                            "last": value,
+                            "answer_z": z if layer == primary else None,
+                            "calibrated_z": 99.0,
+                            "percentile": None,
+                            "n_tokens": 4,
+                            "trace": [value] * 4 if i % 5 == 0 else None,
+                        }
+                    )
             store.insert_scores(session, request_id=rid, rows=rows)
             for name, kind, layer in _flags_for(i):
-                store.add_flag(session, request_id=rid, concept_id=seeded.concept_ids[name], layer=layer, kind=kind,
-                               residual_signal=1.0, threshold=0.5, reason="seeded")
+                store.add_flag(
+                    session,
+                    request_id=rid,
+                    concept_id=seeded.concept_ids[name],
+                    layer=layer,
+                    kind=kind,
+                    residual_signal=1.0,
+                    threshold=0.5,
+                    reason="seeded",
+                )
                 record["flags"].append((name, kind))
-        for name, (created_at, status) in {"old-done": (NOW - timedelta(days=35), "done"),
-                                           "old-running": (NOW - timedelta(days=35), "running"),
-                                           "new-done": (NOW - timedelta(days=2), "done")}.items():
+        for created_at, status in (
+            (NOW - timedelta(days=35), "done"),  # old, done
+            (NOW - timedelta(days=35), "running"),  # old, still running
+            (NOW - timedelta(days=2), "done"),  # new, done
+        ):
             job = store.create_job(session, kind="calibrate", payload={"target_fpr": 0.01})
             job.created_at, job.status = created_at, status
             seeded.jobs[job.id] = (created_at, status)
@@ -180,7 +207,9 @@ def sessions(seeded):
 def _rollups(sessions) -> dict[tuple[date, str, int], dict]:
     with sessions() as session:
         rows = session.scalars(select(DailyRollup)).all()
-    columns = [c.name for c in DailyRollup.__table__.columns if c.name not in ("day", "model_id", "concept_id", "layer")]
+    columns = [
+        c.name for c in DailyRollup.__table__.columns if c.name not in ("day", "model_id", "concept_id", "layer")
+    ]
     return {(r.day, r.model_id, r.concept_id): {c: getattr(r, c) for c in columns} for r in rows}
 
 
@@ -208,8 +237,15 @@ def _count(sessions, model, request_ids) -> int:
 def _recent_report(sessions) -> dict:
     """The whole report over the last 10 days against the 19 before: inside the retained window."""
     with sessions() as session:
-        built = build_report(session, NOW - timedelta(days=10), NOW, CUTOFF + timedelta(days=1),
-                             NOW - timedelta(days=10), top=1000, bucket="day")
+        built = build_report(
+            session,
+            NOW - timedelta(days=10),
+            NOW,
+            CUTOFF + timedelta(days=1),
+            NOW - timedelta(days=10),
+            top=1000,
+            bucket="day",
+        )
     document = json.loads(to_json(built))
     document.pop("generated_at")
     return document
@@ -235,8 +271,9 @@ def test_retention_folds_and_deletes_exactly_the_old_requests(seeded, sessions):
     assert (_count(sessions, RequestScore, new), _count(sessions, Flag, new)) == (new_scores, new_flags)
     assert result.requests == len(old) and result.batches == -(-len(old) // 7)
     # Two score rows per request for pessimism (layers 14 and 15), one for formality.
-    assert result.scores == sum(2 * ("pessimism" in seeded.requests[r]["scores"])
-                                + ("formality" in seeded.requests[r]["scores"]) for r in old)
+    assert result.scores == sum(
+        2 * ("pessimism" in seeded.requests[r]["scores"]) + ("formality" in seeded.requests[r]["scores"]) for r in old
+    )
     assert result.flags == sum(len(seeded.requests[r]["flags"]) for r in old)
     _assert_rollups_match(_rollups(sessions), seeded.expected_rollups())
     # Finished jobs past the window go; a running one and recent ones stay.
@@ -309,8 +346,9 @@ def _days_to_cutoff() -> float:
 
 def test_the_embedded_loop_runs_retention_in_the_background(seeded, sessions):
     days = _days_to_cutoff()
-    loop = RetentionLoop(Settings(database_url=seeded.url, retention_days=days, retention_interval_seconds=0.2),
-                         sessions)
+    loop = RetentionLoop(
+        Settings(database_url=seeded.url, retention_days=days, retention_interval_seconds=0.2), sessions
+    )
     loop.start()
     try:
         deadline = time.monotonic() + 30
@@ -323,7 +361,9 @@ def test_the_embedded_loop_runs_retention_in_the_background(seeded, sessions):
     # test's cutoff may have gone too, never one from the last 29 days.
     remaining = _request_ids(sessions)
     assert not remaining & seeded.ids(old=True)
-    assert {rid for rid in seeded.ids(old=False) if seeded.requests[rid]["created_at"] > CUTOFF + timedelta(days=1)} <= remaining
+    assert {
+        rid for rid in seeded.ids(old=False) if seeded.requests[rid]["created_at"] > CUTOFF + timedelta(days=1)
+    } <= remaining
 
 
 # ---- Celery beat and a real worker ----
@@ -374,16 +414,41 @@ def test_celery_beat_sends_retention_to_a_real_worker(service_seeded, tmp_path):
     import redis
 
     broker = f"redis://127.0.0.1:6379/{redis_db}"
-    env = {**os.environ, "AUDITOR_DATABASE_URL": seeded.url, "AUDITOR_BROKER_URL": broker,
-           "AUDITOR_DATA_DIR": str(tmp_path), "AUDITOR_RETENTION_DAYS": f"{_days_to_cutoff():.6f}",
-           "AUDITOR_RETENTION_INTERVAL_SECONDS": "1", "AUDITOR_WORKER_METRICS_PORT": "0"}
+    env = {
+        **os.environ,
+        "AUDITOR_DATABASE_URL": seeded.url,
+        "AUDITOR_BROKER_URL": broker,
+        "AUDITOR_DATA_DIR": str(tmp_path),
+        "AUDITOR_RETENTION_DAYS": f"{_days_to_cutoff():.6f}",
+        "AUDITOR_RETENTION_INTERVAL_SECONDS": "1",
+        "AUDITOR_WORKER_METRICS_PORT": "0",
+    }
     env.pop("AUDITOR_WORKER_POOL", None)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "--pool=threads", "--concurrency=2",
-         "--loglevel=INFO", f"--hostname=retention-{os.getpid()}@%h"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    beat = subprocess.Popen([sys.executable, "-m", "auditor.cli", "beat"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.tasks",
+            "worker",
+            "--pool=threads",
+            "--concurrency=2",
+            "--loglevel=INFO",
+            f"--hostname=retention-{os.getpid()}@%h",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "auditor.cli", "beat"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     engine = make_engine(seeded.url)
     sessions = session_factory(engine)
     try:

@@ -9,19 +9,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC
 
 import httpx
 import pytest
 import torch
-from sqlalchemy import func, select
-
-from auditor.db import make_engine, run_migrations, session_factory
-from auditor.models import MonitoredRequest, RequestScore
-from auditor.settings import Settings
-
 from auth import bearer, issue_token
 from databases import Databases, _postgres_reachable
 from http_server import free_port, serving
+from sqlalchemy import func, select
+
+from auditor.db.engine import make_engine, run_migrations, session_factory
+from auditor.db.models import MonitoredRequest, RequestScore
+from auditor.settings import Settings
 
 pytestmark = pytest.mark.model
 REDIS_HOST = "127.0.0.1"
@@ -53,16 +53,27 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
     run_migrations(db_url)
     broker = f"redis://{REDIS_HOST}:6379/{redis_db}"
     metrics_port = free_port()
-    env = {**os.environ, "AUDITOR_DATABASE_URL": db_url, "AUDITOR_BROKER_URL": broker,
-           "AUDITOR_DATA_DIR": str(data_dir), "AUDITOR_TORCH_THREADS": "2",
-           "AUDITOR_WORKER_METRICS_PORT": str(metrics_port),
-           # Short control answers, and only as many as a 1 % promise needs (230): these tests
-           # check plumbing, not flag quality (tests/test_monitoring.py fits the full set).
-           "AUDITOR_CONTROL_MAX_TOKENS": "8", "AUDITOR_CONTROL_LIMIT": "240"}
+    env = {
+        **os.environ,
+        "AUDITOR_DATABASE_URL": db_url,
+        "AUDITOR_BROKER_URL": broker,
+        "AUDITOR_DATA_DIR": str(data_dir),
+        "AUDITOR_TORCH_THREADS": "2",
+        "AUDITOR_WORKER_METRICS_PORT": str(metrics_port),
+        # Short control answers, and only as many as a 1 % promise needs (230): these tests
+        # check plumbing, not flag quality (tests/test_monitoring.py fits the full set).
+        "AUDITOR_CONTROL_MAX_TOKENS": "8",
+        "AUDITOR_CONTROL_LIMIT": "240",
+    }
     # The log goes to a file: an unread pipe fills up and blocks the worker on its next write.
     log_path = tmp_path_factory.mktemp("worker-log") / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
-                              env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     worker.log_path = log_path
     settings = Settings(database_url=db_url, broker_url=broker, data_dir=data_dir, request_timeout=300)
     from auditor.api.main import create_app
@@ -76,8 +87,14 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
                 assert worker.poll() is None, f"worker exited: {worker.log_path.read_text()[-4000:]}"
                 assert time.monotonic() < deadline, "worker did not come up"
             _wait_for_warm_up(worker, f"http://127.0.0.1:{metrics_port}/metrics")
-            yield {"base_url": base_url, "db_url": db_url, "app": app, "http": http, "token": token,
-                   "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+            yield {
+                "base_url": base_url,
+                "db_url": db_url,
+                "app": app,
+                "http": http,
+                "token": token,
+                "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            }
     finally:
         worker.terminate()
         try:
@@ -96,8 +113,10 @@ def _wait_for_warm_up(worker, metrics_url: str, timeout: float = 900) -> None:
     while time.monotonic() < deadline:
         assert worker.poll() is None, f"worker exited: {worker.log_path.read_text()[-4000:]}"
         try:
-            if any(line.startswith("auditor_worker_up{") and line.endswith(" 1.0")
-                   for line in httpx.get(metrics_url, timeout=5).text.splitlines()):
+            if any(
+                line.startswith("auditor_worker_up{") and line.endswith(" 1.0")
+                for line in httpx.get(metrics_url, timeout=5).text.splitlines()
+            ):
                 return
         except httpx.HTTPError:
             pass  # the metrics server starts with the process; the warm-up comes after
@@ -112,7 +131,7 @@ def client(service):
     return OpenAI(base_url=service["base_url"] + "/v1", api_key=service["token"], max_retries=0, timeout=300)
 
 
-def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(service, client, engine, bank):
+def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(service, client, host, bank):
     from workers.runtime.generate import SamplingConfig
 
     messages = [{"role": "user", "content": "What should I pack for a weekend trip to the coast?"}]
@@ -127,12 +146,17 @@ def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(servic
         row = session.get(MonitoredRequest, response.id)
         assert row.status == "done" and row.completion_text == text
         assert row.completion_tokens == response.usage.completion_tokens
-        n_rows = session.scalar(select(func.count()).select_from(RequestScore).where(RequestScore.request_id == response.id))
-        scores = {(s.layer, s.concept_id): s for s in session.scalars(select(RequestScore).where(RequestScore.request_id == response.id))}
+        n_rows = session.scalar(
+            select(func.count()).select_from(RequestScore).where(RequestScore.request_id == response.id)
+        )
+        scores = {
+            (s.layer, s.concept_id): s
+            for s in session.scalars(select(RequestScore).where(RequestScore.request_id == response.id))
+        }
     assert n_rows == len(bank.names) * len(bank.layers)
 
     # The same request monitored inline, in this process, gives the same tokens and scores.
-    inline = engine.generate(messages, SamplingConfig(max_new_tokens=16), bank=bank)
+    inline = host.generate(messages, SamplingConfig(max_new_tokens=16), bank=bank)
     assert inline.text == text
     pessimism = auditor["scores"]["pessimism"]
     assert pessimism["mean"] == pytest.approx(inline.scores.at("pessimism", pessimism["layer"])["mean"], abs=1e-4)
@@ -141,7 +165,9 @@ def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(servic
 
 
 def test_plain_completion_reads_the_prompt_as_raw_text(client):
-    response = client.completions.create(model="auditor", prompt="The capital of France is", max_tokens=5, temperature=0)
+    response = client.completions.create(
+        model="auditor", prompt="The capital of France is", max_tokens=5, temperature=0
+    )
     assert "Paris" in response.choices[0].text
     auditor = response.model_extra["auditor"]
     # The control answers are chat answers: a raw continuation is not read against them (no z,
@@ -153,8 +179,12 @@ def test_plain_completion_reads_the_prompt_as_raw_text(client):
 
 
 def test_a_chat_answer_is_read_against_ordinary_answers(client):
-    response = client.chat.completions.create(model="auditor", max_tokens=12, temperature=0,
-                                              messages=[{"role": "user", "content": "How do I keep basil fresh?"}])
+    response = client.chat.completions.create(
+        model="auditor",
+        max_tokens=12,
+        temperature=0,
+        messages=[{"role": "user", "content": "How do I keep basil fresh?"}],
+    )
     auditor = response.model_extra["auditor"]
     assert auditor["monitor"]["status"] == "ok" and auditor["monitor"]["tokens"] == response.usage.completion_tokens
     assert auditor["monitor"]["reference"] == "ordinary answers of the same length"
@@ -165,8 +195,9 @@ def test_a_chat_answer_is_read_against_ordinary_answers(client):
 
 
 def test_a_one_token_answer_is_marked_insufficient_and_never_flagged(service, client):
-    response = client.chat.completions.create(model="auditor", max_tokens=1, temperature=0,
-                                              messages=[{"role": "user", "content": "Say one word."}])
+    response = client.chat.completions.create(
+        model="auditor", max_tokens=1, temperature=0, messages=[{"role": "user", "content": "Say one word."}]
+    )
     auditor = response.model_extra["auditor"]
     assert auditor["monitor"]["status"] == "insufficient_tokens"
     assert auditor["flags"] == [] and auditor["alerts"] == []
@@ -183,24 +214,35 @@ def test_unknown_model_and_streaming_get_clear_4xx(client):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert "unknown model 'gpt-4o'" in str(missing.value)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+        client.chat.completions.create(
+            model="auditor", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
 
 
 def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(service, client, bank):
     import numpy as np
 
-    from auditor.models import Concept
+    from auditor.db.models import Concept
 
     direction = bank.vectors["pessimism"].direction(15).numpy()
-    created = service["http"].post("/admin/concepts",
-                         json={"name": "uploaded_gloom", "layer": 15, "vector": direction.tolist()}, timeout=30)
+    created = service["http"].post(
+        "/admin/concepts", json={"name": "uploaded_gloom", "layer": 15, "vector": direction.tolist()}, timeout=30
+    )
     assert created.status_code == 201, created.text
     concept_id = created.json()["id"]
-    response = client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "Tell me about rain."}], max_tokens=8, temperature=0)
+    response = client.chat.completions.create(
+        model="auditor", messages=[{"role": "user", "content": "Tell me about rain."}], max_tokens=8, temperature=0
+    )
     assert "uploaded_gloom" in response.model_extra["auditor"]["scores"]
     sessions = session_factory(make_engine(service["db_url"]))
     with sessions() as session:
-        rows = list(session.scalars(select(RequestScore).where(RequestScore.request_id == response.id, RequestScore.concept_id == concept_id)))
+        rows = list(
+            session.scalars(
+                select(RequestScore).where(
+                    RequestScore.request_id == response.id, RequestScore.concept_id == concept_id
+                )
+            )
+        )
         builtin_id = session.scalar(select(Concept.id).where(Concept.name == "pessimism"))
         twin = session.get(RequestScore, (response.id, builtin_id, 15))
     assert [r.layer for r in rows] == [15]  # only the layer it has a vector for
@@ -208,18 +250,24 @@ def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(
     assert np.isfinite(rows[0].calibrated_z)
 
 
-def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(service, engine, bank):
+def test_an_audit_of_an_external_completion_scores_like_inline_monitoring(service, host, bank):
 
     from workers.runtime.generate import SamplingConfig
 
     messages = [{"role": "user", "content": "Describe a rainy Monday morning commute."}]
-    inline = engine.generate(messages, SamplingConfig(max_new_tokens=14, stop_at_eos=False), bank=bank)
-    completion_ids = engine.model.tokenizer(inline.text, add_special_tokens=False)["input_ids"]
+    inline = host.generate(messages, SamplingConfig(max_new_tokens=14, stop_at_eos=False), bank=bank)
+    completion_ids = host.model.tokenizer(inline.text, add_special_tokens=False)["input_ids"]
     assert completion_ids == inline.generation.output_ids  # the text re-tokenises to the same tokens
-    submitted = service["http"].post("/v1/audits", timeout=30, json={"items": [
-        {"messages": messages, "completion": inline.text},
-        {"prompt": "Plain text prompt:", "completion": " something else entirely"},
-    ]})
+    submitted = service["http"].post(
+        "/v1/audits",
+        timeout=30,
+        json={
+            "items": [
+                {"messages": messages, "completion": inline.text},
+                {"prompt": "Plain text prompt:", "completion": " something else entirely"},
+            ]
+        },
+    )
     assert submitted.status_code == 202, submitted.text
     audit_id = submitted.json()["ids"][0]
     deadline = time.monotonic() + 180
@@ -254,11 +302,20 @@ def test_a_request_for_an_unknown_concept_gets_a_clear_4xx(client):
 
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError) as missing:
-        client.chat.completions.create(model="auditor", messages=messages, max_tokens=2,
-                                       extra_body={"auditor": {"concepts": ["pessimism", "no_such_concept"]}})
+        client.chat.completions.create(
+            model="auditor",
+            messages=messages,
+            max_tokens=2,
+            extra_body={"auditor": {"concepts": ["pessimism", "no_such_concept"]}},
+        )
     assert "no_such_concept" in str(missing.value) and "active concepts: " in str(missing.value)
-    only = client.chat.completions.create(model="auditor", messages=messages, max_tokens=2, temperature=0,
-                                          extra_body={"auditor": {"concepts": ["pessimism"]}})
+    only = client.chat.completions.create(
+        model="auditor",
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"auditor": {"concepts": ["pessimism"]}},
+    )
     assert list(only.model_extra["auditor"]["scores"]) == ["pessimism"]
 
 
@@ -273,7 +330,7 @@ def _wait_for_job(http, accepted, timeout: float = 300) -> dict:
     return job
 
 
-def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extraction_gives(service, client, engine):
+def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extraction_gives(service, client, host):
 
     from probes.concepts import ConceptDefinition, load_concept
 
@@ -292,22 +349,28 @@ def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extra
     exported = service["http"].get(f"/admin/concepts/{result['concept_id']}/export", timeout=30).json()
     worker_vector = torch.tensor(exported["vectors"][str(result["primary_layer"])])
     definition = ConceptDefinition("gloom_from_pairs", "", pessimism.positives[:24], pessimism.negatives[:24])
-    local = engine.vectors(definition, method="mean_diff")
+    local = host.vectors(definition, method="mean_diff")
     assert local.auto_layer == result["primary_layer"]
-    assert float(torch.nn.functional.cosine_similarity(worker_vector, local.direction(result["primary_layer"]), dim=0)) > 0.999
+    assert (
+        float(torch.nn.functional.cosine_similarity(worker_vector, local.direction(result["primary_layer"]), dim=0))
+        > 0.999
+    )
 
     again = _wait_for_job(service["http"], service["http"].post("/admin/concepts/extract", json=body, timeout=30))
-    assert again["result"]["reused"] and again["result"]["concept_id"] == result["concept_id"]  # same pairs: no new version
-    response = client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "How was your week?"}],
-                                              max_tokens=4, temperature=0)
+    assert (
+        again["result"]["reused"] and again["result"]["concept_id"] == result["concept_id"]
+    )  # same pairs: no new version
+    response = client.chat.completions.create(
+        model="auditor", messages=[{"role": "user", "content": "How was your week?"}], max_tokens=4, temperature=0
+    )
     assert "gloom_from_pairs" in response.model_extra["auditor"]["scores"]
 
 
-def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(service, engine):
+def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(service, host):
 
     from auditor.settings import Settings
-    from workers.registry import bank_from_registry, load_stored_calibration, reference_hash
-    from workers.service import Runtime
+    from workers.serving.registry import bank_from_registry, load_stored_calibration, reference_hash
+    from workers.serving.service import WorkerContext
 
     http = service["http"]
     job = _wait_for_job(http, http.post("/admin/calibrations", json={"target_fpr": 0.05}, timeout=30))
@@ -321,7 +384,9 @@ def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(serv
     assert result["divergence_achieved_fpr"] <= 0.05 and result["alert_achieved_fpr"] <= 0.05
     answers = http.get("/admin/calibrations/answers").json()
     assert answers[0]["id"] == result["answer_calibration_id"] and answers[0]["in_force"]
-    assert answers[0]["target_fpr"] == 0.05 and answers[0]["divergence_upper_95"] > answers[0]["divergence_achieved_fpr"]
+    assert (
+        answers[0]["target_fpr"] == 0.05 and answers[0]["divergence_upper_95"] > answers[0]["divergence_achieved_fpr"]
+    )
     listed = {row["concept"]: row for row in http.get("/admin/calibrations").json()}
     assert set(listed) >= {"pessimism", "formality", "gloom_from_pairs"}
     assert listed["pessimism"]["threshold"] == pytest.approx(result["concepts"]["pessimism"]["neutral_threshold"])
@@ -329,28 +394,32 @@ def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(serv
 
     # A fresh process reads the stored calibration back instead of recomputing it, and it is
     # the calibration this process computes itself on the same model and texts.
-    runtime = Runtime(Settings(database_url=service["db_url"], data_dir=engine.settings.data_dir))
-    runtime.engine.__dict__["model"] = engine.model  # share the loaded weights; not the point here
+    runtime = WorkerContext(Settings(database_url=service["db_url"], data_dir=host.settings.data_dir))
+    runtime.host.__dict__["model"] = host.model  # share the loaded weights; not the point here
     with runtime.sessions() as session:
-        bank = bank_from_registry(session, runtime.engine)
+        bank = bank_from_registry(session, runtime.host)
         assert load_stored_calibration(session, bank, reference_hash(runtime.reference_texts))
     k, li = bank.names.index("pessimism"), bank.layers.index(15)
-    local = engine.bank()
-    assert float(bank.calibration.mean[li, k]) == pytest.approx(float(local.calibration.mean[li, local.names.index("pessimism")]), abs=1e-5)
+    local = host.bank()
+    assert float(bank.calibration.mean[li, k]) == pytest.approx(
+        float(local.calibration.mean[li, local.names.index("pessimism")]), abs=1e-5
+    )
     assert bank.typical_norms[15] == pytest.approx(local.typical_norms[15], rel=1e-4)
 
 
 def test_recalibration_from_recorded_traffic_replays_the_window_and_is_read_from_then_on(service, client):
     """POST /admin/calibrations with source=traffic: the answers recorded in the window (here
     planted as rows, as the API records them in full mode) are replayed and become the null."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    from auditor import store
+    from auditor.db import store
 
     http = service["http"]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     since = (now - timedelta(hours=2)).isoformat()
-    too_few = http.post("/admin/calibrations", json={"source": "traffic", "since": since, "target_fpr": 0.05}, timeout=30)
+    too_few = http.post(
+        "/admin/calibrations", json={"source": "traffic", "since": since, "target_fpr": 0.05}, timeout=30
+    )
     assert too_few.status_code == 422 and "needs at least 45" in too_few.text, too_few.text
     assert http.post("/admin/calibrations", json={"source": "traffic"}, timeout=30).status_code == 422  # no window
 
@@ -360,22 +429,39 @@ def test_recalibration_from_recorded_traffic_replays_the_window_and_is_read_from
         for i in range(60):
             messages = [{"role": "user", "content": f"Give me tip number {i} for a tidy desk."}]
             request_id = f"chatcmpl-traffic-{i}"
-            store.create_request(session, request_id=request_id, kind="chat", prompt_text=messages[0]["content"],
-                                 params={"messages": messages}, model_fingerprint=fingerprint,
-                                 created_at=now - timedelta(minutes=90 - i))
+            store.create_request(
+                session,
+                request_id=request_id,
+                kind="chat",
+                prompt_text=messages[0]["content"],
+                params={"messages": messages},
+                model_fingerprint=fingerprint,
+                created_at=now - timedelta(minutes=90 - i),
+            )
             store.mark_request(session, request_id=request_id, status="running")
-            store.mark_request(session, request_id=request_id, status="done", finish_reason="length",
-                               completion_text=f"Keep only what you use every day, and put item {i} away.")
+            store.mark_request(
+                session,
+                request_id=request_id,
+                status="done",
+                finish_reason="length",
+                completion_text=f"Keep only what you use every day, and put item {i} away.",
+            )
         session.commit()
-    job = _wait_for_job(http, http.post("/admin/calibrations", json={"source": "traffic", "since": since,
-                                                                     "target_fpr": 0.05}, timeout=30))
+    job = _wait_for_job(
+        http,
+        http.post("/admin/calibrations", json={"source": "traffic", "since": since, "target_fpr": 0.05}, timeout=30),
+    )
     assert job["status"] == "done", job
     assert job["result"]["source"] == "traffic" and job["result"]["n_answers"] >= 60
     newest = http.get("/admin/calibrations/answers").json()[0]
     assert newest["source"] == "traffic" and newest["in_force"] and newest["window_start"] is not None
     # Answers are read against it from the next request on: the thresholds it stored apply.
-    response = client.chat.completions.create(model="auditor", max_tokens=6, temperature=0,
-                                              messages=[{"role": "user", "content": "Give me a tip for a tidy desk."}])
+    response = client.chat.completions.create(
+        model="auditor",
+        max_tokens=6,
+        temperature=0,
+        messages=[{"role": "user", "content": "Give me a tip for a tidy desk."}],
+    )
     monitor = response.model_extra["auditor"]["monitor"]
     assert monitor["status"] == "ok" and monitor["target_fpr"] == 0.05
     # Put the control-answer null back for the tests after this one.
@@ -387,20 +473,36 @@ def test_worker_and_api_export_prometheus_metrics_for_real_traffic(service, clie
 
     def samples(url: str) -> dict:
         text = httpx.get(url, timeout=30).text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def value(found: dict, name: str, **labels) -> float:
         return sum(v for (n, ls), v in found.items() if n == name and labels.items() <= dict(ls).items())
 
     before = samples(service["worker_metrics"])
     # Long enough to be read against ordinary answers (shorter ones are insufficient_tokens: unobserved).
-    client.chat.completions.create(model="auditor", messages=[{"role": "user", "content": "Describe the sea in two sentences."}],
-                                   max_tokens=8, temperature=0)
+    client.chat.completions.create(
+        model="auditor",
+        messages=[{"role": "user", "content": "Describe the sea in two sentences."}],
+        max_tokens=8,
+        temperature=0,
+    )
     after = samples(service["worker_metrics"])
-    assert value(after, "auditor_requests_total", kind="chat", status="done") == value(before, "auditor_requests_total", kind="chat", status="done") + 1
-    assert value(after, "auditor_concept_score_count", concept="pessimism") == value(before, "auditor_concept_score_count", concept="pessimism") + 1
-    assert value(after, "auditor_tokens_total", direction="completion") >= value(before, "auditor_tokens_total", direction="completion") + 1
+    assert (
+        value(after, "auditor_requests_total", kind="chat", status="done")
+        == value(before, "auditor_requests_total", kind="chat", status="done") + 1
+    )
+    assert (
+        value(after, "auditor_concept_score_count", concept="pessimism")
+        == value(before, "auditor_concept_score_count", concept="pessimism") + 1
+    )
+    assert (
+        value(after, "auditor_tokens_total", direction="completion")
+        >= value(before, "auditor_tokens_total", direction="completion") + 1
+    )
     assert value(after, "auditor_worker_up") == 1 and value(after, "auditor_model_load_seconds") > 0
     assert all("request" not in dict(labels) for (_, labels) in after)  # bounded labels only
     api = samples(service["base_url"] + "/metrics")

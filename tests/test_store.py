@@ -5,35 +5,22 @@ AUDITOR_TEST_POSTGRES_URL at a server whose user may CREATE DATABASE to run them
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 import torch
+from databases import Databases, _postgres_reachable
 from sqlalchemy import Engine, func, inspect, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from auditor import store
-from auditor.db import (
-    database_url,
-    downgrade,
-    make_engine,
-    normalize_url,
-    run_migrations,
-    session_factory,
-)
-from auditor.errors import AuditorError
-from auditor.models import Base, Concept, ConceptVector, RequestScore
+from auditor.db import store
+from auditor.db.engine import database_url, downgrade, make_engine, normalize_url, run_migrations, session_factory
+from auditor.db.models import Base, Concept, ConceptVector, RequestScore
+from auditor.errors import AuditorError, InvalidInputError, NotFoundError
 from auditor.settings import Settings
-from probes.errors import InvalidInputError
-
-from databases import Databases, _postgres_reachable
 
 D_MODEL, N_LAYERS = 64, 30
 FINGERPRINT = "ab" * 32
@@ -235,7 +222,7 @@ def test_already_unit_vectors_are_stored_bit_exact(session: Session):
     stacked = torch.stack([vectors[layer] for layer in range(N_LAYERS)])
     import hashlib
 
-    # Same formula as workers.concepts.ConceptVectors.vector_hash.
+    # Same formula as workers.monitoring.concepts.ConceptVectors.vector_hash.
     assert concept.vector_hash == hashlib.sha256(stacked.numpy().tobytes()).hexdigest()
     loaded = store.concept_vectors(session, concept_id=concept.id)
     assert all(torch.equal(loaded[layer], vectors[layer]) for layer in range(N_LAYERS))
@@ -301,7 +288,7 @@ def test_active_and_retired(session: Session):
         store.set_active(session, concept_id=b.id, active=True)
     assert store.set_active(session, concept_id=a.id, active=True).active is True
     assert [c.name for c in store.list_concepts(session, name="a")] == ["a"]
-    with pytest.raises(store.NotFoundError):
+    with pytest.raises(NotFoundError):
         store.retire_concept(session, concept_id=999_999)
 
 
@@ -334,10 +321,8 @@ def _score_rows(concept_ids: list[int], n_layers: int, n_tokens: int, seed: int 
 @pytest.mark.parametrize("writer", ["insert_scores", "insert_scores_copy"])
 def test_scores_round_trip_exactly(session: Session, writer: str):
     concept_ids = [register(session, name=f"c{i}", vectors=unit_vectors([15])).id for i in range(6)]
-    created = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
-    store.create_request(
-        session, request_id="req-1", kind="chat", prompt_text="hi", created_at=created
-    )
+    created = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
+    store.create_request(session, request_id="req-1", kind="chat", prompt_text="hi", created_at=created)
     rows = _score_rows(concept_ids, N_LAYERS, n_tokens=64)
     assert len(rows) == 180
 
@@ -387,7 +372,7 @@ def test_scores_reject_bad_rows_and_unknown_keys(session: Session):
     with pytest.raises(InvalidInputError, match="unknown fields"):
         row = {"concept_id": concept.id, "layer": 0, "mean": 0, "max": 0, "last": 0, "n_tokens": 1}
         store.insert_scores(session, request_id="r", rows=[{**row, "meen": 1}])
-    with pytest.raises(store.NotFoundError):
+    with pytest.raises(NotFoundError):
         store.insert_scores(session, request_id="nope", rows=[row])
     assert count(session, RequestScore) == 0
 
@@ -442,7 +427,9 @@ def test_privacy_modes(session: Session):
     assert (hashed.prompt_text, hashed.prompt_sha256) == (None, digest)
     # Redacted: personal data masked, and the digest of the original text.
     assert (redacted.prompt_text, redacted.prompt_sha256) == (
-        "mail [EMAIL]", hashlib.sha256(b"mail ann@example.org").hexdigest())
+        "mail [EMAIL]",
+        hashlib.sha256(b"mail ann@example.org").hexdigest(),
+    )
     store.mark_request(session, request_id="x", status="failed", error="bad input from ann@example.org")
     assert redacted.error == "bad input from [EMAIL]"
     store.mark_request(session, request_id="h", status="running")

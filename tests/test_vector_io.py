@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
-from auditor.vector_io import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
-from probes.errors import InvalidInputError
+from auditor.errors import InvalidInputError
+from auditor.vectors import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
 
 D_MODEL = 576
 N_LAYERS = 30
@@ -92,9 +92,7 @@ def test_round_trip_keeps_directions_and_original_norms(fmt):
         assert got.dtype == torch.float32 and got.shape == (D_MODEL,)
         assert float(got.norm()) == pytest.approx(1.0, abs=1e-6)
         assert torch.allclose(got, unit(vector), atol=1e-6)
-        assert parsed.metadata["original_norms"][layer] == pytest.approx(
-            float(vector.norm()), rel=1e-6
-        )
+        assert parsed.metadata["original_norms"][layer] == pytest.approx(float(vector.norm()), rel=1e-6)
     assert parsed.metadata["model_hint"] == "llama"
 
 
@@ -116,9 +114,7 @@ def test_a_set_survives_every_format_in_turn():
         current = parse(export_vectors(current, fmt), fmt)
     for layer, vector in raw_vectors().items():
         assert torch.allclose(current.vectors[layer], unit(vector), atol=1e-6)
-        assert current.metadata["original_norms"][layer] == pytest.approx(
-            float(vector.norm()), rel=1e-5
-        )
+        assert current.metadata["original_norms"][layer] == pytest.approx(float(vector.norm()), rel=1e-5)
 
 
 def test_exported_gguf_is_a_repeng_style_control_vector():
@@ -147,7 +143,7 @@ def repeng_export_gguf(path: Path, model_type: str, directions: dict[int, np.nda
     writer = gguf.GGUFWriter(path, arch)
     writer.add_string(f"{arch}.model_hint", model_type)
     writer.add_uint32(f"{arch}.layer_count", len(directions))
-    for layer in directions.keys():
+    for layer in directions:
         writer.add_tensor(f"direction.{layer}", directions[layer])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -184,9 +180,7 @@ def test_a_repeng_gguf_is_read_at_the_block_it_was_extracted_from(tmp_path):
     for layer, vector in parsed.vectors.items():
         expected = torch.from_numpy(block_outputs[layer])
         assert torch.allclose(vector, unit(expected), atol=1e-6), layer
-        assert parsed.metadata["original_norms"][layer] == pytest.approx(
-            float(expected.norm()), rel=1e-6
-        )
+        assert parsed.metadata["original_norms"][layer] == pytest.approx(float(expected.norm()), rel=1e-6)
     assert parsed.metadata["model_hint"] == "llama"
     assert parsed.metadata["layer_count"] == N_LAYERS - 1
 
@@ -259,9 +253,7 @@ def test_safetensors_shapes():
 
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(N_LAYERS, D_MODEL, generator=gen)
-    stacked = parse(
-        safetensors_save({"directions": table}, metadata={"model_hint": "llama"}), "safetensors"
-    )
+    stacked = parse(safetensors_save({"directions": table}, metadata={"model_hint": "llama"}), "safetensors")
     assert list(stacked.vectors) == list(range(N_LAYERS))
     assert torch.allclose(stacked.vectors[7], unit(table[7]), atol=1e-6)
     assert stacked.metadata["model_hint"] == "llama"
@@ -401,8 +393,12 @@ def test_duplicate_layers_across_safetensors_directions_and_direction():
 
 @pytest.mark.parametrize(
     "element, fact",
-    [("true", "element 5 is a bool true"), ('"0.5"', 'element 5 is a string "0.5"'),
-     ("null", "element 5 is null"), ("[1]", "element 5 is a list")],
+    [
+        ("true", "element 5 is a bool true"),
+        ('"0.5"', 'element 5 is a string "0.5"'),
+        ("null", "element 5 is null"),
+        ("[1]", "element 5 is a list"),
+    ],
 )
 def test_json_non_numeric_values(element, fact):
     values = [json.dumps(x) for x in good_vector().tolist()]
@@ -442,8 +438,11 @@ def test_layer_argument_is_checked(layer):
     "tensors, kwargs, fact",
     [
         ({"vector": torch.ones(D_MODEL)}, {}, "needs layer="),
-        ({"vector": torch.ones(D_MODEL), "direction.3": torch.ones(D_MODEL)}, {"layer": 3},
-         '"vector" must be the only tensor'),
+        (
+            {"vector": torch.ones(D_MODEL), "direction.3": torch.ones(D_MODEL)},
+            {"layer": 3},
+            '"vector" must be the only tensor',
+        ),
         ({"directions": torch.ones(N_LAYERS - 2, D_MODEL)}, {}, "28 rows.*n_layers=30"),
         ({"directions": torch.ones(N_LAYERS, 10)}, {}, "dimension 10.*d_model=576"),
         ({"direction.3": torch.ones(1, D_MODEL)}, {}, r"shape \[1, 576\], expected 1-D"),
@@ -473,8 +472,12 @@ def test_gguf_header_declaring_a_huge_array_fails_fast():
     # One metadata key holding an array that claims 2**62 uint8 items in a 50-byte file: gguf's
     # reader alone loops over the missing items (it hung for >20 s here).
     data = (
-        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 3) + b"key"
-        + struct.pack("<I", 9) + struct.pack("<IQ", 0, 2**62)
+        b"GGUF"
+        + struct.pack("<IQQ", 3, 0, 1)
+        + struct.pack("<Q", 3)
+        + b"key"
+        + struct.pack("<I", 9)
+        + struct.pack("<IQ", 0, 2**62)
     )
     start = time.perf_counter()
     with pytest.raises(InvalidInputError, match="array of 4611686018427387904 items"):
@@ -538,7 +541,7 @@ def test_sniff_format():
     assert sniff_format("vec.GGUF", b"") == "gguf"
     assert sniff_format("dir/vec.safetensors", b"[]") == "safetensors"
     assert sniff_format("vec.json", exported["gguf"]) == "json"  # the extension wins
-    assert sniff_format(None, b"        {\"vectors\": {}}") == "json"  # 8 spaces, then '{'
+    assert sniff_format(None, b'        {"vectors": {}}') == "json"  # 8 spaces, then '{'
     assert sniff_format(None, b"") == "json"
 
 
@@ -577,9 +580,7 @@ def test_garbage_after_a_valid_prefix_raises_only_invalid_input(fmt, data):
     parse_or_invalid(prefix + data.draw(st.binary(max_size=4096)), fmt)
 
 
-_VALID = {
-    fmt: export_vectors(VectorSet(raw_vectors(), {"model_hint": "llama"}), fmt) for fmt in FORMATS
-}
+_VALID = {fmt: export_vectors(VectorSet(raw_vectors(), {"model_hint": "llama"}), fmt) for fmt in FORMATS}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -589,8 +590,7 @@ def test_corrupted_valid_files_raise_only_invalid_input(fmt, data):
     corrupted = bytearray(_VALID[fmt])
     # mostly hit the header, where the structure lives; sometimes anywhere
     limit = data.draw(st.sampled_from([64, 512, len(corrupted)]))
-    edits = data.draw(st.lists(st.tuples(st.integers(0, limit - 1), st.integers(0, 255)),
-                               min_size=1, max_size=8))
+    edits = data.draw(st.lists(st.tuples(st.integers(0, limit - 1), st.integers(0, 255)), min_size=1, max_size=8))
     for pos, value in edits:
         corrupted[pos] = value
     cut = data.draw(st.integers(0, len(corrupted)))

@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells around workers.service (ids and JSON in, plain functions do the work).
+"""Celery tasks: thin shells around workers.serving.service (ids and JSON in, plain functions do the work).
 
 Start a worker with `auditor worker` (or `celery -A workers.tasks worker`)."""
 
@@ -6,18 +6,13 @@ from __future__ import annotations
 
 from celery.signals import worker_ready, worker_shutdown
 
-from auditor import metrics, privacy, retention
-from auditor.dispatch import (
-    TASK_AUDIT,
-    TASK_CALIBRATE,
-    TASK_EXTRACT,
-    TASK_GENERATE,
-    TASK_RETENTION,
-    make_celery,
-)
-from auditor.heartbeat import HeartbeatPublisher, is_redis
+from auditor import privacy
+from auditor.db import retention
+from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, TASK_RETENTION, make_celery
+from auditor.queue.heartbeat import HeartbeatPublisher, is_redis
 from auditor.settings import get_settings
-from workers import service
+from auditor.telemetry import metrics
+from workers.serving import service
 
 celery_app = make_celery(get_settings())
 # Outside full mode no worker log line carries what the mode does not store (auditor.privacy).
@@ -65,7 +60,7 @@ def warm_up(**_) -> None:
     runtime = service.get_runtime()
     settings = get_settings()
     url = settings.result_backend or settings.broker_url
-    if is_redis(url):  # readiness reads this (auditor.heartbeat), with the warm-up progress
+    if is_redis(url):  # readiness reads this (auditor.queue.heartbeat), with the warm-up progress
         service.heartbeat = HeartbeatPublisher(url, runtime.state.snapshot).start()
 
     def report(future) -> None:
@@ -74,7 +69,7 @@ def warm_up(**_) -> None:
         if future.exception() is not None:
             logging.getLogger(__name__).error("warm-up failed: %s", future.exception())
         else:
-            metrics.set_worker_up(runtime.engine.model.fingerprint.model_id)
+            metrics.set_worker_up(runtime.host.model.fingerprint.model_id)
 
     runtime.model_thread.call(runtime.warm_up).add_done_callback(report)
 
@@ -83,7 +78,7 @@ def warm_up(**_) -> None:
 def mark_down(**_) -> None:
     if service.heartbeat is not None:
         service.heartbeat.stop()
-    runtime = service._runtime
-    if runtime is not None and "model" in runtime.engine.__dict__:
-        metrics.set_worker_up(runtime.engine.model.fingerprint.model_id, False)
+    runtime = service.current_runtime()
+    if runtime is not None and runtime.host.loaded:
+        metrics.set_worker_up(runtime.host.model.fingerprint.model_id, False)
     metrics.mark_process_dead()

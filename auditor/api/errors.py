@@ -13,11 +13,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
-from auditor.api.security import AuthenticationError, PermissionDeniedError
-from auditor.errors import AuditorError, ModelLoadError
+from auditor.errors import (
+    AuditorError,
+    AuthenticationError,
+    InvalidInputError,
+    ModelLoadError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from auditor.schemas import ErrorBody
-from auditor.store import NotFoundError
-from probes.errors import InvalidInputError
 
 
 def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dict:
@@ -34,15 +38,24 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Starlette's and FastAPI's own HTTP errors (unknown path, wrong method, body over its limit, …):
 # status -> (type, where).
-HTTP_ERRORS = {400: ("bad_request", "body"), 401: ("unauthorized", "header"), 403: ("forbidden", "header"),
-               404: ("not_found", "path"), 405: ("method_not_allowed", "path"), 413: ("request_too_large", "body"),
-               415: ("unsupported_media_type", "body")}
+HTTP_ERRORS = {
+    400: ("bad_request", "body"),
+    401: ("unauthorized", "header"),
+    403: ("forbidden", "header"),
+    404: ("not_found", "path"),
+    405: ("method_not_allowed", "path"),
+    413: ("request_too_large", "body"),
+    415: ("unsupported_media_type", "body"),
+}
 
 
 def unavailable(exc: Exception) -> JSONResponse:
     """503 with Retry-After: the broker or every worker is away; the client should try again."""
-    return JSONResponse(error_body(str(exc), "worker_unavailable", ("server",)), status_code=503,
-                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return JSONResponse(
+        error_body(str(exc), "worker_unavailable", ("server",)),
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -55,8 +68,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AuthenticationError)
     async def _unauthenticated(request: Request, exc: AuthenticationError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "unauthorized", ("header", "authorization")), status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            error_body(str(exc), "unauthorized", ("header", "authorization")),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     @app.exception_handler(PermissionDeniedError)
     async def _forbidden(request: Request, exc: PermissionDeniedError) -> JSONResponse:
@@ -80,8 +96,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # The database is unreachable, restarting or refusing connections: a condition that
         # passes, like a broker outage, so 503 + Retry-After rather than a bare 500.
         message = "the database is unavailable; retry shortly"
-        return JSONResponse(error_body(message, "database_unavailable", ("server",)), status_code=503,
-                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return JSONResponse(
+            error_body(message, "database_unavailable", ("server",)),
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
     @app.exception_handler(AuditorError)
     async def _auditor(request: Request, exc: AuditorError) -> JSONResponse:
@@ -92,7 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if (parse_error := _unparseable_body(request, exc)) is not None:
             return parse_error
         kind, where = HTTP_ERRORS.get(exc.status_code, ("http_error", "server"))
-        return JSONResponse(error_body(str(exc.detail), kind, (where,)), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(str(exc.detail), kind, (where,)), status_code=exc.status_code, headers=exc.headers
+        )
 
     _document_errors(app)
 
@@ -119,8 +140,10 @@ def _unparseable_body(request: Request, exc: HTTPException) -> JSONResponse | No
     if exc.status_code != 400 or not isinstance(cause, (ValueError, RecursionError)):
         return None
     if isinstance(cause, UnicodeDecodeError):
-        message = (f"the request body is not valid UTF-8: {cause.reason} "
-                   f"(byte 0x{cause.object[cause.start]:02x} at offset {cause.start})")
+        message = (
+            f"the request body is not valid UTF-8: {cause.reason} "
+            f"(byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+        )
     elif isinstance(cause, RecursionError):
         message = "the request body is nested too deeply to parse"
     else:
@@ -142,8 +165,10 @@ def _document_errors(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(error_schema.pop("$defs", {}))
             components["ErrorBody"] = error_schema
-            response = {"description": "Client error: what was wrong, in FastAPI's shape plus OpenAI's `error`",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+            response = {
+                "description": "Client error: what was wrong, in FastAPI's shape plus OpenAI's `error`",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            }
             for path_item in schema.get("paths", {}).values():
                 for operation in path_item.values():
                     if isinstance(operation, dict) and "responses" in operation:

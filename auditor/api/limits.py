@@ -27,7 +27,9 @@ class RequestTooLarge(HTTPException):
     (it turns any other exception into a generic 400) and auditor.api.errors answers 413."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(status_code=413, detail=f"request body is larger than this deployment's limit of {limit:,} bytes")
+        super().__init__(
+            status_code=413, detail=f"request body is larger than this deployment's limit of {limit:,} bytes"
+        )
         self.limit = limit
 
 
@@ -107,9 +109,11 @@ def _raise(errors: list[dict]) -> None:
 
 def _tokens(body: ChatCompletionCreate | CompletionCreate, settings: Settings) -> list[dict]:
     limit = settings.max_tokens_limit
-    return [_error((field,), "less_than_equal", f"{field} is {value}; this deployment allows at most {limit}", value)
-            for field in ("max_tokens", "max_completion_tokens")
-            if (value := getattr(body, field, None)) is not None and value > limit]
+    return [
+        _error((field,), "less_than_equal", f"{field} is {value}; this deployment allows at most {limit}", value)
+        for field in ("max_tokens", "max_completion_tokens")
+        if (value := getattr(body, field, None)) is not None and value > limit
+    ]
 
 
 def _chars(loc: tuple[Any, ...], what: str, texts: Iterable[str], settings: Settings) -> list[dict]:
@@ -120,8 +124,10 @@ def _chars(loc: tuple[Any, ...], what: str, texts: Iterable[str], settings: Sett
 
 
 def check_chat(body: ChatCompletionCreate, settings: Settings) -> None:
-    _raise(_tokens(body, settings)
-           + _chars(("messages",), "the messages together", (m.content for m in body.messages), settings))
+    _raise(
+        _tokens(body, settings)
+        + _chars(("messages",), "the messages together", (m.content for m in body.messages), settings)
+    )
 
 
 def check_completion(body: CompletionCreate, settings: Settings) -> None:
@@ -130,8 +136,15 @@ def check_completion(body: CompletionCreate, settings: Settings) -> None:
 
 def check_audit(body: AuditCreate, settings: Settings) -> None:
     if len(body.items) > settings.max_audit_items:
-        _raise([_error(("items",), "too_long",
-                       f"{len(body.items)} items; this deployment accepts at most {settings.max_audit_items} per submission")])
+        _raise(
+            [
+                _error(
+                    ("items",),
+                    "too_long",
+                    f"{len(body.items)} items; this deployment accepts at most {settings.max_audit_items} per submission",
+                )
+            ]
+        )
     errors = []
     for index, item in enumerate(body.items):
         texts = [item.prompt or "", *(m.content for m in item.messages or []), item.completion]
@@ -141,5 +154,12 @@ def check_audit(body: AuditCreate, settings: Settings) -> None:
 
 def check_extraction(body: ExtractionCreate, settings: Settings) -> None:
     if len(body.pairs) > settings.max_pairs:
-        _raise([_error(("pairs",), "too_long",
-                       f"{len(body.pairs)} pairs; this deployment accepts at most {settings.max_pairs} per extraction")])
+        _raise(
+            [
+                _error(
+                    ("pairs",),
+                    "too_long",
+                    f"{len(body.pairs)} pairs; this deployment accepts at most {settings.max_pairs} per extraction",
+                )
+            ]
+        )

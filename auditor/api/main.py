@@ -6,15 +6,17 @@ from functools import lru_cache
 
 from fastapi import FastAPI
 
-from auditor import __version__, metrics, privacy
+from auditor import __version__, privacy
 from auditor.api.errors import install_error_handlers
 from auditor.api.limits import install_request_guard
-from auditor.api.routes import admin_log, audits, completions, concepts, health, jobs, reports
+from auditor.api.routes import audits, completions, concepts, health, jobs, reports
+from auditor.api.routes import tokens as admin_log
 from auditor.api.security import require
-from auditor.dispatch import CeleryDispatcher, Dispatcher
-from auditor.db import database_url, make_engine, session_factory, writer_engine
+from auditor.db.engine import database_url, make_engine, session_factory, writer_engine
 from auditor.model_identity import ModelFingerprint, describe_model
+from auditor.queue.dispatch import CeleryDispatcher, Dispatcher
 from auditor.settings import Settings, get_settings
+from auditor.telemetry import metrics
 
 
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -36,7 +38,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.state.settings = settings
     app.state.engine = engine
     # Handlers read, then write (check, then insert): on SQLite their transactions must take the
-    # write lock up front (see auditor.db.writer_engine). No effect on Postgres.
+    # write lock up front (see auditor.db.engine.writer_engine). No effect on Postgres.
     app.state.sessions = session_factory(writer_engine(engine))
     app.state.read_sessions = session_factory(engine)
     app.state.dispatcher = dispatcher

@@ -10,22 +10,17 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from auditor import tokens
-from auditor.tokens import Principal
+from auditor.access import tokens
+from auditor.access.tokens import Principal
+from auditor.errors import AuthenticationError, PermissionDeniedError
 
 # Probes and scrapes run without credentials (kubelet, Prometheus); they reveal no records.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
-_bearer = HTTPBearer(auto_error=False, description="`auditor token create` prints one; the OpenAI "
-                     "client sends its api_key as this header")
-
-
-class AuthenticationError(Exception):
-    """No credentials, or credentials that name no live token: 401."""
-
-
-class PermissionDeniedError(Exception):
-    """A valid token without the scope this route needs: 403."""
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="`auditor token create` prints one; the OpenAI client sends its api_key as this header",
+)
 
 
 def _principal(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
@@ -43,11 +38,14 @@ def _principal(request: Request, credentials: HTTPAuthorizationCredentials | Non
 def require(scope: str):
     """A dependency that admits tokens holding `scope`."""
 
-    def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
+    def check(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+    ) -> Principal:
         principal = _principal(request, credentials)
         if scope not in principal.scopes:
             raise PermissionDeniedError(
-                f"token '{principal.name}' lacks scope '{scope}' (it has: {', '.join(sorted(principal.scopes))})")
+                f"token '{principal.name}' lacks scope '{scope}' (it has: {', '.join(sorted(principal.scopes))})"
+            )
         return principal
 
     check.__name__ = f"require_{scope}"

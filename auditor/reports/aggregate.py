@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
-from auditor.models import FLAG_KINDS
+from auditor.db.models import FLAG_KINDS
 from auditor.reports.queries import ConceptRef, FlaggedSet, RollupDay, ScoreSample
 from auditor.reports.window import BUCKET_SECONDS
 from probes.drift import MIN_SAMPLE_SIZE, ks_two_sample, population_stability_index
@@ -130,13 +130,17 @@ def time_series(
             if (day := rolled.get(float(start))) is not None:
                 z_count = z.size + day.z_count
                 mean_z = (float(z.sum()) + day.z_sum) / z_count if z_count else None
-                mean_score = (float(sample.score[in_bucket].sum()) + day.score_sum) / (n + day.requests) if n + day.requests else None
+                mean_score = (
+                    (float(sample.score[in_bucket].sum()) + day.score_sum) / (n + day.requests)
+                    if n + day.requests
+                    else None
+                )
                 n, n_flagged = n + day.requests, n_flagged + day.flagged
             if not n:
                 continue
             points.append(SeriesPoint(
                 concept=ref.concept, version=ref.version, concept_id=ref.concept_id,
-                bucket_start=datetime.fromtimestamp(start, tz=timezone.utc), requests=n,
+                bucket_start=datetime.fromtimestamp(start, tz=UTC), requests=n,
                 mean_z=mean_z, mean_score=mean_score, flagged=n_flagged, flagged_rate=n_flagged / n,
             ))  # fmt: skip
     return points

@@ -87,15 +87,20 @@ def flagged_rate_over_time(report: Report) -> Figure:
     return figure
 
 
-def _distribution_panel(
-    axes: Axes, ref: ConceptRef, title: str, baseline: np.ndarray, recent: np.ndarray
-) -> None:
+def _distribution_panel(axes: Axes, ref: ConceptRef, title: str, baseline: np.ndarray, recent: np.ndarray) -> None:
     edges = np.histogram_bin_edges(np.concatenate([baseline, recent]), bins=HISTOGRAM_BINS)
     sides = ((baseline, BASELINE_COLOUR, "baseline"), (recent, RECENT_COLOUR, "recent"))
     for values, colour, name in sides:
         if values.size:
-            _, _, outlines = axes.hist(values, bins=edges, density=True, histtype="step",
-                                       linewidth=1.5, color=colour, label=f"{name} (n={values.size})")
+            _, _, outlines = axes.hist(
+                values,
+                bins=edges,
+                density=True,
+                histtype="step",
+                linewidth=1.5,
+                color=colour,
+                label=f"{name} (n={values.size})",
+            )
             for outline in outlines:
                 outline.set_gid(f"{name}-{ref.concept_id}")
     axes.set_title(title, fontsize="medium")
@@ -121,12 +126,10 @@ def score_distribution(report: Report) -> Figure:
         psi = drift[ref.concept_id].psi
         title = ref.label if psi is None else f"{ref.label} · PSI {psi:.2f}"
         _distribution_panel(axes, ref, title, *samples[ref.concept_id])
-    for axes in grid[len(panels):]:
+    for axes in grid[len(panels) :]:
         axes.set_axis_off()
     if not panels:
-        grid[0].text(
-            0.5, 0.5, "no scores in either window", transform=grid[0].transAxes, ha="center"
-        )
+        grid[0].text(0.5, 0.5, "no scores in either window", transform=grid[0].transAxes, ha="center")
     return figure
 
 

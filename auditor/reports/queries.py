@@ -7,7 +7,7 @@ Aggregates SQL can compute portably (counts, averages, rankings) run in the data
 cannot (percentiles, drift statistics, time buckets) is computed from fetched values in
 `aggregate.py`.
 
-Past retention (auditor.retention) a request's rows are gone and only daily rollups remain: the
+Past retention (auditor.db.retention) a request's rows are gone and only daily rollups remain: the
 daily time series reads them (`fetch_rollups`); summaries, drift, comparisons and the flagged
 list need per-request rows and cover the retention window only.
 """
@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 
 import numpy as np
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from auditor import privacy, store
-from auditor.models import Concept, DailyRollup, Flag, MonitoredRequest, RequestScore
+from auditor import privacy
+from auditor.db.models import Concept, DailyRollup, Flag, MonitoredRequest, RequestScore
+from auditor.errors import NotFoundError
 from auditor.reports.window import Window
 
 
@@ -112,9 +113,7 @@ def _at_primary_layer():
     return and_(Concept.id == RequestScore.concept_id, Concept.primary_layer == RequestScore.layer)
 
 
-def resolve_concepts(
-    session: Session, *, names: Sequence[str] | None, windows: Iterable[Window]
-) -> list[ConceptRef]:
+def resolve_concepts(session: Session, *, names: Sequence[str] | None, windows: Iterable[Window]) -> list[ConceptRef]:
     """The concept versions a report covers: those of `names` (all when None) that are active or
     have scores in one of `windows` — a retired version still shows the traffic it scored. An
     unknown name is a NotFoundError."""
@@ -123,15 +122,11 @@ def resolve_concepts(
         known = set(session.scalars(select(Concept.name).distinct()))
         unknown = [name for name in names if name not in known]
         if unknown:
-            raise store.NotFoundError(
-                f"unknown concept {unknown[0]!r}; known concepts: {', '.join(sorted(known)) or 'none'}"
-            )
+            raise NotFoundError(f"unknown concept {unknown[0]!r}; known concepts: {', '.join(sorted(known)) or 'none'}")
         query = query.where(Concept.name.in_(names))
     windows = list(windows)
     scored_in = [
-        exists().where(
-            RequestScore.concept_id == Concept.id, _in_window(RequestScore.created_at, window)
-        )
+        exists().where(RequestScore.concept_id == Concept.id, _in_window(RequestScore.created_at, window))
         for window in windows
     ]
     # ... or, past retention, rolled up on a day of the window.
@@ -143,15 +138,10 @@ def resolve_concepts(
         for window in windows
     ]  # fmt: skip
     query = query.where(or_(Concept.active.is_(True), *scored_in))
-    return [
-        ConceptRef(c.id, c.name, c.version, c.primary_layer, c.model_id)
-        for c in session.scalars(query)
-    ]
+    return [ConceptRef(c.id, c.name, c.version, c.primary_layer, c.model_id) for c in session.scalars(query)]
 
 
-def fetch_scores(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window
-) -> dict[int, ScoreSample]:
+def fetch_scores(session: Session, *, refs: Sequence[ConceptRef], window: Window) -> dict[int, ScoreSample]:
     """concept id -> its primary-layer scores in `window` (one indexed range scan per window;
     only three floats per row are kept)."""
     if not refs:
@@ -182,7 +172,7 @@ def fetch_scores(
 
 @dataclass(frozen=True)
 class RollupDay:
-    """One UTC day of a concept version's traffic past retention (auditor.retention), summed
+    """One UTC day of a concept version's traffic past retention (auditor.db.retention), summed
     over serving models."""
 
     start: float  # epoch seconds of the day's midnight (UTC)
@@ -194,12 +184,10 @@ class RollupDay:
 
 
 def _midnight(day) -> datetime:
-    return datetime.combine(day, time(), tzinfo=timezone.utc)
+    return datetime.combine(day, time(), tzinfo=UTC)
 
 
-def fetch_rollups(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window
-) -> dict[int, list[RollupDay]]:
+def fetch_rollups(session: Session, *, refs: Sequence[ConceptRef], window: Window) -> dict[int, list[RollupDay]]:
     """concept id -> its rolled-up days that start inside `window`, oldest first. A day that
     starts before the window is left out: it would bring requests from before the window."""
     rollups: dict[int, list[RollupDay]] = {ref.concept_id: [] for ref in refs}
@@ -216,14 +204,13 @@ def fetch_rollups(
     for concept_id, day, n, score_sum, z_count, z_sum, n_flagged in session.execute(query):
         start = _midnight(day)
         if window.start <= start < window.end:
-            rollups[concept_id].append(RollupDay(start.timestamp(), int(n), float(score_sum), int(z_count),
-                                                 float(z_sum), int(n_flagged)))
+            rollups[concept_id].append(
+                RollupDay(start.timestamp(), int(n), float(score_sum), int(z_count), float(z_sum), int(n_flagged))
+            )
     return rollups
 
 
-def fetch_flagged(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window
-) -> dict[int, FlaggedSet]:
+def fetch_flagged(session: Session, *, refs: Sequence[ConceptRef], window: Window) -> dict[int, FlaggedSet]:
     """concept id -> the requests created in `window` that carry a flag for it (at any layer),
     by flag kind. A request flagged twice counts once."""
     flagged = {ref.concept_id: FlaggedSet() for ref in refs}
@@ -253,19 +240,12 @@ def fetch_thresholds(session: Session, *, refs: Sequence[ConceptRef]) -> dict[in
     return {}
 
 
-def compare(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window
-) -> list[ComparisonRow]:
+def compare(session: Session, *, refs: Sequence[ConceptRef], window: Window) -> list[ComparisonRow]:
     """Per (serving model, concept, version): requests, mean z and raw score, flagged requests."""
     if not refs:
         return []
     by_id = {ref.concept_id: ref for ref in refs}
-    flagged = (
-        select(Flag.request_id, Flag.concept_id)
-        .where(Flag.concept_id.in_(list(by_id)))
-        .distinct()
-        .subquery()
-    )
+    flagged = select(Flag.request_id, Flag.concept_id).where(Flag.concept_id.in_(list(by_id))).distinct().subquery()
     query = (
         select(
             MonitoredRequest.model_id, RequestScore.concept_id, func.count(),
@@ -287,18 +267,22 @@ def compare(
     )  # fmt: skip
     rows = [
         ComparisonRow(
-            model_id=model_id, concept=by_id[concept_id].concept, version=by_id[concept_id].version,
-            concept_id=concept_id, requests=n, mean_z=None if mean_z is None else float(mean_z),
-            mean_score=float(mean_score), flagged=n_flagged, flagged_rate=n_flagged / n,
+            model_id=model_id,
+            concept=by_id[concept_id].concept,
+            version=by_id[concept_id].version,
+            concept_id=concept_id,
+            requests=n,
+            mean_z=None if mean_z is None else float(mean_z),
+            mean_score=float(mean_score),
+            flagged=n_flagged,
+            flagged_rate=n_flagged / n,
         )
         for model_id, concept_id, n, mean_z, mean_score, n_flagged in session.execute(query)
     ]
     return sorted(rows, key=lambda row: (row.concept, row.version, row.model_id or ""))
 
 
-def top_flagged(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window, top: int
-) -> list[FlaggedRequest]:
+def top_flagged(session: Session, *, refs: Sequence[ConceptRef], window: Window, top: int) -> list[FlaggedRequest]:
     """Per concept version, the `top` flagged requests in `window`, strongest first: each request
     once, by its flag that sits furthest from its threshold (a hidden flag far above, a surface
     flag far below). Ranked with window functions, which both backends support."""
@@ -325,10 +309,12 @@ def top_flagged(
     ranked = (
         select(
             strongest_per_request,
-            func.row_number().over(
+            func.row_number()
+            .over(
                 partition_by=s.concept_id,
                 order_by=(s.margin.desc(), s.created_at.desc(), s.request_id),
-            ).label("rank"),
+            )
+            .label("rank"),
         )
         .where(s.nth_flag == 1)
         .subquery()
@@ -345,11 +331,21 @@ def top_flagged(
 def _flagged_request(ref: ConceptRef, row) -> FlaggedRequest:
     mode = row["privacy_mode"]
     return FlaggedRequest(
-        concept=ref.concept, version=ref.version, concept_id=ref.concept_id, rank=row["rank"],
-        request_id=row["request_id"], created_at=row["created_at"], model_id=row["model_id"],
-        kind=row["kind"], layer=row["layer"], residual_signal=row["residual_signal"],
-        text_signal=row["text_signal"], threshold=row["threshold"], margin=row["margin"],
-        reason=row["reason"], privacy_mode=mode,
+        concept=ref.concept,
+        version=ref.version,
+        concept_id=ref.concept_id,
+        rank=row["rank"],
+        request_id=row["request_id"],
+        created_at=row["created_at"],
+        model_id=row["model_id"],
+        kind=row["kind"],
+        layer=row["layer"],
+        residual_signal=row["residual_signal"],
+        text_signal=row["text_signal"],
+        threshold=row["threshold"],
+        margin=row["margin"],
+        reason=row["reason"],
+        privacy_mode=mode,
         prompt=shown_text(mode, row["prompt_text"], row["prompt_sha256"]),
         completion=shown_text(mode, row["completion_text"], row["completion_sha256"]),
     )

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from auditor.errors import InvalidInputError
 from auditor.reports.aggregate import (
     DRIFT_P_VALUE,
     DRIFT_PSI,
@@ -29,7 +30,6 @@ from auditor.reports.aggregate import (
 from auditor.reports.queries import ComparisonRow, FlaggedRequest
 from auditor.reports.report import Report
 from auditor.reports.window import Window
-from probes.errors import InvalidInputError
 
 # Report fields that are tables, and the type of their rows.
 SECTIONS: dict[str, type] = {
@@ -45,9 +45,7 @@ TEXT_SNIPPET = 60  # characters of a prompt or completion in the text table
 
 def section_rows(report: Report, section: str) -> list[Any]:
     if section not in SECTIONS:
-        raise InvalidInputError(
-            f"unknown report section {section!r}; choose one of {', '.join(SECTIONS)}"
-        )
+        raise InvalidInputError(f"unknown report section {section!r}; choose one of {', '.join(SECTIONS)}")
     return getattr(report, section)
 
 
@@ -150,49 +148,128 @@ def _snippet(text: str | None) -> str:
 
 
 def _summary_table(rows: Sequence[ConceptSummary]) -> Table:
-    table = Table("concept", "model", "layer", "requests", "mean z", "p50 z", "p95 z",
-                  "above thr.", "flagged", "rate", "by kind", title="Summary")
+    table = Table(
+        "concept",
+        "model",
+        "layer",
+        "requests",
+        "mean z",
+        "p50 z",
+        "p95 z",
+        "above thr.",
+        "flagged",
+        "rate",
+        "by kind",
+        title="Summary",
+    )
     for r in rows:
         kinds = ", ".join(f"{kind} {n}" for kind, n in r.flagged_by_kind.items() if n) or "—"
-        table.add_row(f"{r.concept} v{r.version}", r.model_id, str(r.layer), str(r.requests),
-                      _cell(r.mean_z), _cell(r.p50_z), _cell(r.p95_z), _cell(r.above_threshold_rate),
-                      str(r.flagged), _cell(r.flagged_rate), kinds)
+        table.add_row(
+            f"{r.concept} v{r.version}",
+            r.model_id,
+            str(r.layer),
+            str(r.requests),
+            _cell(r.mean_z),
+            _cell(r.p50_z),
+            _cell(r.p95_z),
+            _cell(r.above_threshold_rate),
+            str(r.flagged),
+            _cell(r.flagged_rate),
+            kinds,
+        )
     return table
 
 
 def _drift_table(rows: Sequence[DriftRow]) -> Table:
-    table = Table("concept", "baseline n", "recent n", "baseline mean", "recent mean", "PSI",
-                  "KS D", "p-value", "status", title="Drift (raw score, recent vs baseline)")
+    table = Table(
+        "concept",
+        "baseline n",
+        "recent n",
+        "baseline mean",
+        "recent mean",
+        "PSI",
+        "KS D",
+        "p-value",
+        "status",
+        title="Drift (raw score, recent vs baseline)",
+    )
     for r in rows:
-        table.add_row(f"{r.concept} v{r.version}", str(r.baseline_requests), str(r.recent_requests),
-                      _cell(r.baseline_mean_score, 4), _cell(r.recent_mean_score, 4), _cell(r.psi),
-                      _cell(r.ks_statistic), _cell(r.p_value), r.status)
+        table.add_row(
+            f"{r.concept} v{r.version}",
+            str(r.baseline_requests),
+            str(r.recent_requests),
+            _cell(r.baseline_mean_score, 4),
+            _cell(r.recent_mean_score, 4),
+            _cell(r.psi),
+            _cell(r.ks_statistic),
+            _cell(r.p_value),
+            r.status,
+        )
     return table
 
 
 def _comparison_table(rows: Sequence[ComparisonRow]) -> Table:
-    table = Table("serving model", "concept", "requests", "mean z", "mean score", "flagged", "rate",
-                  title="By model and concept version")
+    table = Table(
+        "serving model",
+        "concept",
+        "requests",
+        "mean z",
+        "mean score",
+        "flagged",
+        "rate",
+        title="By model and concept version",
+    )
     for r in rows:
-        table.add_row(r.model_id or "—", f"{r.concept} v{r.version}", str(r.requests), _cell(r.mean_z),
-                      _cell(r.mean_score, 4), str(r.flagged), _cell(r.flagged_rate))
+        table.add_row(
+            r.model_id or "—",
+            f"{r.concept} v{r.version}",
+            str(r.requests),
+            _cell(r.mean_z),
+            _cell(r.mean_score, 4),
+            str(r.flagged),
+            _cell(r.flagged_rate),
+        )
     return table
 
 
 def _flagged_table(rows: Sequence[FlaggedRequest]) -> Table:
-    table = Table("concept", "#", "request", "created (UTC)", "kind", "layer", "residual", "threshold",
-                  "privacy", "prompt", "completion", title="Top flagged requests")
+    table = Table(
+        "concept",
+        "#",
+        "request",
+        "created (UTC)",
+        "kind",
+        "layer",
+        "residual",
+        "threshold",
+        "privacy",
+        "prompt",
+        "completion",
+        title="Top flagged requests",
+    )
     for r in rows:
-        table.add_row(f"{r.concept} v{r.version}", str(r.rank), r.request_id, _cell(r.created_at), r.kind,
-                      str(r.layer), _cell(r.residual_signal), _cell(r.threshold), r.privacy_mode,
-                      _snippet(r.prompt), _snippet(r.completion))
+        table.add_row(
+            f"{r.concept} v{r.version}",
+            str(r.rank),
+            r.request_id,
+            _cell(r.created_at),
+            r.kind,
+            str(r.layer),
+            _cell(r.residual_signal),
+            _cell(r.threshold),
+            r.privacy_mode,
+            _snippet(r.prompt),
+            _snippet(r.completion),
+        )
     return table
 
 
 def _window_line(report: Report) -> str:
     window, baseline = report.window, report.baseline
-    return (f"window {window.start.isoformat()} → {window.end.isoformat()}   "
-            f"baseline {baseline.start.isoformat()} → {baseline.end.isoformat()}")
+    return (
+        f"window {window.start.isoformat()} → {window.end.isoformat()}   "
+        f"baseline {baseline.start.isoformat()} → {baseline.end.isoformat()}"
+    )
 
 
 def to_text(report: Report, width: int = TEXT_WIDTH) -> str:
@@ -200,8 +277,12 @@ def to_text(report: Report, width: int = TEXT_WIDTH) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
     console.print(_window_line(report))
-    for table in (_summary_table(report.summary), _drift_table(report.drift),
-                  _comparison_table(report.comparison), _flagged_table(report.flagged)):
+    for table in (
+        _summary_table(report.summary),
+        _drift_table(report.drift),
+        _comparison_table(report.comparison),
+        _flagged_table(report.flagged),
+    ):
         console.print(table)
     return buffer.getvalue()
 
@@ -225,8 +306,7 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]
     """rows of (css class, text) cells; every text is escaped here."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f'<td class="{css}">{html.escape(text)}</td>' for css, text in row) + "</tr>"
-        for row in rows
+        "<tr>" + "".join(f'<td class="{css}">{html.escape(text)}</td>' for css, text in row) + "</tr>" for row in rows
     )
     if not rows:
         body = f'<tr><td colspan="{len(headers)}">none in this window</td></tr>'
@@ -243,44 +323,113 @@ def _txt(value: Any) -> tuple[str, str]:
 
 def _summary_html(rows: Sequence[ConceptSummary]) -> str:
     return _html_table(
-        ["concept", "model", "layer", "requests", "mean z", "p50 z", "p95 z", "above threshold",
-         "flagged", "flagged rate", "flagged by kind"],
-        [[_txt(f"{r.concept} v{r.version}"), _txt(r.model_id), _num(r.layer), _num(r.requests),
-          _num(r.mean_z), _num(r.p50_z), _num(r.p95_z), _num(r.above_threshold_rate), _num(r.flagged),
-          _num(r.flagged_rate),
-          _txt(", ".join(f"{kind} {n}" for kind, n in r.flagged_by_kind.items() if n) or None)]
-         for r in rows],
+        [
+            "concept",
+            "model",
+            "layer",
+            "requests",
+            "mean z",
+            "p50 z",
+            "p95 z",
+            "above threshold",
+            "flagged",
+            "flagged rate",
+            "flagged by kind",
+        ],
+        [
+            [
+                _txt(f"{r.concept} v{r.version}"),
+                _txt(r.model_id),
+                _num(r.layer),
+                _num(r.requests),
+                _num(r.mean_z),
+                _num(r.p50_z),
+                _num(r.p95_z),
+                _num(r.above_threshold_rate),
+                _num(r.flagged),
+                _num(r.flagged_rate),
+                _txt(", ".join(f"{kind} {n}" for kind, n in r.flagged_by_kind.items() if n) or None),
+            ]
+            for r in rows
+        ],
     )
 
 
 def _drift_html(rows: Sequence[DriftRow]) -> str:
     return _html_table(
         ["concept", "baseline n", "recent n", "baseline mean", "recent mean", "PSI", "KS D", "p-value", "status"],
-        [[_txt(f"{r.concept} v{r.version}"), _num(r.baseline_requests), _num(r.recent_requests),
-          _num(r.baseline_mean_score, 4), _num(r.recent_mean_score, 4), _num(r.psi), _num(r.ks_statistic),
-          _num(r.p_value), ("drift" if r.status == "drift" else "", r.status)]
-         for r in rows],
+        [
+            [
+                _txt(f"{r.concept} v{r.version}"),
+                _num(r.baseline_requests),
+                _num(r.recent_requests),
+                _num(r.baseline_mean_score, 4),
+                _num(r.recent_mean_score, 4),
+                _num(r.psi),
+                _num(r.ks_statistic),
+                _num(r.p_value),
+                ("drift" if r.status == "drift" else "", r.status),
+            ]
+            for r in rows
+        ],
     )
 
 
 def _comparison_html(rows: Sequence[ComparisonRow]) -> str:
     return _html_table(
         ["serving model", "concept", "requests", "mean z", "mean score", "flagged", "flagged rate"],
-        [[_txt(r.model_id), _txt(f"{r.concept} v{r.version}"), _num(r.requests), _num(r.mean_z),
-          _num(r.mean_score, 4), _num(r.flagged), _num(r.flagged_rate)]
-         for r in rows],
+        [
+            [
+                _txt(r.model_id),
+                _txt(f"{r.concept} v{r.version}"),
+                _num(r.requests),
+                _num(r.mean_z),
+                _num(r.mean_score, 4),
+                _num(r.flagged),
+                _num(r.flagged_rate),
+            ]
+            for r in rows
+        ],
     )
 
 
 def _flagged_html(rows: Sequence[FlaggedRequest]) -> str:
     return _html_table(
-        ["concept", "#", "request", "created (UTC)", "model", "kind", "layer", "residual", "text signal",
-         "threshold", "reason", "privacy", "prompt", "completion"],
-        [[_txt(f"{r.concept} v{r.version}"), _num(r.rank), _txt(r.request_id), _txt(r.created_at),
-          _txt(r.model_id), _txt(r.kind), _num(r.layer), _num(r.residual_signal), _num(r.text_signal),
-          _num(r.threshold), ("text", r.reason), _txt(r.privacy_mode), ("text", _cell(r.prompt)),
-          ("text", _cell(r.completion))]
-         for r in rows],
+        [
+            "concept",
+            "#",
+            "request",
+            "created (UTC)",
+            "model",
+            "kind",
+            "layer",
+            "residual",
+            "text signal",
+            "threshold",
+            "reason",
+            "privacy",
+            "prompt",
+            "completion",
+        ],
+        [
+            [
+                _txt(f"{r.concept} v{r.version}"),
+                _num(r.rank),
+                _txt(r.request_id),
+                _txt(r.created_at),
+                _txt(r.model_id),
+                _txt(r.kind),
+                _num(r.layer),
+                _num(r.residual_signal),
+                _num(r.text_signal),
+                _num(r.threshold),
+                ("text", r.reason),
+                _txt(r.privacy_mode),
+                ("text", _cell(r.prompt)),
+                ("text", _cell(r.completion)),
+            ]
+            for r in rows
+        ],
     )
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from auditor.models import utcnow
+from auditor.db.models import utcnow
 from auditor.reports import aggregate, queries
 from auditor.reports.aggregate import ConceptSummary, DriftRow, SeriesPoint
 from auditor.reports.queries import ComparisonRow, ConceptRef, FlaggedRequest, ScoreSample
@@ -32,9 +32,7 @@ class Report:
     recent_scores: dict[int, ScoreSample] = field(repr=False)
 
 
-def summary_section(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window
-) -> list[ConceptSummary]:
+def summary_section(session: Session, *, refs: Sequence[ConceptRef], window: Window) -> list[ConceptSummary]:
     return aggregate.summarize(
         refs,
         queries.fetch_scores(session, refs=refs, window=window),
@@ -43,9 +41,7 @@ def summary_section(
     )
 
 
-def drift_section(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window, baseline: Window
-) -> list[DriftRow]:
+def drift_section(session: Session, *, refs: Sequence[ConceptRef], window: Window, baseline: Window) -> list[DriftRow]:
     return aggregate.drift(
         refs,
         queries.fetch_scores(session, refs=refs, window=baseline),
@@ -58,9 +54,7 @@ def _rollups(session: Session, refs: Sequence[ConceptRef], window: Window, bucke
     return queries.fetch_rollups(session, refs=refs, window=window) if bucket == "day" else None
 
 
-def series_section(
-    session: Session, *, refs: Sequence[ConceptRef], window: Window, bucket: str
-) -> list[SeriesPoint]:
+def series_section(session: Session, *, refs: Sequence[ConceptRef], window: Window, bucket: str) -> list[SeriesPoint]:
     return aggregate.time_series(
         refs,
         queries.fetch_scores(session, refs=refs, window=window),
@@ -102,8 +96,9 @@ def build_report(
         drift=aggregate.drift(refs, old, recent),
         comparison=queries.compare(session, refs=refs, window=window),
         flagged=queries.top_flagged(session, refs=refs, window=window, top=top),
-        series=aggregate.time_series(refs, recent, flagged, chosen_bucket,
-                                     _rollups(session, refs, window, chosen_bucket)),
+        series=aggregate.time_series(
+            refs, recent, flagged, chosen_bucket, _rollups(session, refs, window, chosen_bucket)
+        ),
         baseline_scores=old,
         recent_scores=recent,
     )

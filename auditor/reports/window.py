@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from probes.errors import InvalidInputError
+from auditor.errors import InvalidInputError, WindowError
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -19,15 +19,6 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 BUCKET_SECONDS = {"hour": 3600, "day": 86400}
 # Hourly points up to this window length (≤ 72 points per concept); daily beyond it.
 HOURLY_UP_TO = timedelta(days=3)
-
-
-class WindowError(InvalidInputError):
-    """A window parameter that cannot be used: `field` names it (since, until, baseline, bucket),
-    `reason` says why; the message is both, for a CLI line."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
 
 
 @dataclass(frozen=True)
@@ -40,8 +31,7 @@ class Window:
             raise InvalidInputError("window bounds must be timezone-aware datetimes")
         if self.start >= self.end:
             raise InvalidInputError(
-                f"window start {self.start.isoformat()} is not before its end "
-                f"{self.end.isoformat()}"
+                f"window start {self.start.isoformat()} is not before its end {self.end.isoformat()}"
             )
 
     @property
@@ -69,12 +59,10 @@ def parse_instant(text: str, *, now: datetime, field: str) -> datetime:
     try:
         instant = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise WindowError(
-            field, f"cannot read {text!r}: give an ISO time, 'now', or how long ago (24h, 7d)"
-        ) from None
+        raise WindowError(field, f"cannot read {text!r}: give an ISO time, 'now', or how long ago (24h, 7d)") from None
     if instant.tzinfo is None:
-        instant = instant.replace(tzinfo=timezone.utc)
-    return instant.astimezone(timezone.utc)
+        instant = instant.replace(tzinfo=UTC)
+    return instant.astimezone(UTC)
 
 
 def report_window(since: str, until: str, *, now: datetime) -> Window:
@@ -104,9 +92,7 @@ def baseline_window(baseline: str | None, *, window: Window, now: datetime) -> W
             raise WindowError("baseline", f"{baseline!r} is empty: its start is not before its end")
         chosen = Window(start, end)
     else:
-        raise WindowError(
-            "baseline", f"cannot read {baseline!r}: give a duration (7d) or an interval START/END"
-        )
+        raise WindowError("baseline", f"cannot read {baseline!r}: give a duration (7d) or an interval START/END")
     check_disjoint(window, chosen)
     return chosen
 

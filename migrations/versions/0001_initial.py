@@ -5,7 +5,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-24
 
-Types are spelled out here rather than imported from auditor.models: a migration must keep
+Types are spelled out here rather than imported from auditor.db.models: a migration must keep
 creating the same schema after the models move on.
 """
 
@@ -67,9 +67,7 @@ def _create_concepts() -> None:
         sa.Column("source", sa.String(length=32), nullable=False),
         sa.Column("primary_layer", sa.Integer(), nullable=False),
         sa.Column("provenance", JSON, nullable=False),
-        _one_of(
-            "source", ("pairs", "upload-json", "upload-safetensors", "upload-gguf"), "concepts"
-        ),
+        _one_of("source", ("pairs", "upload-json", "upload-safetensors", "upload-gguf"), "concepts"),
         sa.CheckConstraint("version >= 1", name=op.f("ck_concepts_version_positive")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_concepts")),
         sa.UniqueConstraint("name", "version", name=op.f("uq_concepts_name_version")),
@@ -124,7 +122,7 @@ def _create_scores() -> None:
     op.create_table(
         "request_scores",
         sa.Column("request_id", sa.String(length=64), nullable=False),
-        # No FK to concepts: see RequestScore.concept_id in auditor/models.py.
+        # No FK to concepts: see RequestScore.concept_id in auditor/db/models.py.
         sa.Column("concept_id", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("layer", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("mean", sa.Double(), nullable=False),
@@ -143,9 +141,7 @@ def _create_scores() -> None:
             "request_id", "concept_id", "layer", name=op.f("pk_request_scores")
         ),
     )  # fmt: skip
-    op.create_index(
-        "ix_request_scores_concept_created", "request_scores", ["concept_id", "created_at"]
-    )
+    op.create_index("ix_request_scores_concept_created", "request_scores", ["concept_id", "created_at"])
     op.create_index("ix_request_scores_created_at", "request_scores", ["created_at"])
 
 
@@ -191,9 +187,7 @@ def _create_calibrations() -> None:
         sa.Column("achieved_fpr", sa.Double(), nullable=True),
         sa.Column("reference", JSON, nullable=False),
         sa.Column("created_at", TIMESTAMP, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["concept_id"], ["concepts.id"], name=op.f("fk_calibrations_concept_id_concepts")
-        ),
+        sa.ForeignKeyConstraint(["concept_id"], ["concepts.id"], name=op.f("fk_calibrations_concept_id_concepts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_calibrations")),
     )
     op.create_index(

@@ -59,17 +59,25 @@ def concept_from_dict(data: dict, origin: str = "concept") -> ConceptDefinition:
     if not isinstance(pairs, list) or not all(
         isinstance(p, dict) and {"positive", "negative"} <= p.keys() for p in pairs
     ):
-        raise InvalidInputError(
-            f"{origin}: 'pairs' must be a list of {{\"positive\": ..., \"negative\": ...}} objects"
-        )
+        raise InvalidInputError(f'{origin}: \'pairs\' must be a list of {{"positive": ..., "negative": ...}} objects')
     positives = tuple(p["positive"] for p in pairs)
     negatives = tuple(p["negative"] for p in pairs)
     try:
         check_pairs(positives, negatives)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{origin}: {exc}") from None
-    known = {"name", "description", "pairs", "neutral", "lexicon", "positive_label",
-             "negative_label", "source", "status", "status_note"}
+    known = {
+        "name",
+        "description",
+        "pairs",
+        "neutral",
+        "lexicon",
+        "positive_label",
+        "negative_label",
+        "source",
+        "status",
+        "status_note",
+    }
     status = data.get("status", "stable")
     if status not in STATUSES:
         raise InvalidInputError(f"{origin}: 'status' must be one of {', '.join(STATUSES)}, got {status!r}")
@@ -118,9 +126,7 @@ def load_concept(name: str) -> ConceptDefinition:
     if name.endswith(".json") or "/" in name:
         return load_concept_file(name)
     if name not in builtin_concepts():
-        raise InvalidInputError(
-            f"unknown concept {name!r}; built-in concepts are: {', '.join(builtin_concepts())}"
-        )
+        raise InvalidInputError(f"unknown concept {name!r}; built-in concepts are: {', '.join(builtin_concepts())}")
     data = json.loads(_builtin_dir().joinpath(f"{name}.json").read_text(encoding="utf-8"))
     return concept_from_dict(data, origin=name)
 

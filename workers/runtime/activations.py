@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from probes.errors import InvalidInputError
+from auditor.errors import InvalidInputError
 from workers.runtime.hooks import ResidualCapture, hooked
 from workers.runtime.model import LoadedModel
 
@@ -52,9 +52,7 @@ class Batch:
     mask: torch.Tensor  # [batch, pos], 1 = real token
 
 
-def length_sorted_batches(
-    encoded: list[list[int]], batch_size: int, pad_id: int, device: torch.device
-) -> list[Batch]:
+def length_sorted_batches(encoded: list[list[int]], batch_size: int, pad_id: int, device: torch.device) -> list[Batch]:
     """Group texts of similar length so that padding stays small."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = []

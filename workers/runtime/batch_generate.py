@@ -22,12 +22,12 @@ Steering is per row: a row's delta is added only to that row's positions from it
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence  # noqa: F401 (Hashable: keys are opaque)
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from probes.errors import InvalidInputError
+from auditor.errors import InvalidInputError
 from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.generate import Generation, SamplingConfig, _check_length, _next_token
@@ -39,7 +39,7 @@ class SequenceRequest:
     """One generation to run inside a batch. Steering positions are the row's own."""
 
     prompt_ids: list[int]
-    config: SamplingConfig = SamplingConfig()
+    config: SamplingConfig = SamplingConfig()  # noqa: RUF009 - frozen, so one shared default is safe
     steering: Sequence[Steering] = ()
 
 
@@ -68,7 +68,7 @@ def validate_request(model: LoadedModel, request: SequenceRequest) -> None:
 
 
 class BatchGenerator:
-    """The running batch of one model. Not thread-safe: one thread owns it (workers.batcher)."""
+    """The running batch of one model. Not thread-safe: one thread owns it (workers.serving.model_thread)."""
 
     def __init__(self, model: LoadedModel, monitor_layers: Sequence[int] = ()):
         self.model = model
@@ -138,7 +138,9 @@ class BatchGenerator:
         device = self.model.device
         last = torch.tensor([[row.output[-1]] for row in self.rows], device=device)
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], dim=1)
-        logits, self.cache, resid = self._forward(last, self.mask, self.rows, past=self.cache, offset=self.mask.shape[1] - 1)
+        logits, self.cache, resid = self._forward(
+            last, self.mask, self.rows, past=self.cache, offset=self.mask.shape[1] - 1
+        )
         for b, row in enumerate(self.rows):
             row.chunks.append(resid[:, b] if resid is not None else None)
         self.next_logits = logits[:, -1]
@@ -186,8 +188,12 @@ class BatchGenerator:
     def _result(self, row: _Row) -> Generation:
         resid = torch.cat(row.chunks, dim=1) if self.layers else None
         return Generation(
-            prompt_ids=list(row.request.prompt_ids), output_ids=row.output, finish_reason=row.finish,
-            resid=resid, layers=list(self.layers), prefill_seconds=row.prefill_seconds,
+            prompt_ids=list(row.request.prompt_ids),
+            output_ids=row.output,
+            finish_reason=row.finish,
+            resid=resid,
+            layers=list(self.layers),
+            prefill_seconds=row.prefill_seconds,
             decode_seconds=time.perf_counter() - row.prefilled_at,
         )
 
@@ -204,6 +210,7 @@ class BatchGenerator:
         captured: dict[int, torch.Tensor] = {}
         hooks = [(self.model.hook_name(layer), hook) for layer, hook in _steering_hooks(rows, offset, tokens.shape[1])]
         for layer in self.layers:
+
             def capture(resid: torch.Tensor, hook, layer=layer) -> None:
                 captured[layer] = resid.detach()
 
@@ -234,6 +241,7 @@ def _steering_hooks(rows: list[_Row], offset: int, n_positions: int):
         for steer in row.request.steering:
             by_layer.setdefault(steer.layer, []).append((b, steer))
     for layer, entries in by_layer.items():
+
         def steer(resid: torch.Tensor, hook, entries=entries) -> torch.Tensor:
             resid = resid.clone()
             columns = torch.arange(offset, offset + n_positions, device=resid.device)

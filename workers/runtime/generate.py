@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from probes.errors import InvalidInputError
+from auditor.errors import InvalidInputError
 from probes.steering import Steering
 from probes.validation import check_layer, check_vector
-from workers.runtime.hooks import PositionTracker, ResidualCapture, hooked
+from workers.runtime.hooks import ResidualCapture, hooked
 from workers.runtime.model import LoadedModel
 
 
@@ -138,9 +138,7 @@ def generate(
             if use_cache:
                 tracker.offset = len(prompt) + step
                 step_input = torch.tensor([[token]], device=model.device)
-                logits, cache = model.bridge.forward(
-                    step_input, return_type="logits_and_cache", past_key_values=cache
-                )
+                logits, cache = model.bridge.forward(step_input, return_type="logits_and_cache", past_key_values=cache)
             else:
                 # Full re-run: its capture covers every position so far, superseding the last.
                 if capture is not None:

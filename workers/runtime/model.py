@@ -88,9 +88,7 @@ def _load_hf(spec: str, dtype: torch.dtype, cache_dir: Path | None):
         hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
-    revision = getattr(hf_model.config, "_commit_hash", None) or (
-        local_revision(path) if path.is_dir() else "unknown"
-    )
+    revision = getattr(hf_model.config, "_commit_hash", None) or (local_revision(path) if path.is_dir() else "unknown")
     return hf_model, tokenizer, source.model_id, revision, source.loader
 
 

@@ -8,20 +8,23 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from auditor import metrics, store
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
 from auditor.api.limits import check_audit
-from auditor.dispatch import TASK_AUDIT, WorkerUnavailable
-from auditor.models import Concept, Flag, RequestScore
+from auditor.db import store
+from auditor.db.models import Concept, Flag, RequestScore
+from auditor.errors import AuditNotFound, InvalidInputError, WorkerUnavailable
+from auditor.queue.dispatch import TASK_AUDIT
 from auditor.schemas import AuditCreate, AuditFlag, AuditRead, AuditScore
-from probes.errors import InvalidInputError
+from auditor.telemetry import metrics
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
-def submit(body: AuditCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep):
+def submit(
+    body: AuditCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep
+):
     """Queue the items for scoring (one batched replay); returns their ids to poll."""
     check_audit(body, settings)
     dispatcher = request.app.state.dispatcher
@@ -38,14 +41,23 @@ def submit(body: AuditCreate, request: Request, session: SessionDep, settings: S
         # In full mode the messages themselves are kept too (the text already is): a traffic
         # calibration replays them through the chat template.
         params = {"messages": item["messages"]} if item.get("messages") and settings.privacy_mode == "full" else {}
-        store.create_request(session, request_id=request_id, kind="audit", prompt_text=prompt_text,
-                             privacy_mode=settings.privacy_mode, model_id=fingerprint.model_id, params=params)
+        store.create_request(
+            session,
+            request_id=request_id,
+            kind="audit",
+            prompt_text=prompt_text,
+            privacy_mode=settings.privacy_mode,
+            model_id=fingerprint.model_id,
+            params=params,
+        )
     session.commit()  # rows first, then the task: a worker never sees an id the database lacks
     try:
         dispatcher.submit(TASK_AUDIT, [ids, items], task_id=ids[0])
     except WorkerUnavailable as exc:
         for request_id in ids:
-            metrics.record_request("audit", "unavailable", fingerprint.model_id)  # never queued: say so on the rows, nothing will run them
+            metrics.record_request(
+                "audit", "unavailable", fingerprint.model_id
+            )  # never queued: say so on the rows, nothing will run them
             store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
         session.commit()
         return unavailable(exc)
@@ -57,7 +69,7 @@ def get(audit_id: str, session: SessionDep) -> AuditRead:
     """Status, and once done every score row (each concept version at each of its layers)."""
     row = store.get_request(session, request_id=audit_id)
     if row is None or row.kind != "audit":
-        raise store.NotFoundError(f"no audit {audit_id!r}")
+        raise AuditNotFound(audit_id)
     scores = session.execute(
         select(RequestScore, Concept.name, Concept.version)
         .join(Concept, Concept.id == RequestScore.concept_id)
@@ -65,18 +77,45 @@ def get(audit_id: str, session: SessionDep) -> AuditRead:
         .order_by(Concept.name, RequestScore.layer)
     )
     flags = session.execute(
-        select(Flag, Concept.name).join(Concept, Concept.id == Flag.concept_id)
-        .where(Flag.request_id == audit_id).order_by(Flag.id)
+        select(Flag, Concept.name)
+        .join(Concept, Concept.id == Flag.concept_id)
+        .where(Flag.request_id == audit_id)
+        .order_by(Flag.id)
     )
-    flag_rows = [AuditFlag(concept=name, kind=f.kind, residual_z=f.residual_signal, text_z=f.text_signal,
-                           threshold=f.threshold, reason=f.reason) for f, name in flags]
+    flag_rows = [
+        AuditFlag(
+            concept=name,
+            kind=f.kind,
+            residual_z=f.residual_signal,
+            text_z=f.text_signal,
+            threshold=f.threshold,
+            reason=f.reason,
+        )
+        for f, name in flags
+    ]
     return AuditRead(
-        id=row.id, status=row.status, error=row.error, prompt_tokens=row.prompt_tokens,
-        completion_tokens=row.completion_tokens, monitor_status=row.monitor_status,
-        scores=[AuditScore(concept=name, concept_id=s.concept_id, version=version, layer=s.layer, mean=s.mean,
-                           max=s.max, last=s.last, z=s.answer_z, percentile=s.answer_percentile,
-                           neutral_z=s.calibrated_z, neutral_percentile=s.percentile)
-                for s, name, version in scores],
+        id=row.id,
+        status=row.status,
+        error=row.error,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        monitor_status=row.monitor_status,
+        scores=[
+            AuditScore(
+                concept=name,
+                concept_id=s.concept_id,
+                version=version,
+                layer=s.layer,
+                mean=s.mean,
+                max=s.max,
+                last=s.last,
+                z=s.answer_z,
+                percentile=s.answer_percentile,
+                neutral_z=s.calibrated_z,
+                neutral_percentile=s.percentile,
+            )
+            for s, name, version in scores
+        ],
         flags=[f for f in flag_rows if f.kind != "threshold"],
         alerts=[f for f in flag_rows if f.kind == "threshold"],
     )

@@ -8,23 +8,30 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
-from auditor import audit_log, store
+from auditor.access import audit_log
 from auditor.api.deps import FingerprintDep, RowId, SessionDep, SettingsDep
 from auditor.api.security import PrincipalDep
+from auditor.db import store
+from auditor.db.models import Concept
+from auditor.errors import ConceptNotFound, InvalidInputError
 from auditor.model_identity import ModelFingerprint
-from auditor.models import Concept
 from auditor.schemas import ConceptCreate, ConceptRead, Text
-from auditor.vector_io import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
-from probes.errors import InvalidInputError
+from auditor.vectors import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
 
 router = APIRouter(prefix="/admin/concepts", tags=["admin: concepts"])
 
-MEDIA_TYPES = {"json": "application/json", "safetensors": "application/octet-stream", "gguf": "application/octet-stream"}
+MEDIA_TYPES = {
+    "json": "application/json",
+    "safetensors": "application/octet-stream",
+    "gguf": "application/octet-stream",
+}
 
 
 def concept_read(session, concept: Concept) -> ConceptRead:
     layers = sorted(store.concept_vectors(session, concept_id=concept.id))
-    return ConceptRead.model_validate({**{c: getattr(concept, c) for c in ConceptRead.model_fields if c != "layers"}, "layers": layers})
+    return ConceptRead.model_validate(
+        {**{c: getattr(concept, c) for c in ConceptRead.model_fields if c != "layers"}, "layers": layers}
+    )
 
 
 def _check_fingerprint(claimed: str | None, fingerprint: ModelFingerprint) -> None:
@@ -36,19 +43,39 @@ def _check_fingerprint(claimed: str | None, fingerprint: ModelFingerprint) -> No
         )
 
 
-def _register(session, *, name: str, description: str, vector_set: VectorSet, primary_layer: int | None,
-              source: str, fingerprint: ModelFingerprint, principal) -> Concept:
+def _register(
+    session,
+    *,
+    name: str,
+    description: str,
+    vector_set: VectorSet,
+    primary_layer: int | None,
+    source: str,
+    fingerprint: ModelFingerprint,
+    principal,
+) -> Concept:
     layers = sorted(vector_set.vectors)
     if primary_layer is None:
         primary_layer = layers[len(layers) // 2]
     elif primary_layer not in vector_set.vectors:
         raise InvalidInputError(f"primary_layer {primary_layer} has no vector (given layers: {layers})")
     concept = store.add_concept_version(
-        session, name=name, description=description, vectors=vector_set.vectors,
-        primary_layer=primary_layer, created_by=principal.name, model_id=fingerprint.model_id,
-        model_revision=fingerprint.revision, model_fingerprint=fingerprint.hash,
-        loader=fingerprint.loader, hook_point=fingerprint.hook_point, d_model=fingerprint.d_model,
-        n_layers_model=fingerprint.n_layers, method="upload", pooling="n/a", source=source,
+        session,
+        name=name,
+        description=description,
+        vectors=vector_set.vectors,
+        primary_layer=primary_layer,
+        created_by=principal.name,
+        model_id=fingerprint.model_id,
+        model_revision=fingerprint.revision,
+        model_fingerprint=fingerprint.hash,
+        loader=fingerprint.loader,
+        hook_point=fingerprint.hook_point,
+        d_model=fingerprint.d_model,
+        n_layers_model=fingerprint.n_layers,
+        method="upload",
+        pooling="n/a",
+        source=source,
         provenance=_json_safe(vector_set.metadata),
     )
     _log(session, principal, "concept.register", concept, source=source, layers=layers)
@@ -57,8 +84,14 @@ def _register(session, *, name: str, description: str, vector_set: VectorSet, pr
 
 
 def _log(session, principal, action: str, concept: Concept, **details) -> None:
-    audit_log.record(session, actor=principal, action=action, target=f"concept:{concept.name}:v{concept.version}",
-                     vector_hash=concept.vector_hash, details={"concept_id": concept.id, **details})
+    audit_log.record(
+        session,
+        actor=principal,
+        action=action,
+        target=f"concept:{concept.name}:v{concept.version}",
+        vector_hash=concept.vector_hash,
+        details={"concept_id": concept.id, **details},
+    )
 
 
 def _json_safe(metadata: dict) -> dict:
@@ -68,7 +101,9 @@ def _json_safe(metadata: dict) -> dict:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ConceptRead)
-def register_json(body: ConceptCreate, session: SessionDep, fingerprint: FingerprintDep, principal: PrincipalDep) -> ConceptRead:
+def register_json(
+    body: ConceptCreate, session: SessionDep, fingerprint: FingerprintDep, principal: PrincipalDep
+) -> ConceptRead:
     """Register the next version of a concept from vectors sent as JSON."""
     _check_fingerprint(body.model_fingerprint, fingerprint)
     if (body.vector is None) == (body.vectors is None):
@@ -76,9 +111,19 @@ def register_json(body: ConceptCreate, session: SessionDep, fingerprint: Fingerp
     if body.vector is not None and body.layer is None:
         raise InvalidInputError("`vector` needs `layer`")
     document = {"vectors": {str(k): v for k, v in (body.vectors or {body.layer: body.vector}).items()}}
-    vector_set = parse_vectors(json.dumps(document).encode(), "json", d_model=fingerprint.d_model, n_layers=fingerprint.n_layers)
-    concept = _register(session, name=body.name, description=body.description, vector_set=vector_set,
-                        primary_layer=body.primary_layer, source="upload-json", fingerprint=fingerprint, principal=principal)
+    vector_set = parse_vectors(
+        json.dumps(document).encode(), "json", d_model=fingerprint.d_model, n_layers=fingerprint.n_layers
+    )
+    concept = _register(
+        session,
+        name=body.name,
+        description=body.description,
+        vector_set=vector_set,
+        primary_layer=body.primary_layer,
+        source="upload-json",
+        fingerprint=fingerprint,
+        principal=principal,
+    )
     return concept_read(session, concept)
 
 
@@ -104,11 +149,20 @@ async def register_upload(
     fmt = format or sniff_format(file.filename, data)
     if fmt not in FORMATS:
         raise InvalidInputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    vector_set = parse_vectors(data, fmt, d_model=fingerprint.d_model, n_layers=fingerprint.n_layers, layer=layer,
-                               max_bytes=limit)
+    vector_set = parse_vectors(
+        data, fmt, d_model=fingerprint.d_model, n_layers=fingerprint.n_layers, layer=layer, max_bytes=limit
+    )
     _check_fingerprint(vector_set.metadata.get("model_fingerprint"), fingerprint)
-    concept = _register(session, name=name, description=description, vector_set=vector_set,
-                        primary_layer=primary_layer, source=f"upload-{fmt}", fingerprint=fingerprint, principal=principal)
+    concept = _register(
+        session,
+        name=name,
+        description=description,
+        vector_set=vector_set,
+        primary_layer=primary_layer,
+        source=f"upload-{fmt}",
+        fingerprint=fingerprint,
+        principal=principal,
+    )
     return concept_read(session, concept)
 
 
@@ -120,7 +174,7 @@ def list_concepts(session: SessionDep, active: bool | None = None, name: str | N
 def _require(session, concept_id: int) -> Concept:
     concept = store.get_concept(session, concept_id=concept_id)
     if concept is None:
-        raise store.NotFoundError(f"no concept with id {concept_id}")
+        raise ConceptNotFound(concept_id)
     return concept
 
 
@@ -154,13 +208,23 @@ def retire(concept_id: RowId, session: SessionDep, principal: PrincipalDep) -> C
 
 
 @router.get("/{concept_id}/export")
-def export(concept_id: RowId, session: SessionDep, format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json") -> Response:
+def export(
+    concept_id: RowId, session: SessionDep, format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json"
+) -> Response:
     """The stored unit vectors, with provenance, as JSON, safetensors or a GGUF control vector."""
     concept = _require(session, concept_id)
     vectors = store.concept_vectors(session, concept_id=concept.id)
-    metadata = {"concept": concept.name, "version": concept.version, "model_fingerprint": concept.model_fingerprint,
-                "model_id": concept.model_id, "vector_hash": concept.vector_hash}
+    metadata = {
+        "concept": concept.name,
+        "version": concept.version,
+        "model_fingerprint": concept.model_fingerprint,
+        "model_id": concept.model_id,
+        "vector_hash": concept.vector_hash,
+    }
     data = export_vectors(VectorSet(vectors, metadata), format, model_hint=concept.model_id)
     suffix = {"json": "json", "safetensors": "safetensors", "gguf": "gguf"}[format]
-    return Response(data, media_type=MEDIA_TYPES[format], headers={
-        "Content-Disposition": f'attachment; filename="{concept.name}-v{concept.version}.{suffix}"'})
+    return Response(
+        data,
+        media_type=MEDIA_TYPES[format],
+        headers={"Content-Disposition": f'attachment; filename="{concept.name}-v{concept.version}.{suffix}"'},
+    )

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 
 from auditor.api.deps import FingerprintDep
-from auditor.dispatch import CeleryDispatcher
-from auditor.heartbeat import HeartbeatReader, is_redis
+from auditor.queue.dispatch import CeleryDispatcher
+from auditor.queue.heartbeat import HeartbeatReader, is_redis
 from auditor.schemas import Health, ModelRead
 
 router = APIRouter(tags=["health"])
@@ -28,7 +28,9 @@ def readyz(request: Request, response: Response) -> Health:
     dispatcher = request.app.state.dispatcher
     if isinstance(dispatcher, CeleryDispatcher):
         checks["broker"] = _check(lambda: _broker(dispatcher))
-        checks["workers"] = _check(lambda: _workers(request, dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
+        checks["workers"] = (
+            _check(lambda: _workers(request, dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
+        )
     elif dispatcher is not None:
         runtime = getattr(dispatcher, "runtime", None)
         checks["workers"] = _warm_up_state(runtime.state.snapshot(), "in-process") if runtime else "ok (in-process)"

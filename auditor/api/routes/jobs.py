@@ -3,20 +3,22 @@ contrastive pairs, and calibrating the active concepts. Each returns 202 with a 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
-from auditor import audit_log, store
+from auditor.access import audit_log
 from auditor.api.deps import SessionDep, SettingsDep
 from auditor.api.errors import error_body, unavailable
 from auditor.api.limits import check_extraction
 from auditor.api.security import PrincipalDep
-from auditor.dispatch import TASK_CALIBRATE, TASK_EXTRACT, WorkerUnavailable
-from auditor.models import AnswerCalibration, Concept
+from auditor.db import store
+from auditor.db.models import AnswerCalibration, Concept
+from auditor.errors import InvalidInputError, JobNotFound, WorkerUnavailable
+from auditor.queue.dispatch import TASK_CALIBRATE, TASK_EXTRACT
 from auditor.schemas import (
     AnswerCalibrationRead,
     CalibrationCreate,
@@ -26,7 +28,6 @@ from auditor.schemas import (
     JobRead,
 )
 from probes.answer_null import minimum_answers
-from probes.errors import InvalidInputError
 from probes.concepts import concept_from_dict
 
 router = APIRouter(prefix="/admin", tags=["admin: jobs"])
@@ -37,8 +38,13 @@ def _enqueue(request: Request, session, principal, *, kind: str, task: str, payl
     if dispatcher is None:
         return JSONResponse(error_body("no worker is configured", "worker_unavailable", ("server",)), status_code=503)
     job = store.create_job(session, kind=kind, payload=payload)
-    audit_log.record(session, actor=principal, action=f"job.{kind}", target=f"job:{job.id}",
-                     details={key: value for key, value in payload.items() if key != "concept"})
+    audit_log.record(
+        session,
+        actor=principal,
+        action=f"job.{kind}",
+        target=f"job:{job.id}",
+        details={key: value for key, value in payload.items() if key != "concept"},
+    )
     session.commit()  # the row first: a worker never sees a job id the database lacks
     try:
         dispatcher.submit(task, [job.id], task_id=f"job-{job.id}")
@@ -52,21 +58,32 @@ def _enqueue(request: Request, session, principal, *, kind: str, task: str, payl
 
 
 @router.post("/concepts/extract", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
-def extract(body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep):
+def extract(
+    body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+):
     """Queue extraction of a concept vector from contrastive pairs. When the job is done, its
     result names the registered concept version, its primary layer and held-out separation."""
     check_extraction(body, settings)
-    concept = {"name": body.name, "description": body.description,
-               "pairs": [pair.model_dump() for pair in body.pairs]}
+    concept = {"name": body.name, "description": body.description, "pairs": [pair.model_dump() for pair in body.pairs]}
     concept_from_dict(concept, origin="pairs")  # every check the worker would make, before queueing
-    payload = {"concept": concept, "method": body.method or settings.extraction_method,
-               "pooling": body.pooling or settings.pooling, "activate": body.activate, "created_by": principal.name}
+    payload = {
+        "concept": concept,
+        "method": body.method or settings.extraction_method,
+        "pooling": body.pooling or settings.pooling,
+        "activate": body.activate,
+        "created_by": principal.name,
+    }
     return _enqueue(request, session, principal, kind="extract", task=TASK_EXTRACT, payload=payload)
 
 
 @router.post("/calibrations", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
-def calibrate(request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep,
-              body: CalibrationCreate | None = None):
+def calibrate(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    body: CalibrationCreate | None = None,
+):
     """Queue recalibration of every active concept at `target_fpr` (per request, family-wise):
     on the control prompts' answers, or (`source: traffic`) on this deployment's own answers
     recorded in [`since`, `until`). A window with too few replayable answers to promise the
@@ -76,8 +93,8 @@ def calibrate(request: Request, session: SessionDep, settings: SettingsDep, prin
     payload: dict = {"target_fpr": target_fpr, "source": body.source}
     if body.source == "traffic":
         try:
-            since = body.since.astimezone(timezone.utc)
-            until = (body.until or datetime.now(timezone.utc)).astimezone(timezone.utc)
+            since = body.since.astimezone(UTC)
+            until = (body.until or datetime.now(UTC)).astimezone(UTC)
         except (OverflowError, ValueError):
             raise InvalidInputError("`since` / `until` lie outside the representable UTC range") from None
         if since >= until:
@@ -88,13 +105,16 @@ def calibrate(request: Request, session: SessionDep, settings: SettingsDep, prin
             raise InvalidInputError(
                 f"{available} recorded answers in the window can be replayed (full privacy mode, unsteered); "
                 f"promising a {target_fpr:g} false-alarm rate at {settings.calibration_confidence:g} confidence "
-                f"needs at least {needed}: widen the window or raise target_fpr")
+                f"needs at least {needed}: widen the window or raise target_fpr"
+            )
         payload.update(since=since.isoformat(), until=until.isoformat())
     return _enqueue(request, session, principal, kind="calibrate", task=TASK_CALIBRATE, payload=payload)
 
 
 @router.get("/calibrations/answers", response_model=list[AnswerCalibrationRead])
-def answer_calibrations(session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 10) -> list[AnswerCalibrationRead]:
+def answer_calibrations(
+    session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 10
+) -> list[AnswerCalibrationRead]:
     """The nulls of ordinary answers, newest first: what generated and audited answers are read
     against (z, percentile, flags, alerts), with the false-alarm rate each achieved on its own
     answers and its Clopper-Pearson 95 % upper bound beside the target. `in_force` marks the
@@ -107,15 +127,26 @@ def answer_calibrations(session: SessionDep, limit: Annotated[int, Query(ge=1, l
         in_force = not seen_in_force and sorted(row.concept_ids) == active
         seen_in_force |= in_force
         summary = row.summary or {}
-        out.append(AnswerCalibrationRead(
-            id=row.id, in_force=in_force, source=row.source, window_start=row.window_start, window_end=row.window_end,
-            concepts=[names.get(i, str(i)) for i in row.concept_ids], n_answers=row.n_answers,
-            target_fpr=row.target_fpr, confidence=row.confidence, min_tokens=row.min_tokens,
-            certified_length=row.certified_length,
-            divergence_achieved_fpr=summary.get("divergence_achieved_fpr", 0.0),
-            divergence_upper_95=summary.get("divergence_upper_95", 1.0),
-            alert_achieved_fpr=summary.get("alert_achieved_fpr", 0.0),
-            alert_upper_95=summary.get("alert_upper_95", 1.0), created_at=row.created_at))
+        out.append(
+            AnswerCalibrationRead(
+                id=row.id,
+                in_force=in_force,
+                source=row.source,
+                window_start=row.window_start,
+                window_end=row.window_end,
+                concepts=[names.get(i, str(i)) for i in row.concept_ids],
+                n_answers=row.n_answers,
+                target_fpr=row.target_fpr,
+                confidence=row.confidence,
+                min_tokens=row.min_tokens,
+                certified_length=row.certified_length,
+                divergence_achieved_fpr=summary.get("divergence_achieved_fpr", 0.0),
+                divergence_upper_95=summary.get("divergence_upper_95", 1.0),
+                alert_achieved_fpr=summary.get("alert_achieved_fpr", 0.0),
+                alert_upper_95=summary.get("alert_upper_95", 1.0),
+                created_at=row.created_at,
+            )
+        )
     return out
 
 
@@ -136,11 +167,23 @@ def calibrations(
         concept: Concept = concepts[concept_id]
         primary = layer == concept.primary_layer
         if primary or all_layers:
-            out.append(CalibrationRead(
-                concept=concept.name, concept_id=concept_id, version=concept.version, layer=layer, primary=primary,
-                mean=row.mean, std=row.std, n_reference=row.n_reference, threshold=row.threshold,
-                target_fpr=row.target_fpr, achieved_fpr=row.achieved_fpr, reference_set=row.reference_set,
-                created_at=row.created_at))
+            out.append(
+                CalibrationRead(
+                    concept=concept.name,
+                    concept_id=concept_id,
+                    version=concept.version,
+                    layer=layer,
+                    primary=primary,
+                    mean=row.mean,
+                    std=row.std,
+                    n_reference=row.n_reference,
+                    threshold=row.threshold,
+                    target_fpr=row.target_fpr,
+                    achieved_fpr=row.achieved_fpr,
+                    reference_set=row.reference_set,
+                    created_at=row.created_at,
+                )
+            )
     return out
 
 
@@ -148,5 +191,5 @@ def calibrations(
 def get_job(job_id: str, session: SessionDep) -> JobRead:
     job = store.get_job(session, job_id=job_id)
     if job is None:
-        raise store.NotFoundError(f"no job {job_id!r}")
+        raise JobNotFound(job_id)
     return JobRead.model_validate(job)

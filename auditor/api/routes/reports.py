@@ -17,15 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.orm import Session
 
-from auditor import store
 from auditor.api.deps import SessionDep
 from auditor.api.errors import error_body
-from auditor.models import utcnow
+from auditor.db.models import utcnow
+from auditor.errors import NotFoundError, WindowError
 from auditor.reports import build_report, queries, report
 from auditor.reports.aggregate import ConceptSummary, DriftRow, SeriesPoint
 from auditor.reports.queries import ComparisonRow, ConceptRef, FlaggedRequest
 from auditor.reports.render import jsonable, rows_to_csv, to_html, window_json
-from auditor.reports.window import Window, WindowError, baseline_window, choose_bucket, report_window
+from auditor.reports.window import Window, baseline_window, choose_bucket, report_window
 
 router = APIRouter(prefix="/reports", tags=["reports"])
 
@@ -62,7 +62,7 @@ def report_query(
 ReportQueryDep = Annotated[ReportQuery, Depends(report_query)]
 
 
-def _concept_not_found(exc: store.NotFoundError) -> JSONResponse:
+def _concept_not_found(exc: NotFoundError) -> JSONResponse:
     # 404 as for an unknown concept in /v1 completions, naming the query parameter.
     return JSONResponse(error_body(str(exc), "concept_not_found", ("query", "concept")), status_code=404)
 
@@ -78,7 +78,7 @@ def _section(
     and answer with JSON (rows with their windows) or CSV (the rows alone)."""
     try:
         refs = queries.resolve_concepts(session, names=query.concepts, windows=(query.window, query.baseline))
-    except store.NotFoundError as exc:
+    except NotFoundError as exc:
         return _concept_not_found(exc)
     rows = build(refs)
     if output_format == "csv":
@@ -94,23 +94,34 @@ def _section(
 def summary(session: SessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
     """Per concept version: scored requests, mean / p50 / p95 calibrated z, share above the
     calibration threshold, flagged requests (by kind) and flagged rate."""
-    return _section(session, query, ConceptSummary,
-                    lambda refs: report.summary_section(session, refs=refs, window=query.window), format)
+    return _section(
+        session,
+        query,
+        ConceptSummary,
+        lambda refs: report.summary_section(session, refs=refs, window=query.window),
+        format,
+    )
 
 
 @router.get("/flagged")
 def flagged(session: SessionDep, query: ReportQueryDep, top: Top = 20, format: Format = "json") -> Response:
     """The `top` flagged requests per concept version, strongest first; prompt and completion as
     its privacy mode allows (text, redacted text, or `sha256:<hex>`)."""
-    return _section(session, query, FlaggedRequest,
-                    lambda refs: queries.top_flagged(session, refs=refs, window=query.window, top=top), format)
+    return _section(
+        session,
+        query,
+        FlaggedRequest,
+        lambda refs: queries.top_flagged(session, refs=refs, window=query.window, top=top),
+        format,
+    )
 
 
 @router.get("/compare")
 def compare(session: SessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
     """Per (serving model, concept, version): requests, mean z and raw score, flagged rate."""
-    return _section(session, query, ComparisonRow,
-                    lambda refs: queries.compare(session, refs=refs, window=query.window), format)
+    return _section(
+        session, query, ComparisonRow, lambda refs: queries.compare(session, refs=refs, window=query.window), format
+    )
 
 
 @router.get("/drift")
@@ -128,16 +139,29 @@ def drift(session: SessionDep, query: ReportQueryDep, format: Format = "json") -
 def series(session: SessionDep, query: ReportQueryDep, bucket: Bucket = "auto", format: Format = "json") -> Response:
     """Per concept version and UTC hour or day with scores: requests, mean z and flagged rate."""
     chosen = choose_bucket(bucket, query.window)
-    return _section(session, query, SeriesPoint,
-                    lambda refs: report.series_section(session, refs=refs, window=query.window, bucket=chosen), format)
+    return _section(
+        session,
+        query,
+        SeriesPoint,
+        lambda refs: report.series_section(session, refs=refs, window=query.window, bucket=chosen),
+        format,
+    )
 
 
 @router.get("/html", response_class=HTMLResponse)
 def html_report(session: SessionDep, query: ReportQueryDep, top: Top = 20, bucket: Bucket = "auto") -> Response:
     """The whole report as one self-contained page: tables and inline SVG plots, no scripts."""
     try:
-        built = build_report(session, query.window.start, query.window.end, query.baseline.start,
-                             query.baseline.end, concepts=query.concepts, top=top, bucket=bucket)
-    except store.NotFoundError as exc:
+        built = build_report(
+            session,
+            query.window.start,
+            query.window.end,
+            query.baseline.start,
+            query.baseline.end,
+            concepts=query.concepts,
+            top=top,
+            bucket=bucket,
+        )
+    except NotFoundError as exc:
         return _concept_not_found(exc)
     return HTMLResponse(to_html(built))

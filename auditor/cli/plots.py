@@ -1,0 +1,31 @@
+"""Static plots (PNG) for the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers or CI
+import matplotlib.pyplot as plt
+
+
+def plot_sweep(sweep, auto_layer: int, concept: str, path: Path) -> Path:
+    """Held-out AUROC and effect size per layer, the auto layer marked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = [r.layer for r in sweep]
+    fig, auroc_axis = plt.subplots(figsize=(8, 4), dpi=120)
+    auroc_axis.plot(layers, [r.auroc for r in sweep], marker="o", color="tab:blue", label="held-out AUROC")
+    auroc_axis.set_xlabel("layer")
+    auroc_axis.set_ylabel("held-out pair AUROC", color="tab:blue")
+    auroc_axis.set_ylim(0.4, 1.02)
+    effect_axis = auroc_axis.twinx()
+    effect_axis.plot(layers, [r.effect_size for r in sweep], marker=".", color="tab:orange", label="effect size")
+    effect_axis.set_ylabel("Cohen's d", color="tab:orange")
+    auroc_axis.axvline(auto_layer, color="grey", linestyle="--")
+    auroc_axis.annotate(f"auto = {auto_layer}", (auto_layer, 0.45), ha="center", backgroundcolor="white")
+    auroc_axis.set_title(f"{concept}: separation of held-out pairs by layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

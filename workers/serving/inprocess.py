@@ -1,0 +1,40 @@
+"""The embedded default's worker: the same task functions on a thread pool in the API process
+(no broker). The task threads wait on the one model thread, which batches them."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from auditor.errors import WorkerUnavailable
+from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE
+from auditor.settings import Settings
+from workers.serving import service
+
+
+class InProcessDispatcher:
+    def __init__(self, settings: Settings, progress=None):
+        self.runtime = service.WorkerContext(settings, progress)
+        # Enough task threads to fill a batch, plus room for audits and admin jobs.
+        self.pool = ThreadPoolExecutor(max_workers=settings.batch_max_size + 4, thread_name_prefix="auditor-task")
+        self.tasks = {
+            TASK_GENERATE: lambda request_id, payload: service.serve_generation(request_id, payload, self.runtime),
+            TASK_AUDIT: lambda request_ids, items: service.serve_audits(request_ids, items, self.runtime),
+            TASK_EXTRACT: lambda job_id: service.serve_extraction(job_id, self.runtime),
+            TASK_CALIBRATE: lambda job_id: service.serve_calibration(job_id, self.runtime),
+        }
+
+    def warm_up(self) -> None:
+        """Load the model and build the calibrated bank now, not on the first request."""
+        self.runtime.model_thread.call(self.runtime.warm_up).result()
+
+    def submit(self, task: str, args: list[Any], *, task_id: str) -> None:
+        self.pool.submit(self.tasks[task], *args)
+
+    def run(self, task: str, args: list[Any], *, task_id: str, timeout: float) -> dict:
+        future = self.pool.submit(self.tasks[task], *args)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout as exc:
+            raise WorkerUnavailable(f"{task} for {task_id} did not finish within {timeout:.0f}s") from exc
