@@ -183,17 +183,20 @@ class WorkerContext:
         return null
 
     def _reusable(self, row, target_fpr: float) -> bool:
-        """A stored null serves on only under the settings it was fitted for; a null fitted on
-        traffic stays until the operator refits (its window is not reproducible here)."""
+        """A stored control null serves on only under the settings it was fitted for. A null
+        fitted on traffic keeps the target and confidence the operator asked for and stays until
+        the operator refits (its window is not reproducible here); only a change of the minimum
+        flag length, which reshapes the null, retires it."""
         null = row.null
-        same = (
-            row.min_tokens == self.settings.min_flag_tokens
-            and math.isclose(null["target_fpr"], target_fpr)
-            and math.isclose(null["confidence"], self.settings.calibration_confidence)
-        )
+        same = row.min_tokens == self.settings.min_flag_tokens
         if row.source == "control":
             expected = "held_out_group" if len({c for _, c in self.control_set()}) > 1 else "in_sample"
-            same = same and null.get("threshold_method", "in_sample") == expected
+            same = (
+                same
+                and math.isclose(null["target_fpr"], target_fpr)
+                and math.isclose(null["confidence"], self.settings.calibration_confidence)
+                and null.get("threshold_method", "in_sample") == expected
+            )
         if not same:
             log.info(
                 "stored answer null %d was fitted under other settings (target %g, min tokens %d); refitting",
