@@ -38,16 +38,27 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from auditor.db.enums import (
+    ConceptSource,
+    FlagKind,
+    JobKind,
+    JobStatus,
+    PrivacyMode,
+    RequestKind,
+    RequestStatus,
+    Scope,
+)
 from auditor.errors import AuditorError
 
-CONCEPT_SOURCES = ("pairs", "upload-json", "upload-safetensors", "upload-gguf")
-REQUEST_KINDS = ("chat", "completion", "audit")
-REQUEST_STATUSES = ("queued", "running", "done", "failed")
-PRIVACY_MODES = ("full", "redacted", "hash")
-FLAG_KINDS = ("hidden", "surface", "threshold", "drift")
-JOB_KINDS = ("extract", "calibrate")
-JOB_STATUSES = ("queued", "running", "done", "failed")
-SCOPES = ("admin", "client", "reader")
+# The values each CHECK constraint allows (the vocabularies themselves: auditor.db.enums).
+CONCEPT_SOURCES = ConceptSource.values()
+REQUEST_KINDS = RequestKind.values()
+REQUEST_STATUSES = RequestStatus.values()
+PRIVACY_MODES = PrivacyMode.values()
+FLAG_KINDS = FlagKind.values()
+JOB_KINDS = JobKind.values()
+JOB_STATUSES = JobStatus.values()
+SCOPES = Scope.values()
 
 # Deterministic constraint names: Alembic needs them to drop or alter constraints, and SQLite's
 # batch mode (copy-and-move) cannot refer to an unnamed one.
