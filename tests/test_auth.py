@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from auditor.access import tokens
 from auditor.api.main import create_app
 from auditor.api.security import PUBLIC_PATHS
-from auditor.cli import _embedded_admin_token
 from auditor.cli import app as cli_app
+from auditor.cli.tokens import embedded_admin_token as _embedded_admin_token
 from auditor.db.engine import make_engine, run_migrations, session_factory
 from auditor.db.models import AdminAction, ApiToken
 from auditor.settings import Settings

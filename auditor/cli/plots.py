@@ -1,20 +1,23 @@
-"""Static plots (PNG) for the CLI."""
+"""Static plots (PNG) for the CLI: the layer sweep.
+
+Built on `matplotlib.figure.Figure`, never pyplot, as the report figures are
+(auditor/reports/plots.py): no global figure state and no GUI backend to select, so it draws the
+same in a headless process as anywhere else.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on servers or CI
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_sweep(sweep, auto_layer: int, concept: str, path: Path) -> Path:
     """Held-out AUROC and effect size per layer, the auto layer marked."""
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = [r.layer for r in sweep]
-    fig, auroc_axis = plt.subplots(figsize=(8, 4), dpi=120)
+    fig = Figure(figsize=(8, 4), dpi=120)
+    auroc_axis = fig.subplots()
     auroc_axis.plot(layers, [r.auroc for r in sweep], marker="o", color="tab:blue", label="held-out AUROC")
     auroc_axis.set_xlabel("layer")
     auroc_axis.set_ylabel("held-out pair AUROC", color="tab:blue")
@@ -27,5 +30,4 @@ def plot_sweep(sweep, auto_layer: int, concept: str, path: Path) -> Path:
     auroc_axis.set_title(f"{concept}: separation of held-out pairs by layer")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path

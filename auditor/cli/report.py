@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from auditor.cli.app import err_console
 from auditor.db.engine import database_url, make_engine, session_factory
 from auditor.db.models import utcnow
 from auditor.errors import InvalidInputError
 from auditor.settings import get_settings
-
-err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole and greppable
 
 
 class ReportFormat(str, Enum):
