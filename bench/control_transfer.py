@@ -30,7 +30,7 @@ def traces_and_categories():
     from auditor.db.engine import run_migrations
     from auditor.settings import Settings
     from workers.monitoring.control import answer_traces, control_answers
-    from workers.serving.service import WorkerContext
+    from workers.serving.context import WorkerContext
 
     tmp = Path(tempfile.mkdtemp(prefix="auditor-transfer-"))
     url = f"sqlite:///{tmp / 'auditor.db'}"

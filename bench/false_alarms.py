@@ -168,8 +168,8 @@ def main() -> None:
 
     from auditor.db.engine import run_migrations
     from auditor.settings import Settings
+    from workers.serving.context import WorkerContext
     from workers.serving.host import SteerRequest
-    from workers.serving.service import WorkerContext
 
     tmp = Path(tempfile.mkdtemp(prefix="auditor-false-alarms-"))
     url = f"sqlite:///{tmp / 'auditor.db'}"

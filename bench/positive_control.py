@@ -78,8 +78,8 @@ def main() -> None:
     from auditor.settings import Settings
     from probes.concepts import load_control_prompts
     from workers.runtime.generate import SamplingConfig
+    from workers.serving.context import WorkerContext
     from workers.serving.host import SteerRequest
-    from workers.serving.service import WorkerContext
 
     assert not set(HELD_OUT) & set(load_control_prompts()), "held-out prompts must not be control prompts"
     url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='auditor-positive-control-')) / 'auditor.db'}"

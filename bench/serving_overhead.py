@@ -75,7 +75,7 @@ def main() -> None:
 
     from auditor.settings import Settings
     from workers.runtime.generate import SamplingConfig
-    from workers.serving.service import WorkerContext
+    from workers.serving.context import WorkerContext
 
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="auditor-overhead-"))

@@ -141,7 +141,7 @@ def test_padding_columns_are_trimmed_once_the_long_rows_leave(model, bank, reque
 def runtime(host, tmp_path_factory):
     from auditor.db.engine import run_migrations
     from auditor.settings import Settings
-    from workers.serving.service import WorkerContext
+    from workers.serving.context import WorkerContext
 
     url = f"sqlite:///{tmp_path_factory.mktemp('batching-db') / 'auditor.db'}"
     run_migrations(url)
@@ -208,7 +208,7 @@ def test_concurrent_task_threads_share_the_embedded_sqlite_store(runtime):
 
     from auditor.db import store
     from auditor.db.models import RequestScore
-    from workers.serving.service import serve_generation
+    from workers.serving.generation import serve_generation
 
     ids = [f"chatcmpl-sqlite-{i}" for i in range(6)]
     with runtime.sessions() as session:
@@ -231,7 +231,7 @@ def test_concurrent_task_threads_share_the_embedded_sqlite_store(runtime):
 
 def test_per_token_traces_are_stored_when_asked_and_round_trip(runtime, bank, alone):
     from auditor.db import store
-    from workers.serving.service import score_rows
+    from workers.serving.recording import score_rows
 
     scores = score_generation(bank, alone[1])
     bank_ids = bank.__class__(**{**bank.__dict__, "concept_ids": list(range(1, len(bank.names) + 1))})

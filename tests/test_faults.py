@@ -435,7 +435,7 @@ def _fake_runtime(tmp_path, concept_id: int, url: str):
     return SimpleNamespace(
         settings=Settings(data_dir=tmp_path, db_retry_seconds=5, db_retry_max_backoff=0.1),
         sessions=session_factory(writer_engine(make_engine(url))),
-        engine=SimpleNamespace(model=SimpleNamespace(fingerprint=fingerprint)),
+        host=SimpleNamespace(model=SimpleNamespace(fingerprint=fingerprint)),
         model_thread=_Generations(),
         fitted_null=lambda bank: None,
     )
@@ -473,7 +473,7 @@ def test_a_task_that_runs_twice_records_its_request_once_and_answers_with_the_re
 
     from auditor.db import store
     from auditor.db.engine import session_factory
-    from workers.serving.service import serve_generation
+    from workers.serving.generation import serve_generation
 
     url = f"sqlite:///{tmp_path / 'twice.db'}"
     run_migrations(url)
@@ -510,7 +510,7 @@ def test_a_database_write_is_retried_while_the_database_is_away_and_only_then(tm
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     from auditor.settings import Settings
-    from workers.serving.service import in_transaction
+    from workers.serving.transactions import in_transaction
 
     class Session:
         def __enter__(self):

@@ -56,7 +56,7 @@ ALPHA = 0.1  # relative to the layer's typical residual norm: a nudge, not a tak
 def runtime(host, tmp_path_factory):
     from auditor.db.engine import run_migrations
     from auditor.settings import Settings
-    from workers.serving.service import WorkerContext
+    from workers.serving.context import WorkerContext
 
     url = f"sqlite:///{tmp_path_factory.mktemp('monitoring-db') / 'auditor.db'}"
     run_migrations(url)

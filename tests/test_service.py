@@ -369,8 +369,8 @@ def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extra
 def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(service, host):
 
     from auditor.settings import Settings
+    from workers.serving.context import WorkerContext
     from workers.serving.registry import bank_from_registry, load_stored_calibration, reference_hash
-    from workers.serving.service import WorkerContext
 
     http = service["http"]
     job = _wait_for_job(http, http.post("/admin/calibrations", json={"target_fpr": 0.05}, timeout=30))

@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells around workers.serving.service (ids and JSON in, plain functions do the work).
+"""Celery tasks: thin shells around the task bodies in workers.serving (ids and JSON in, plain functions do the work).
 
 Start a worker with `auditor worker` (or `celery -A workers.tasks worker`)."""
 
@@ -12,7 +12,10 @@ from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TAS
 from auditor.queue.heartbeat import HeartbeatPublisher, is_redis
 from auditor.settings import get_settings
 from auditor.telemetry import metrics
-from workers.serving import service
+from workers.serving import context
+from workers.serving.audits import serve_audits
+from workers.serving.generation import serve_generation
+from workers.serving.jobs import serve_calibration, serve_extraction
 
 celery_app = make_celery(get_settings())
 # Outside full mode no worker log line carries what the mode does not store (auditor.privacy).
@@ -22,22 +25,22 @@ app = celery_app  # `celery -A workers.tasks` looks for `app`
 
 @celery_app.task(name=TASK_GENERATE)
 def generate_task(request_id: str, payload: dict) -> dict:
-    return service.serve_generation(request_id, payload)
+    return serve_generation(request_id, payload)
 
 
 @celery_app.task(name=TASK_AUDIT)
 def audit_task(request_ids: list[str], items: list[dict]) -> dict:
-    return service.serve_audits(request_ids, items)
+    return serve_audits(request_ids, items)
 
 
 @celery_app.task(name=TASK_EXTRACT)
 def extract_task(job_id: str) -> dict:
-    return service.serve_extraction(job_id)
+    return serve_extraction(job_id)
 
 
 @celery_app.task(name=TASK_CALIBRATE)
 def calibrate_task(job_id: str) -> dict:
-    return service.serve_calibration(job_id)
+    return serve_calibration(job_id)
 
 
 @celery_app.task(name=TASK_RETENTION)
@@ -57,11 +60,11 @@ def warm_up(**_) -> None:
     if os.environ.get("AUDITOR_WORKER_POOL") != "threads":
         return
 
-    runtime = service.get_runtime()
+    runtime = context.get_runtime()
     settings = get_settings()
     url = settings.result_backend or settings.broker_url
     if is_redis(url):  # readiness reads this (auditor.queue.heartbeat), with the warm-up progress
-        service.heartbeat = HeartbeatPublisher(url, runtime.state.snapshot).start()
+        context.heartbeat = HeartbeatPublisher(url, runtime.state.snapshot).start()
 
     def report(future) -> None:
         # "Up" only once the model serves: a worker whose model failed to load stays down, and
@@ -76,9 +79,9 @@ def warm_up(**_) -> None:
 
 @worker_shutdown.connect
 def mark_down(**_) -> None:
-    if service.heartbeat is not None:
-        service.heartbeat.stop()
-    runtime = service.current_runtime()
+    if context.heartbeat is not None:
+        context.heartbeat.stop()
+    runtime = context.current_runtime()
     if runtime is not None and runtime.host.loaded:
         metrics.set_worker_up(runtime.host.model.fingerprint.model_id, False)
     metrics.mark_process_dead()

@@ -10,19 +10,22 @@ from typing import Any
 from auditor.errors import WorkerUnavailable
 from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE
 from auditor.settings import Settings
-from workers.serving import service
+from workers.serving.audits import serve_audits
+from workers.serving.context import WorkerContext
+from workers.serving.generation import serve_generation
+from workers.serving.jobs import serve_calibration, serve_extraction
 
 
 class InProcessDispatcher:
     def __init__(self, settings: Settings, progress=None):
-        self.runtime = service.WorkerContext(settings, progress)
+        self.runtime = WorkerContext(settings, progress)
         # Enough task threads to fill a batch, plus room for audits and admin jobs.
         self.pool = ThreadPoolExecutor(max_workers=settings.batch_max_size + 4, thread_name_prefix="auditor-task")
         self.tasks = {
-            TASK_GENERATE: lambda request_id, payload: service.serve_generation(request_id, payload, self.runtime),
-            TASK_AUDIT: lambda request_ids, items: service.serve_audits(request_ids, items, self.runtime),
-            TASK_EXTRACT: lambda job_id: service.serve_extraction(job_id, self.runtime),
-            TASK_CALIBRATE: lambda job_id: service.serve_calibration(job_id, self.runtime),
+            TASK_GENERATE: lambda request_id, payload: serve_generation(request_id, payload, self.runtime),
+            TASK_AUDIT: lambda request_ids, items: serve_audits(request_ids, items, self.runtime),
+            TASK_EXTRACT: lambda job_id: serve_extraction(job_id, self.runtime),
+            TASK_CALIBRATE: lambda job_id: serve_calibration(job_id, self.runtime),
         }
 
     def warm_up(self) -> None:
