@@ -85,7 +85,7 @@ def _closed_redis_channels_raise_connection_errors() -> None:
     which Celery treats as unrecoverable: every worker busy when Redis restarts exits
     (tests/test_faults.py caught it; reproduced with a bare Celery app). Raise the connection
     error it really is instead: Celery logs the failed ack and reconnects; a Redis that kept the
-    unacked task redelivers it after the visibility timeout (recorded once: workers.serving.service).
+    unacked task redelivers it after the visibility timeout (recorded once: workers.serving.transactions).
     Idempotent. Drop it once a kombu/Celery release fixes this (5.7.0 of both is the newest as
     of writing): the Redis test in tests/test_faults.py fails without it."""
     try:
@@ -192,7 +192,7 @@ class CeleryDispatcher:
         the deadline. A Redis that comes back without a trace of the task (restarted without
         persistence: the queued message and any stored result are gone) gets it again under the
         same id. Running a request twice costs work, never a second record: workers record a
-        request once and answer a repeat with the recorded result (workers.serving.service). A worker
+        request once and answer a repeat with the recorded result (workers.serving.transactions). A worker
         killed mid-task needs nothing here: Redis re-delivers its task to another worker after
         the visibility timeout, and that worker's result reaches us under the same id."""
         from celery.exceptions import TimeoutError as CeleryTimeout
