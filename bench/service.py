@@ -9,7 +9,7 @@ Starts, in this order: a throwaway Postgres database (migrated), a Redis databas
 deployment gives them; waits for /readyz; and always tears all of it down again (processes,
 database, Redis keys), also on an exception or Ctrl-C.
 
-The same setup as the `service` fixture in tests/test_service.py, except that the API runs as its
+The same setup as the `service` fixture in tests/service/test_service.py, except that the API runs as its
 own uvicorn process too: a benchmark must not share its GIL with the server it is timing.
 """
 

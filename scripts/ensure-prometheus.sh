@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Best effort: make `prometheus` and `promtool` available for tests/test_alerting.py by
+# Best effort: make `prometheus` and `promtool` available for tests/telemetry/test_alerting.py by
 # installing Debian's `prometheus` package, when this machine is Debian-like and we are root.
 # Idempotent: a second run installs nothing. Never fails the caller: when installing is
 # impossible it says why and exits 0, and the alerting tests skip with their own reason.

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
-
-EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"
-if not EVAL_DIR.is_dir():  # CI clones the repo with shared/ beside it; allow an override
-    EVAL_DIR = Path(os.environ.get("AUDITOR_EVAL_DIR", "../shared/eval")).resolve()
 
 
 @pytest.fixture(scope="session")
@@ -47,15 +41,6 @@ def model(host):
 @pytest.fixture(scope="session")
 def bank(host):
     return host.bank()
-
-
-def eval_rows(name: str, n: int, seed: int = 0) -> list[dict]:
-    path = EVAL_DIR / name
-    if not path.is_file():
-        pytest.skip(f"labelled eval set {path} not present")
-    rows = [json.loads(line) for line in path.open()]
-    random.Random(seed).shuffle(rows)
-    return rows[:n]
 
 
 @pytest.fixture(autouse=True)

@@ -83,11 +83,11 @@ def _closed_redis_channels_raise_connection_errors() -> None:
     acknowledge the tasks that were running (acks are late) and to restore unacked messages.
     The channel then builds a Redis client from the cleared `client` and raises AttributeError,
     which Celery treats as unrecoverable: every worker busy when Redis restarts exits
-    (tests/test_faults.py caught it; reproduced with a bare Celery app). Raise the connection
+    (tests/service/test_faults.py caught it; reproduced with a bare Celery app). Raise the connection
     error it really is instead: Celery logs the failed ack and reconnects; a Redis that kept the
     unacked task redelivers it after the visibility timeout (recorded once: workers.serving.transactions).
     Idempotent. Drop it once a kombu/Celery release fixes this (5.7.0 of both is the newest as
-    of writing): the Redis test in tests/test_faults.py fails without it."""
+    of writing): the Redis test in tests/service/test_faults.py fails without it."""
     try:
         from kombu.transport import redis as kombu_redis
         from redis.exceptions import ConnectionError as RedisConnectionError

@@ -12,7 +12,7 @@ Rows join between steps and leave as soon as they finish:
 Each row keeps its own coordinates: its column `c` in the batch is its position `c - pad`.
 Positions for the model come from the attention mask (TransformerBridge derives `position_ids`
 from it), so a row's logits and residuals are those it would get alone, up to float rounding;
-`tests/test_batching.py` checks tokens are identical and scores agree within 1e-4.
+`tests/workers/test_batching.py` checks tokens are identical and scores agree within 1e-4.
 
 Residuals are captured per pass and handed to each row, padding stripped, so a finished row's
 `Generation.resid` has exactly the layout `generate` produces: [n_layers, P + N - 1, d_model].

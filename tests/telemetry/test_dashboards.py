@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_harness import PROMETHEUS, SKIP_REASON, PrometheusError, start_prometheus
-from prometheus_harness import series_references as references
 
 from auditor.telemetry.metrics import exported_series
+from support.prometheus_harness import PROMETHEUS, SKIP_REASON, PrometheusError, start_prometheus
+from support.prometheus_harness import series_references as references
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 

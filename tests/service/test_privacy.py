@@ -265,9 +265,8 @@ def _planted(mode: str) -> dict[str, str]:
 def stack_db(host, tmp_path_factory):
     """One SQLite database for all three modes, registered and calibrated once (vectors come
     from the session's data dir, extracted there once)."""
-    from auth import issue_token
-
     from auditor.settings import Settings
+    from support.auth import issue_token
     from workers.serving.inprocess import InProcessDispatcher
 
     url = f"sqlite:///{tmp_path_factory.mktemp('privacy-db') / 'auditor.db'}"
@@ -284,7 +283,8 @@ def stack_db(host, tmp_path_factory):
 def _serve(app):
     """uvicorn without its own logging config, so its records (a 500's traceback) reach caplog."""
     import uvicorn
-    from http_server import free_port
+
+    from support.http_server import free_port
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -24,9 +24,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from auth import bearer, issue_token
-from databases import Databases, _postgres_reachable
-from http_server import serving
 
 from auditor.api.main import create_app
 from auditor.db import store
@@ -38,6 +35,9 @@ from auditor.reports.render import SECTIONS, rows_to_csv, to_csv, to_html, to_js
 from auditor.reports.window import Window, baseline_window, choose_bucket, report_window
 from auditor.settings import Settings
 from probes.drift import ks_two_sample, population_stability_index
+from support.auth import bearer, issue_token
+from support.databases import Databases, _postgres_reachable
+from support.http_server import serving
 
 UTC = UTC
 BASELINE = Window(datetime(2025, 5, 25, tzinfo=UTC), datetime(2025, 5, 28, tzinfo=UTC))

@@ -1,7 +1,7 @@
 """A real Prometheus server for tests: start it on a free loopback port with a generated config,
 ask its HTTP API, wait for targets and alerts, and always stop it.
 
-Reusable by any test that needs to see Auditor's metrics through Prometheus (tests/test_alerting.py
+Reusable by any test that needs to see Auditor's metrics through Prometheus (tests/telemetry/test_alerting.py
 scrapes a crafted metrics target; an end-to-end test can point it at a real API and worker).
 Needs the `prometheus` and `promtool` binaries (Debian package `prometheus`, installed by
 scripts/ensure-prometheus.sh); callers skip with `SKIP_REASON` when they are missing.
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 RULES_TESTS = REPO / "deploy" / "prometheus" / "rules.test.yml"
 

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 import torch
-from databases import Databases, _postgres_reachable
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -21,6 +20,7 @@ from auditor.db.engine import database_url, downgrade, make_engine, normalize_ur
 from auditor.db.models import Base, Concept, ConceptVector, RequestScore
 from auditor.errors import AuditorError, InvalidInputError, NotFoundError
 from auditor.settings import Settings
+from support.databases import Databases, _postgres_reachable
 
 D_MODEL, N_LAYERS = 64, 30
 FINGERPRINT = "ab" * 32

@@ -10,15 +10,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from auth import bearer, issue_token
-from databases import Databases, _postgres_reachable
-from http_server import free_port, serving
 from safetensors.torch import save as save_safetensors
 
 from auditor.api.main import create_app
 from auditor.db.engine import run_migrations
 from auditor.model_identity import describe_model
 from auditor.settings import Settings
+from support.auth import bearer, issue_token
+from support.databases import Databases, _postgres_reachable
+from support.http_server import free_port, serving
 
 D_MODEL, N_LAYERS = 576, 30
 

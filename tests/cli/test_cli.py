@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EVAL_DIR
+
+from support.eval_data import EVAL_DIR
 
 AUDITOR = [sys.executable, "-m", "auditor.cli"]
 

@@ -153,12 +153,12 @@ def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime
     from pathlib import Path
 
     import uvicorn
-    from auth import issue_token
     from openai import OpenAI
-    from prometheus_harness import PROMETHEUS, SKIP_REASON, free_port, rules_with_short_for, start_prometheus
 
     from auditor.api.main import create_app
     from auditor.settings import Settings
+    from support.auth import issue_token
+    from support.prometheus_harness import PROMETHEUS, SKIP_REASON, free_port, rules_with_short_for, start_prometheus
     from workers.serving.inprocess import InProcessDispatcher
 
     if PROMETHEUS is None:
@@ -180,7 +180,7 @@ def test_a_real_prometheus_fires_the_divergence_alert_on_steered_traffic(runtime
     while not server.started:
         time.sleep(0.05)
     rules = rules_with_short_for(
-        Path(__file__).resolve().parents[1] / "deploy/prometheus/rules.yml", tmp_path / "rules.yml", hold="1s"
+        Path(__file__).resolve().parents[2] / "deploy/prometheus/rules.yml", tmp_path / "rules.yml", hold="1s"
     )
     try:
         with start_prometheus(

@@ -20,11 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_harness import free_port, python_process
 
 from auditor.telemetry import metrics
+from support.prometheus_harness import free_port, python_process
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Every label any auditor_* series may carry (DESIGN.md: concept, layer, model; plus small
 # fixed enumerations; `le` is the histogram bucket bound).
 ALLOWED_LABELS = {"concept", "layer", "model", "kind", "status", "direction", "queue", "le"}

@@ -145,7 +145,7 @@ def runtime(host, tmp_path_factory):
 
     url = f"sqlite:///{tmp_path_factory.mktemp('batching-db') / 'auditor.db'}"
     run_migrations(url)
-    # Divergence flags off: they are tests/test_monitoring.py's subject, and fitting them costs a minute.
+    # Divergence flags off: they are tests/workers/test_monitoring.py's subject, and fitting them costs a minute.
     runtime = WorkerContext(
         Settings(
             database_url=url,

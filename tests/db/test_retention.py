@@ -20,7 +20,6 @@ from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pytest
-from databases import Databases, _postgres_reachable
 from sqlalchemy import func, select
 
 from auditor.db import store
@@ -33,6 +32,7 @@ from auditor.reports.render import to_json
 from auditor.reports.report import series_section
 from auditor.reports.window import Window
 from auditor.settings import Settings
+from support.databases import Databases, _postgres_reachable
 
 UTC = UTC
 NOW = datetime(2025, 7, 1, 12, 0, tzinfo=UTC)

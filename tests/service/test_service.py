@@ -14,14 +14,14 @@ from datetime import UTC
 import httpx
 import pytest
 import torch
-from auth import bearer, issue_token
-from databases import Databases, _postgres_reachable
-from http_server import free_port, serving
 from sqlalchemy import func, select
 
 from auditor.db.engine import make_engine, run_migrations, session_factory
 from auditor.db.models import MonitoredRequest, RequestScore
 from auditor.settings import Settings
+from support.auth import bearer, issue_token
+from support.databases import Databases, _postgres_reachable
+from support.http_server import free_port, serving
 
 pytestmark = pytest.mark.model
 REDIS_HOST = "127.0.0.1"
@@ -61,7 +61,7 @@ def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
         "AUDITOR_TORCH_THREADS": "2",
         "AUDITOR_WORKER_METRICS_PORT": str(metrics_port),
         # Short control answers, and only as many as a 1 % promise needs (230): these tests
-        # check plumbing, not flag quality (tests/test_monitoring.py fits the full set).
+        # check plumbing, not flag quality (tests/workers/test_monitoring.py fits the full set).
         "AUDITOR_CONTROL_MAX_TOKENS": "8",
         "AUDITOR_CONTROL_LIMIT": "240",
     }

@@ -1,7 +1,7 @@
 """Faults, with real processes: a worker killed mid-task, Redis restarted, Postgres restarted.
 
 Each test runs `auditor api` and `auditor worker` processes on a PRIVATE Redis and Postgres
-(tests/private_services.py: the shared servers serve other tests at the same time and are never
+(tests/support/private_services.py: the shared servers serve other tests at the same time and are never
 touched), sends chat completions whose prompts carry a unique marker, breaks something while they
 are in flight, and then counts, per marker, what the database holds:
 
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from auth import issue_token
-from private_services import PrivatePostgres, PrivateRedis, Stack, Unavailable
 from sqlalchemy import text
 
 from auditor.db.engine import make_engine, run_migrations
+from support.auth import issue_token
+from support.private_services import PrivatePostgres, PrivateRedis, Stack, Unavailable
 
 # Redis hands a dead worker's task to another after this long: short here so the test is, but
 # above the longest task these tests run (a few seconds of generation, a database outage).

@@ -24,8 +24,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-from auth import bearer, issue_token
-from databases import Databases, _postgres_reachable
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -38,6 +36,8 @@ from auditor.api.main import create_app
 from auditor.db.models import Concept, Job, MonitoredRequest
 from auditor.schemas import ErrorBody
 from auditor.settings import Settings
+from support.auth import bearer, issue_token
+from support.databases import Databases, _postgres_reachable
 
 D_MODEL, N_LAYERS = 576, 30
 MAX_EXAMPLES = 25  # per operation and mode: ~1,200 generated requests per database

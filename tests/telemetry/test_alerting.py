@@ -9,7 +9,9 @@ import os
 
 import pytest
 import yaml
-from prometheus_harness import (
+
+from auditor.telemetry.metrics import exported_series
+from support.prometheus_harness import (
     PROMETHEUS,
     PROMTOOL,
     RULES,
@@ -23,8 +25,6 @@ from prometheus_harness import (
     series_references,
     start_prometheus,
 )
-
-from auditor.telemetry.metrics import exported_series
 
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None, reason=SKIP_REASON)
 

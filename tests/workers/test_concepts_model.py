@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import eval_rows
 
 from auditor.errors import InvalidInputError
 from probes.concepts import ConceptDefinition, load_concept
 from probes.separation import auroc
+from support.eval_data import eval_rows
 from workers.monitoring.concepts import extract_concept, per_text_scores
 from workers.runtime.activations import sink_token_id
 

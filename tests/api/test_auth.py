@@ -10,9 +10,6 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from auth import bearer, issue_token
-from databases import Databases, _postgres_reachable
-from http_server import serving
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -24,6 +21,9 @@ from auditor.cli.tokens import embedded_admin_token as _embedded_admin_token
 from auditor.db.engine import make_engine, run_migrations, session_factory
 from auditor.db.models import AdminAction, ApiToken
 from auditor.settings import Settings
+from support.auth import bearer, issue_token
+from support.databases import Databases, _postgres_reachable
+from support.http_server import serving
 
 D_MODEL = 576
 # Which scope each part of the API needs (auditor/api/main.py).

@@ -1,0 +1,1 @@
+"""Helpers the tests share: private servers, HTTP serving, tokens, databases, Prometheus."""
