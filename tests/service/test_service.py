@@ -164,7 +164,7 @@ def test_openai_client_chat_completion_is_answered_and_scored_in_postgres(servic
     assert any(abs(m - pessimism["mean"]) < 1e-4 for m in layer_means)
 
 
-def test_plain_completion_reads_the_prompt_as_raw_text(client):
+def test_plain_completion_reads_the_prompt_as_raw_text(client, bank):
     response = client.completions.create(
         model="auditor", prompt="The capital of France is", max_tokens=5, temperature=0
     )
@@ -174,7 +174,9 @@ def test_plain_completion_reads_the_prompt_as_raw_text(client):
     # no flag, no alert) rather than read wrongly; its scores against neutral text remain.
     assert auditor["monitor"]["status"] == "no_reference" and auditor["monitor"]["tokens"] == 5
     pessimism = auditor["scores"]["pessimism"]
-    assert pessimism["layer"] >= 0 and pessimism["z"] is None and pessimism["neutral_z"] is not None
+    # Read at the concept's own layer (the one the registered extraction chose), as chat answers are.
+    assert pessimism["layer"] == bank.auto_layers["pessimism"]
+    assert pessimism["z"] is None and pessimism["neutral_z"] is not None
     assert auditor["flags"] == [] and auditor["alerts"] == []
 
 
