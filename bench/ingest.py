@@ -114,12 +114,12 @@ def all_at_once_insert(factory, request_ids: list[str], rows: list[dict]) -> Non
 def all_at_once_copy(factory, request_ids: list[str], rows: list[dict]) -> None:
     # One COPY for everything: the per-request store function, minus its request lookup.
     now = utcnow()
-    columns = store._COPY_COLUMNS
+    columns = store.COPY_COLUMNS
     with factory() as session, session.begin():
         cursor = session.connection().connection.driver_connection.cursor()
         sql = f"COPY request_scores ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
         with cursor.copy(sql) as copy:
-            copy.set_types(list(store._COPY_TYPES))
+            copy.set_types(list(store.COPY_TYPES))
             for rid in request_ids:
                 for row in rows:
                     values = {**row, "request_id": rid, "created_at": now}

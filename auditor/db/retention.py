@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, select
 from sqlalchemy.orm import Session
 
+from auditor.db.enums import JobStatus
 from auditor.db.models import FLAG_KINDS, Concept, DailyRollup, Flag, Job, MonitoredRequest, RequestScore, utcnow
 from auditor.errors import AuditorError
 from auditor.settings import Settings
@@ -202,7 +203,7 @@ def delete_old_jobs(session: Session, *, cutoff: datetime) -> int:
     """Finished extraction and calibration jobs created before `cutoff` (their results live on
     in the concepts and calibrations they produced)."""
     jobs = Job.__table__
-    finished = and_(jobs.c.created_at < cutoff, jobs.c.status.in_(("done", "failed")))
+    finished = and_(jobs.c.created_at < cutoff, jobs.c.status.in_((JobStatus.DONE, JobStatus.FAILED)))
     return session.execute(delete(jobs).where(finished)).rowcount
 
 

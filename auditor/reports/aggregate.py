@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from auditor.db.models import FLAG_KINDS
+from auditor.db.enums import FlagKind
 from auditor.reports.queries import ConceptRef, FlaggedSet, RollupDay, ScoreSample
 from auditor.reports.window import BUCKET_SECONDS
 from probes.drift import MIN_SAMPLE_SIZE, ks_two_sample, population_stability_index
@@ -91,13 +91,13 @@ def summarize(
         threshold = thresholds.get(ref.concept_id)
         # Alerts are stored as `threshold` flags when an answer crosses the family-wise alert
         # threshold at its length: the rate of those is the rate of alerts.
-        above = len(flags.by_kind.get("threshold", ())) / n if n else None
+        above = len(flags.by_kind.get(FlagKind.THRESHOLD, ())) / n if n else None
         rows.append(ConceptSummary(
             concept=ref.concept, version=ref.version, concept_id=ref.concept_id, layer=ref.layer,
             model_id=ref.model_id, requests=n, mean_z=_mean(z), p50_z=_percentile(z, 50),
             p95_z=_percentile(z, 95), threshold=threshold, above_threshold_rate=above,
             flagged=len(flags.times), flagged_rate=len(flags.times) / n if n else None,
-            flagged_by_kind={kind: len(flags.by_kind.get(kind, ())) for kind in FLAG_KINDS},
+            flagged_by_kind={kind: len(flags.by_kind.get(kind, ())) for kind in FlagKind.values()},
         ))  # fmt: skip
     return rows
 
