@@ -64,14 +64,14 @@ def _one_line_errors(url: str) -> Iterator[None]:
 
 
 def _render(built, output_format: ReportFormat, section: CsvSection) -> str:
-    from auditor.reports import render
+    from auditor.reports import html, render
 
     if output_format is ReportFormat.csv:
         return render.to_csv(built, section.value)
     if output_format is ReportFormat.json:
         return render.to_json(built) + "\n"
     if output_format is ReportFormat.html:
-        return render.to_html(built)
+        return html.to_html(built)
     return render.to_text(built)
 
 

@@ -31,7 +31,8 @@ from auditor.db.engine import make_engine, run_migrations, session_factory
 from auditor.errors import InvalidInputError, NotFoundError, WindowError
 from auditor.reports import Report, build_report
 from auditor.reports.aggregate import DRIFT_P_VALUE
-from auditor.reports.render import SECTIONS, rows_to_csv, to_csv, to_html, to_json, to_text
+from auditor.reports.html import to_html
+from auditor.reports.render import SECTIONS, rows_to_csv, to_csv, to_json, to_text
 from auditor.reports.window import Window, baseline_window, choose_bucket, report_window
 from auditor.settings import Settings
 from probes.drift import ks_two_sample, population_stability_index

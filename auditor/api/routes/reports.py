@@ -23,8 +23,9 @@ from auditor.db.models import utcnow
 from auditor.errors import NotFoundError, WindowError
 from auditor.reports import build_report, queries, report
 from auditor.reports.aggregate import ConceptSummary, DriftRow, SeriesPoint
+from auditor.reports.html import to_html
 from auditor.reports.queries import ComparisonRow, ConceptRef, FlaggedRequest
-from auditor.reports.render import jsonable, rows_to_csv, to_html, window_json
+from auditor.reports.render import jsonable, rows_to_csv, window_json
 from auditor.reports.window import Window, baseline_window, choose_bucket, report_window
 
 router = APIRouter(prefix="/reports", tags=["reports"])
