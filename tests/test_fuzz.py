@@ -35,8 +35,8 @@ from sqlalchemy import func, select
 
 from auditor.access import tokens
 from auditor.api.main import create_app
+from auditor.api.schemas import ErrorBody
 from auditor.db.models import Concept, Job, MonitoredRequest
-from auditor.schemas import ErrorBody
 from auditor.settings import Settings
 
 D_MODEL, N_LAYERS = 576, 30
