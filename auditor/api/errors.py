@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
+from auditor.api.schemas import ErrorBody
 from auditor.errors import (
     AuditorError,
     AuthenticationError,
@@ -21,7 +22,6 @@ from auditor.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from auditor.schemas import ErrorBody
 
 
 def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dict:

@@ -1,8 +1,9 @@
 """Input limits the deployment sets (auditor/settings.py, "input limits"): the request body size,
 enforced while the body arrives, and the checks on a parsed body that depend on settings; and the
-one check on a request's path and query made before any route sees them (no NUL). The fixed
-shapes (types, ranges, hard ceilings, storable text) are in auditor/schemas.py; vector math in
-probes/validation.py."""
+one check on a request's path and query made before any route sees them (no NUL). The OpenAI
+bodies' own checks (tokens, prompt size) are in auditor.api.openai.serving, built from the
+helpers here. The fixed shapes (types, ranges, hard ceilings, storable text) are in
+auditor.schemas and the bodies' models; vector math in probes/validation.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auditor.api.errors import error_body
-from auditor.schemas import AuditCreate, ChatCompletionCreate, CompletionCreate, ExtractionCreate
+from auditor.api.schemas import AuditCreate, ExtractionCreate
 from auditor.settings import Settings
 
 UPLOAD_PATH = "/admin/concepts/upload"
@@ -98,47 +99,29 @@ def install_request_guard(app, settings: Settings) -> None:
 # ---- checks on a parsed body that depend on settings: 422 in FastAPI's own shape ----
 
 
-def _error(loc: tuple[Any, ...], kind: str, msg: str, value: Any = None) -> dict:
+def limit_error(loc: tuple[Any, ...], kind: str, msg: str, value: Any = None) -> dict:
+    """One entry of a 422's `detail`, at `loc` inside the body."""
     return {"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}
 
 
-def _raise(errors: list[dict]) -> None:
+def refuse(errors: list[dict]) -> None:
+    """422 with every error found, if any."""
     if errors:
         raise RequestValidationError(errors)
 
 
-def _tokens(body: ChatCompletionCreate | CompletionCreate, settings: Settings) -> list[dict]:
-    limit = settings.max_tokens_limit
-    return [
-        _error((field,), "less_than_equal", f"{field} is {value}; this deployment allows at most {limit}", value)
-        for field in ("max_tokens", "max_completion_tokens")
-        if (value := getattr(body, field, None)) is not None and value > limit
-    ]
-
-
-def _chars(loc: tuple[Any, ...], what: str, texts: Iterable[str], settings: Settings) -> list[dict]:
+def too_many_chars(loc: tuple[Any, ...], what: str, texts: Iterable[str], settings: Settings) -> list[dict]:
     total, limit = sum(len(text) for text in texts), settings.max_prompt_chars
     if total <= limit:
         return []
-    return [_error(loc, "too_long", f"{what} has {total:,} characters; this deployment accepts at most {limit:,}")]
-
-
-def check_chat(body: ChatCompletionCreate, settings: Settings) -> None:
-    _raise(
-        _tokens(body, settings)
-        + _chars(("messages",), "the messages together", (m.content for m in body.messages), settings)
-    )
-
-
-def check_completion(body: CompletionCreate, settings: Settings) -> None:
-    _raise(_tokens(body, settings) + _chars(("prompt",), "the prompt", [body.prompt], settings))
+    return [limit_error(loc, "too_long", f"{what} has {total:,} characters; this deployment accepts at most {limit:,}")]
 
 
 def check_audit(body: AuditCreate, settings: Settings) -> None:
     if len(body.items) > settings.max_audit_items:
-        _raise(
+        refuse(
             [
-                _error(
+                limit_error(
                     ("items",),
                     "too_long",
                     f"{len(body.items)} items; this deployment accepts at most {settings.max_audit_items} per submission",
@@ -148,15 +131,17 @@ def check_audit(body: AuditCreate, settings: Settings) -> None:
     errors = []
     for index, item in enumerate(body.items):
         texts = [item.prompt or "", *(m.content for m in item.messages or []), item.completion]
-        errors += _chars(("items", index), f"items[{index}] (prompt or messages, plus completion)", texts, settings)
-    _raise(errors)
+        errors += too_many_chars(
+            ("items", index), f"items[{index}] (prompt or messages, plus completion)", texts, settings
+        )
+    refuse(errors)
 
 
 def check_extraction(body: ExtractionCreate, settings: Settings) -> None:
     if len(body.pairs) > settings.max_pairs:
-        _raise(
+        refuse(
             [
-                _error(
+                limit_error(
                     ("pairs",),
                     "too_long",
                     f"{len(body.pairs)} pairs; this deployment accepts at most {settings.max_pairs} per extraction",

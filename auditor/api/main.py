@@ -9,8 +9,8 @@ from fastapi import FastAPI
 from auditor import __version__, privacy
 from auditor.api.errors import install_error_handlers
 from auditor.api.limits import install_request_guard
-from auditor.api.routes import audits, completions, concepts, health, jobs, reports
-from auditor.api.routes import tokens as admin_log
+from auditor.api.openai import router as completions
+from auditor.api.routes import audits, concepts, health, jobs, reports, tokens
 from auditor.api.security import require
 from auditor.db.engine import database_url, make_engine, session_factory, writer_engine
 from auditor.model_identity import ModelFingerprint, describe_model
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.include_router(health.model_router, dependencies=[client])
     app.include_router(concepts.router, dependencies=[admin])
     app.include_router(jobs.router, dependencies=[admin])
-    app.include_router(admin_log.router, dependencies=[admin])
+    app.include_router(tokens.router, dependencies=[admin])
     app.include_router(completions.router, dependencies=[client])
     app.include_router(audits.router, dependencies=[client])
     # add_route, not mount: a mount answers every scrape of /metrics with a redirect to /metrics/.

@@ -33,8 +33,8 @@ from sqlalchemy import func, select
 
 from auditor.access import tokens
 from auditor.api.main import create_app
+from auditor.api.schemas import ErrorBody
 from auditor.db.models import Concept, Job, MonitoredRequest
-from auditor.schemas import ErrorBody
 from auditor.settings import Settings
 from support.auth import bearer, issue_token
 from support.databases import Databases, _postgres_reachable

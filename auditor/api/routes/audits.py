@@ -5,18 +5,17 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Request, status
-from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from auditor.api import dispatching
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
-from auditor.api.errors import error_body, unavailable
 from auditor.api.limits import check_audit
+from auditor.api.schemas import AuditCreate, AuditFlag, AuditRead, AuditScore
 from auditor.db import store
+from auditor.db.enums import FlagKind, PrivacyMode, RequestKind, RequestStatus
 from auditor.db.models import Concept, Flag, RequestScore
-from auditor.errors import AuditNotFound, InvalidInputError, WorkerUnavailable
+from auditor.errors import AuditNotFound, InvalidInputError
 from auditor.queue.dispatch import TASK_AUDIT
-from auditor.schemas import AuditCreate, AuditFlag, AuditRead, AuditScore
-from auditor.telemetry import metrics
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
 
@@ -27,9 +26,8 @@ def submit(
 ):
     """Queue the items for scoring (one batched replay); returns their ids to poll."""
     check_audit(body, settings)
-    dispatcher = request.app.state.dispatcher
-    if dispatcher is None:
-        return JSONResponse(error_body("no worker is configured", "worker_unavailable", ("server",)), status_code=503)
+    if (error := dispatching.no_worker(request)) is not None:
+        return error
     items = []
     for index, item in enumerate(body.items):
         if (item.prompt is None) == (item.messages is None):
@@ -40,35 +38,36 @@ def submit(
         prompt_text = item.get("prompt") or "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
         # In full mode the messages themselves are kept too (the text already is): a traffic
         # calibration replays them through the chat template.
-        params = {"messages": item["messages"]} if item.get("messages") and settings.privacy_mode == "full" else {}
+        keep_messages = item.get("messages") and settings.privacy_mode == PrivacyMode.FULL
+        params = {"messages": item["messages"]} if keep_messages else {}
         store.create_request(
             session,
             request_id=request_id,
-            kind="audit",
+            kind=RequestKind.AUDIT,
             prompt_text=prompt_text,
             privacy_mode=settings.privacy_mode,
             model_id=fingerprint.model_id,
             params=params,
         )
-    session.commit()  # rows first, then the task: a worker never sees an id the database lacks
-    try:
-        dispatcher.submit(TASK_AUDIT, [ids, items], task_id=ids[0])
-    except WorkerUnavailable as exc:
-        for request_id in ids:
-            metrics.record_request(
-                "audit", "unavailable", fingerprint.model_id
-            )  # never queued: say so on the rows, nothing will run them
-            store.mark_request(session, request_id=request_id, status="failed", error=f"not queued: {exc}"[:2000])
-        session.commit()
-        return unavailable(exc)
-    return {"ids": ids, "status": "queued"}
+    refused = dispatching.submit_requests(
+        request,
+        session,
+        TASK_AUDIT,
+        [ids, items],
+        request_ids=ids,
+        kind=RequestKind.AUDIT,
+        model_id=fingerprint.model_id,
+    )
+    if refused is not None:
+        return refused
+    return {"ids": ids, "status": RequestStatus.QUEUED}
 
 
 @router.get("/{audit_id}", response_model=AuditRead)
 def get(audit_id: str, session: SessionDep) -> AuditRead:
     """Status, and once done every score row (each concept version at each of its layers)."""
     row = store.get_request(session, request_id=audit_id)
-    if row is None or row.kind != "audit":
+    if row is None or row.kind != RequestKind.AUDIT:
         raise AuditNotFound(audit_id)
     scores = session.execute(
         select(RequestScore, Concept.name, Concept.version)
@@ -116,6 +115,6 @@ def get(audit_id: str, session: SessionDep) -> AuditRead:
             )
             for s, name, version in scores
         ],
-        flags=[f for f in flag_rows if f.kind != "threshold"],
-        alerts=[f for f in flag_rows if f.kind == "threshold"],
+        flags=[f for f in flag_rows if f.kind != FlagKind.THRESHOLD],
+        alerts=[f for f in flag_rows if f.kind == FlagKind.THRESHOLD],
     )

@@ -1,22 +1,29 @@
-"""/admin/concepts: register (JSON or file upload), list, get, activate / deactivate, retire,
-export. Every registration is validated in full before anything is written."""
+"""/admin/concepts: register (JSON or file upload), extract from contrastive pairs (a job on a
+worker: 202 with the job to poll), list, get, activate / deactivate, retire, export. Every
+registration is validated in full before anything is written."""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 
 from auditor.access import audit_log
+from auditor.api import dispatching
 from auditor.api.deps import FingerprintDep, RowId, SessionDep, SettingsDep
+from auditor.api.limits import check_extraction
+from auditor.api.schemas import ConceptCreate, ConceptRead, ExtractionCreate, JobAccepted
 from auditor.api.security import PrincipalDep
 from auditor.db import store
+from auditor.db.enums import ConceptSource, JobKind
 from auditor.db.models import Concept
 from auditor.errors import ConceptNotFound, InvalidInputError
 from auditor.model_identity import ModelFingerprint
-from auditor.schemas import ConceptCreate, ConceptRead, Text
+from auditor.queue.dispatch import TASK_EXTRACT
+from auditor.schemas import NAME_PATTERN, Text
 from auditor.vectors import FORMATS, VectorSet, export_vectors, parse_vectors, sniff_format
+from probes.concepts import concept_from_dict
 
 router = APIRouter(prefix="/admin/concepts", tags=["admin: concepts"])
 
@@ -120,7 +127,7 @@ def register_json(
         description=body.description,
         vector_set=vector_set,
         primary_layer=body.primary_layer,
-        source="upload-json",
+        source=ConceptSource.UPLOAD_JSON,
         fingerprint=fingerprint,
         principal=principal,
     )
@@ -134,7 +141,7 @@ async def register_upload(
     fingerprint: FingerprintDep,
     principal: PrincipalDep,
     file: Annotated[UploadFile, File(description="JSON, safetensors, or a GGUF control vector (repeng / llama.cpp)")],
-    name: Annotated[str, Form(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")],
+    name: Annotated[str, Form(pattern=NAME_PATTERN)],
     description: Annotated[Text, Form(max_length=2000)] = "",
     layer: Annotated[int | None, Form(ge=0, description="for files holding a single unlabelled vector")] = None,
     primary_layer: Annotated[int | None, Form(ge=0)] = None,
@@ -164,6 +171,25 @@ async def register_upload(
         principal=principal,
     )
     return concept_read(session, concept)
+
+
+@router.post("/extract", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+def extract(
+    body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+):
+    """Queue extraction of a concept vector from contrastive pairs. When the job is done, its
+    result names the registered concept version, its primary layer and held-out separation."""
+    check_extraction(body, settings)
+    concept = {"name": body.name, "description": body.description, "pairs": [pair.model_dump() for pair in body.pairs]}
+    concept_from_dict(concept, origin="pairs")  # every check the worker would make, before queueing
+    payload = {
+        "concept": concept,
+        "method": body.method or settings.extraction_method,
+        "pooling": body.pooling or settings.pooling,
+        "activate": body.activate,
+        "created_by": principal.name,
+    }
+    return dispatching.submit_job(request, session, principal, kind=JobKind.EXTRACT, task=TASK_EXTRACT, payload=payload)
 
 
 @router.get("", response_model=list[ConceptRead])

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 
 from auditor.api.deps import FingerprintDep
+from auditor.api.schemas import Health, ModelRead
 from auditor.queue.dispatch import CeleryDispatcher
 from auditor.queue.heartbeat import HeartbeatReader, is_redis
-from auditor.schemas import Health, ModelRead
 
 router = APIRouter(tags=["health"])
 model_router = APIRouter(tags=["model"])

@@ -1,5 +1,6 @@
-"""Admin work that needs the model and so runs on a worker: extracting a concept from
-contrastive pairs, and calibrating the active concepts. Each returns 202 with a job to poll."""
+"""Calibrations and the jobs admin work runs as: queue a recalibration of the active concepts
+(202 with a job to poll), read the calibrations in force, poll a job. Extracting a concept from
+contrastive pairs, the other job, is a concept route (auditor.api.routes.concepts)."""
 
 from __future__ import annotations
 
@@ -7,73 +8,20 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
-from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
-from auditor.access import audit_log
+from auditor.api import dispatching
 from auditor.api.deps import SessionDep, SettingsDep
-from auditor.api.errors import error_body, unavailable
-from auditor.api.limits import check_extraction
+from auditor.api.schemas import AnswerCalibrationRead, CalibrationCreate, CalibrationRead, JobAccepted, JobRead
 from auditor.api.security import PrincipalDep
 from auditor.db import store
+from auditor.db.enums import JobKind
 from auditor.db.models import AnswerCalibration, Concept
-from auditor.errors import InvalidInputError, JobNotFound, WorkerUnavailable
-from auditor.queue.dispatch import TASK_CALIBRATE, TASK_EXTRACT
-from auditor.schemas import (
-    AnswerCalibrationRead,
-    CalibrationCreate,
-    CalibrationRead,
-    ExtractionCreate,
-    JobAccepted,
-    JobRead,
-)
+from auditor.errors import InvalidInputError, JobNotFound
+from auditor.queue.dispatch import TASK_CALIBRATE
 from probes.answer_null import minimum_answers
-from probes.concepts import concept_from_dict
 
 router = APIRouter(prefix="/admin", tags=["admin: jobs"])
-
-
-def _enqueue(request: Request, session, principal, *, kind: str, task: str, payload: dict) -> JSONResponse:
-    dispatcher = request.app.state.dispatcher
-    if dispatcher is None:
-        return JSONResponse(error_body("no worker is configured", "worker_unavailable", ("server",)), status_code=503)
-    job = store.create_job(session, kind=kind, payload=payload)
-    audit_log.record(
-        session,
-        actor=principal,
-        action=f"job.{kind}",
-        target=f"job:{job.id}",
-        details={key: value for key, value in payload.items() if key != "concept"},
-    )
-    session.commit()  # the row first: a worker never sees a job id the database lacks
-    try:
-        dispatcher.submit(task, [job.id], task_id=f"job-{job.id}")
-    except WorkerUnavailable as exc:
-        store.finish_job(session, job_id=job.id, error=f"not queued: {exc}")
-        session.commit()
-        return unavailable(exc)
-    poll = f"/admin/jobs/{job.id}"
-    body = JobAccepted(job_id=job.id, kind=kind, status="queued", poll=poll)
-    return JSONResponse(body.model_dump(), status_code=status.HTTP_202_ACCEPTED, headers={"Location": poll})
-
-
-@router.post("/concepts/extract", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
-def extract(
-    body: ExtractionCreate, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
-):
-    """Queue extraction of a concept vector from contrastive pairs. When the job is done, its
-    result names the registered concept version, its primary layer and held-out separation."""
-    check_extraction(body, settings)
-    concept = {"name": body.name, "description": body.description, "pairs": [pair.model_dump() for pair in body.pairs]}
-    concept_from_dict(concept, origin="pairs")  # every check the worker would make, before queueing
-    payload = {
-        "concept": concept,
-        "method": body.method or settings.extraction_method,
-        "pooling": body.pooling or settings.pooling,
-        "activate": body.activate,
-        "created_by": principal.name,
-    }
-    return _enqueue(request, session, principal, kind="extract", task=TASK_EXTRACT, payload=payload)
 
 
 @router.post("/calibrations", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
@@ -108,7 +56,9 @@ def calibrate(
                 f"needs at least {needed}: widen the window or raise target_fpr"
             )
         payload.update(since=since.isoformat(), until=until.isoformat())
-    return _enqueue(request, session, principal, kind="calibrate", task=TASK_CALIBRATE, payload=payload)
+    return dispatching.submit_job(
+        request, session, principal, kind=JobKind.CALIBRATE, task=TASK_CALIBRATE, payload=payload
+    )
 
 
 @router.get("/calibrations/answers", response_model=list[AnswerCalibrationRead])

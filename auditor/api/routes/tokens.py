@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, status
 
 from auditor.access import audit_log, tokens
 from auditor.api.deps import RowId, SessionDep
+from auditor.api.schemas import AdminActionRead, TokenCreate, TokenIssued, TokenRead
 from auditor.api.security import PrincipalDep
-from auditor.schemas import AdminActionRead, TokenCreate, TokenIssued, TokenRead
 
 router = APIRouter(prefix="/admin", tags=["admin: tokens and audit log"])
 

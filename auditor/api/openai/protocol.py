@@ -1,0 +1,183 @@
+"""The OpenAI wire format Auditor speaks (pydantic): the chat completion and completion request
+bodies, and the responses they get, with Auditor's one extension, the `auditor` block.
+
+The OpenAI SDK's own models allow fields they do not know, so an OpenAI client reads the block as
+`response.model_extra["auditor"]`. Here it is typed as far as its shape is stable: scores, flags
+and alerts always carry the keys below; `monitor` carries a few always and the rest only when the
+answer was read against a fitted null. A newer worker's extra keys pass through unchanged.
+
+The chat message a request carries is auditor.schemas.ChatMessage (/v1/audits items carry it
+too); the error body every route answers with is auditor.api.schemas.ErrorBody."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from auditor.schemas import FINITE, INT64_MAX, INT64_MIN, MAX_MESSAGES, MAX_TEXT_CHARS, MAX_TOKENS, ChatMessage, Text
+
+# ---- requests ----
+
+
+class AuditorOptions(BaseModel):
+    """Auditor's extension to the OpenAI request body (`extra_body={"auditor": {...}}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concepts: list[Text] | None = Field(
+        None, max_length=256, description="return inline scores for these active concepts only (all are still stored)"
+    )
+
+
+class _SamplingFields(BaseModel):
+    model_config = FINITE
+
+    model: Text = Field(max_length=512)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    user: Text | None = Field(None, max_length=256)
+    auditor: AuditorOptions | None = None
+
+    def sampling(self, default_max_tokens: int) -> dict:
+        return {
+            "max_new_tokens": self.max_tokens or default_max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+
+class ChatCompletionCreate(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+
+class CompletionCreate(_SamplingFields):
+    prompt: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+
+
+# ---- the `auditor` block of a response ----
+
+# Built from the worker's result (a dict, over Celery's JSON); keys it adds pass through.
+_OPEN = ConfigDict(extra="allow")
+
+
+class AnswerScore(BaseModel):
+    """One concept's scores at its primary layer (workers.serving.service.headline)."""
+
+    model_config = _OPEN
+
+    layer: int
+    mean: float | None
+    max: float | None
+    last: float | None
+    z: float | None = Field(description="against ordinary answers of the same length (an ordinary answer reads near 0)")
+    percentile: float | None = Field(description="against ordinary answers of the same length")
+    neutral_z: float | None = Field(description="against standalone neutral text")
+    neutral_percentile: float | None
+
+
+class AnswerFlag(BaseModel):
+    """A divergence flag (kind hidden / surface) or a concept-score alert (kind threshold)."""
+
+    model_config = _OPEN
+
+    concept: str
+    kind: str = Field(description="hidden / surface (divergence flags) or threshold (concept-score alert)")
+    residual_z: float
+    text_z: float | None
+    threshold: float
+    reason: str
+
+
+class MonitorReading(BaseModel):
+    """How the answer was read. Only the keys the worker gave are sent: the reference and
+    thresholds appear only when a fitted null of ordinary answers applied."""
+
+    model_config = _OPEN
+
+    status: str = Field(description="ok, insufficient_tokens (too short to flag), calibrating or off")
+    tokens: int | None = None
+    reference: str | None = None
+    target_fpr: float | None = None
+    min_tokens: int | None = None
+    read_at_length: int | None = None
+    divergence_threshold: float | None = None
+    alert_threshold: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: SerializerFunctionWrapHandler):
+        # Absent stays absent (not null): the block is the worker's, key for key.
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+
+class AuditorReading(BaseModel):
+    """The one extension to OpenAI's shape: the request id (its full scores are rows in the
+    database), per-concept scores at each concept's primary layer, divergence `flags` and
+    concept-score `alerts` (both within the deployment's per-request false-alarm budget), and
+    `monitor`: how the answer was read."""
+
+    request_id: str
+    scores: dict[str, AnswerScore]
+    flags: list[AnswerFlag]
+    alerts: list[AnswerFlag]
+    monitor: MonitorReading
+
+
+# ---- responses ----
+
+
+class _Response(BaseModel):
+    # As OpenAI's own models: a field a client does not know is kept, not refused. A field with
+    # a default (`object`, `logprobs`) is still always sent: the schema says it is required.
+    model_config = ConfigDict(extra="allow", json_schema_serialization_defaults_required=True)
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(_Response):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatCompletionChoice(_Response):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str | None
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    auditor: AuditorReading
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    auditor: AuditorReading

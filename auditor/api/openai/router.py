@@ -1,0 +1,40 @@
+"""The OpenAI-compatible routes: parse, check, hand to auditor.api.openai.serving. Each declares
+its response model, so the OpenAPI document shows the real response shapes.
+
+`response_class=JSONResponse` keeps the body encoded by json.dumps, as when these routes returned
+dicts (Pydantic's own JSON encoder would spell some floats differently: 1e-05 as 0.00001)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
+from auditor.api.openai import serving
+from auditor.api.openai.protocol import ChatCompletion, ChatCompletionCreate, Completion, CompletionCreate
+
+router = APIRouter(prefix="/v1", tags=["completions (OpenAI-compatible)"])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, response_class=JSONResponse)
+def chat_completions(
+    body: ChatCompletionCreate,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    fingerprint: FingerprintDep,
+):
+    serving.check_chat(body, settings)
+    if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
+        return error
+    return serving.serve(request, session, settings, fingerprint, body, serving.chat_generation(body, settings))
+
+
+@router.post("/completions", response_model=Completion, response_class=JSONResponse)
+def completions(
+    body: CompletionCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep
+):
+    serving.check_completion(body, settings)
+    if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
+        return error
+    return serving.serve(request, session, settings, fingerprint, body, serving.completion_generation(body))

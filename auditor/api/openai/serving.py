@@ -1,0 +1,213 @@
+"""What the OpenAI routes do, after FastAPI has parsed the body: the deployment's own checks, the
+request row and its task, the wait for a worker, and the worker's result as the OpenAI response
+(chat and text completions differ only in the shape of their one choice)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from auditor.api import dispatching
+from auditor.api.errors import error_body
+from auditor.api.limits import limit_error, refuse, too_many_chars
+from auditor.api.openai.protocol import (
+    AuditorReading,
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionCreate,
+    ChatCompletionMessage,
+    Completion,
+    CompletionChoice,
+    CompletionCreate,
+    Usage,
+)
+from auditor.db import store
+from auditor.db.enums import PrivacyMode, RequestKind
+from auditor.model_identity import ModelFingerprint
+from auditor.queue.dispatch import TASK_GENERATE
+from auditor.settings import Settings
+
+MODEL_ALIASES = ("auditor", "default")
+
+Body = ChatCompletionCreate | CompletionCreate
+
+# ---- checks on the parsed body that depend on the deployment: 422, or 404 / 400 ----
+
+
+def _tokens(body: Body, settings: Settings) -> list[dict]:
+    limit = settings.max_tokens_limit
+    return [
+        limit_error((field,), "less_than_equal", f"{field} is {value}; this deployment allows at most {limit}", value)
+        for field in ("max_tokens", "max_completion_tokens")
+        if (value := getattr(body, field, None)) is not None and value > limit
+    ]
+
+
+def check_chat(body: ChatCompletionCreate, settings: Settings) -> None:
+    refuse(
+        _tokens(body, settings)
+        + too_many_chars(("messages",), "the messages together", (m.content for m in body.messages), settings)
+    )
+
+
+def check_completion(body: CompletionCreate, settings: Settings) -> None:
+    refuse(_tokens(body, settings) + too_many_chars(("prompt",), "the prompt", [body.prompt], settings))
+
+
+def _unknown_model(name: str, fingerprint: ModelFingerprint, settings: Settings) -> JSONResponse | None:
+    if name in (fingerprint.model_id, settings.model, *MODEL_ALIASES):
+        return None
+    message = f"unknown model {name!r}: this deployment serves {fingerprint.model_id!r}"
+    return JSONResponse(error_body(message, "model_not_found", ("body", "model")), status_code=404)
+
+
+def _unknown_concepts(session: Session, body: Body) -> JSONResponse | None:
+    wanted = body.auditor.concepts if body.auditor else None
+    if not wanted:
+        return None
+    active = {c.name for c in store.list_concepts(session, active=True)}
+    unknown = sorted(set(wanted) - active)
+    if not unknown:
+        return None
+    message = (
+        f"unknown or inactive concept(s) {', '.join(map(repr, unknown))}; active concepts: {', '.join(sorted(active))}"
+    )
+    return JSONResponse(error_body(message, "concept_not_found", ("body", "auditor", "concepts")), status_code=404)
+
+
+def rejected(session: Session, body: Body, fingerprint: ModelFingerprint, settings: Settings) -> JSONResponse | None:
+    """Checks both completion routes make before anything is written or queued."""
+    if (error := _unknown_model(body.model, fingerprint, settings)) is not None:
+        return error
+    if (error := _unknown_concepts(session, body)) is not None:
+        return error
+    if body.stream:
+        return JSONResponse(
+            error_body("stream=true is not supported yet", "unsupported", ("body", "stream")), status_code=400
+        )
+    return None
+
+
+# ---- the request row and its task ----
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A request as it is recorded and queued: the row's id, kind and prompt text, and the
+    payload the worker generates from."""
+
+    request_id: str
+    kind: RequestKind
+    prompt_text: str
+    payload: dict[str, Any]
+
+
+def chat_generation(body: ChatCompletionCreate, settings: Settings) -> Generation:
+    messages = [m.model_dump() for m in body.messages]
+    sampling = body.sampling(settings.max_new_tokens)
+    if body.max_completion_tokens:
+        sampling["max_new_tokens"] = body.max_completion_tokens
+    return Generation(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        kind=RequestKind.CHAT,
+        prompt_text="\n".join(f"{m['role']}: {m['content']}" for m in messages),
+        payload={"messages": messages, "sampling": sampling},
+    )
+
+
+def completion_generation(body: CompletionCreate) -> Generation:
+    return Generation(
+        request_id=f"cmpl-{uuid.uuid4().hex}",
+        kind=RequestKind.COMPLETION,
+        prompt_text=body.prompt,
+        payload={"prompt": body.prompt, "sampling": body.sampling(16)},  # OpenAI's legacy default: 16 tokens
+    )
+
+
+def serve(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    fingerprint: ModelFingerprint,
+    body: Body,
+    generation: Generation,
+) -> ChatCompletion | Completion | JSONResponse:
+    """Record the request, have a worker generate and score it, answer in OpenAI's shape."""
+    if (error := dispatching.no_worker(request, "set AUDITOR_BROKER_URL or use `auditor run`")) is not None:
+        return error
+    params = {"sampling": generation.payload["sampling"]}
+    if "messages" in generation.payload and settings.privacy_mode == PrivacyMode.FULL:
+        # Kept only where the text is kept anyway: a traffic calibration replays the messages
+        # through the chat template (the joined prompt_text cannot be re-templated).
+        params["messages"] = generation.payload["messages"]
+    store.create_request(
+        session,
+        request_id=generation.request_id,
+        kind=generation.kind,
+        prompt_text=generation.prompt_text,
+        privacy_mode=settings.privacy_mode,
+        params=params,
+        model_id=fingerprint.model_id,
+    )
+    result = dispatching.run_request(
+        request,
+        session,
+        TASK_GENERATE,
+        [generation.request_id, generation.payload],
+        request_id=generation.request_id,
+        kind=generation.kind,
+        model_id=fingerprint.model_id,
+        timeout=settings.request_timeout,
+    )
+    if isinstance(result, JSONResponse):
+        return result
+    return response(generation, result, body, fingerprint.model_id)
+
+
+# ---- the worker's result as the response ----
+
+
+def _select_scores(scores: dict, body: Body) -> dict:
+    """Inline scores for the concepts the request named (a name matches all its active versions)."""
+    wanted = body.auditor.concepts if body.auditor else None
+    if not wanted:
+        return scores
+    return {key: value for key, value in scores.items() if key.split(":v")[0] in wanted}
+
+
+def response(generation: Generation, result: dict, body: Body, model_id: str) -> ChatCompletion | Completion:
+    """The OpenAI response for a finished generation, with the `auditor` block."""
+    prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
+    common: dict[str, Any] = {
+        "id": generation.request_id,
+        "created": int(time.time()),
+        "model": model_id,
+        "usage": Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+        "auditor": AuditorReading.model_validate(
+            {
+                "request_id": generation.request_id,
+                "scores": _select_scores(result["scores"], body),
+                "flags": result.get("flags", []),
+                "alerts": result.get("alerts", []),
+                "monitor": result.get("monitor", {"status": "off"}),
+            }
+        ),
+    }
+    text, finish_reason = result["text"], result["finish_reason"]
+    if generation.kind == RequestKind.CHAT:
+        message = ChatCompletionMessage(role="assistant", content=text)
+        choice = ChatCompletionChoice(index=0, message=message, finish_reason=finish_reason, logprobs=None)
+        return ChatCompletion(choices=[choice], **common)
+    return Completion(
+        choices=[CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=None)], **common
+    )
