@@ -13,6 +13,9 @@ redacted mode, where the rest of the text is visible) a guessed value behind a p
 
 Everything here is pure except `install_log_redaction`, which sets this process's log-record
 factory so that, outside full mode, no log line carries what the mode does not store.
+
+Size: the masking patterns and every place that applies them (stored text, errors, logs, task
+arguments) are reviewed together; a privacy review reads one file.
 """
 
 from __future__ import annotations

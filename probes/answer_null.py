@@ -27,6 +27,10 @@ the largest control value promises nothing when the set is small.
 Lengths reached by too few control answers to certify a threshold are read at the longest length
 that has enough; the null of a mean narrows with length, so reading a longer answer against a
 shorter length's spread errs towards fewer flags.
+
+Size: one statistical procedure (prefix means, per-length statistics, the family-wise order
+statistic and its PAC bound, held-out-group statistics, serialisation of the fitted null) whose
+steps share their array shapes; split, each piece would be unreadable without the others.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each is a `str` enum, so a member compares equal to its value, is stored and sent as that plain
 string (JSON, SQL, Celery payloads, Prometheus labels), and the tuple of values feeds the
-table's CHECK constraint (auditor.db.models). Adding a member is a migration.
+table's CHECK constraint where the column has one (auditor.db.models): adding a member there is
+a migration.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ class ConceptSource(_Values):
     UPLOAD_GGUF = "upload-gguf"
 
 
+class CalibrationSource(_Values):
+    """What an answer null was fitted on (answer_calibrations.source)."""
+
+    CONTROL = "control"  # the shipped control prompts' answers
+    TRAFFIC = "traffic"  # the deployment's own recorded answers over a window
+
+
 class Scope(_Values):
     ADMIN = "admin"
     CLIENT = "client"
@@ -71,6 +79,7 @@ class Scope(_Values):
 
 
 __all__ = [
+    "CalibrationSource",
     "ConceptSource",
     "FlagKind",
     "JobKind",

@@ -13,6 +13,9 @@ deadlock; SQLite admits one writer at a time (the caller's session begins IMMEDI
 
 Finished jobs older than the window go too. Concepts, vectors, calibrations and the admin log
 are kept: they are the registry, not traffic.
+
+Size: one batch transaction (claim, fold, delete) whose steps must be read together to see it is
+all-or-nothing.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ cannot (percentiles, drift statistics, time buckets) is computed from fetched va
 Past retention (auditor.db.retention) a request's rows are gone and only daily rollups remain: the
 daily time series reads them (`fetch_rollups`); summaries, drift, comparisons and the flagged
 list need per-request rows and cover the retention window only.
+
+Size: the report's reads share their window and primary-layer filters; one module keeps every
+query that must agree on "which requests" side by side.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@
 - **The null**: probes.answer_null fitted on those traces.
 
 Both reads stop at the deepest primary layer: nothing above it, nor the logits, is needed.
+
+Size: answers, traces and the null share one cache layout and one key scheme; kept together so
+the cache is described in one place.
 """
 
 from __future__ import annotations

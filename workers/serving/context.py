@@ -17,6 +17,7 @@ from functools import cached_property
 
 from auditor.db import store
 from auditor.db.engine import database_url, make_engine, session_factory, writer_engine
+from auditor.db.enums import CalibrationSource
 from auditor.errors import InvalidInputError
 from auditor.settings import Settings, get_settings
 from auditor.telemetry.drift_export import DriftExporter
@@ -169,7 +170,7 @@ class WorkerContext:
                     bank_key=key,
                     model_fingerprint=model.fingerprint.hash,
                     concept_ids=bank.concept_ids or [],
-                    source="control",
+                    source=CalibrationSource.CONTROL,
                     null=null_to_dict(null),
                     summary=null.summary(),
                 )
@@ -184,7 +185,7 @@ class WorkerContext:
         flag length, which reshapes the null, retires it."""
         null = row.null
         same = row.min_tokens == self.settings.min_flag_tokens
-        if row.source == "control":
+        if row.source == CalibrationSource.CONTROL:
             expected = "held_out_group" if len({c for _, c in self.control_set()}) > 1 else "in_sample"
             same = (
                 same

@@ -9,7 +9,7 @@ from typing import Any
 
 from auditor.access import audit_log
 from auditor.db import store
-from auditor.db.enums import ConceptSource, JobStatus
+from auditor.db.enums import CalibrationSource, ConceptSource, JobStatus
 from auditor.errors import InvalidInputError
 from probes.answer_null import null_to_dict
 from probes.calibration import fpr_thresholds
@@ -105,7 +105,7 @@ def serve_calibration(job_id: str, runtime: WorkerContext | None = None) -> dict
         target_fpr = float(payload.get("target_fpr") or runtime.settings.target_fpr)
         rows = runtime.calibrate(session, bank, target_fpr)
         window = None
-        if payload.get("source") == "traffic":
+        if payload.get("source") == CalibrationSource.TRAFFIC:
             window = (datetime.fromisoformat(payload["since"]), datetime.fromisoformat(payload["until"]))
             null = runtime.fit_traffic_null(session, bank, target_fpr, *window)
         else:
@@ -117,7 +117,7 @@ def serve_calibration(job_id: str, runtime: WorkerContext | None = None) -> dict
             bank_key=bank_key(model, bank),
             model_fingerprint=model.fingerprint.hash,
             concept_ids=bank.concept_ids or [],
-            source=payload.get("source", "control"),
+            source=payload.get("source", CalibrationSource.CONTROL),
             null=null_to_dict(null),
             summary=summary,
             window_start=window[0] if window else None,

@@ -17,6 +17,9 @@ call, so a batch only starts when the buffer flushes and every request waits for
 one; requests cannot join or leave a running batch. Continuous batching needs a loop that owns
 the KV cache across steps, and per-request Celery tasks keep acks, retries and results
 per request. See DESIGN notes in README ("Worker batching").
+
+Size: the loop, its job types and its one batch state belong together; the batching itself lives
+in workers.runtime.batch_generate.
 """
 
 from __future__ import annotations

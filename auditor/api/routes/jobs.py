@@ -15,7 +15,7 @@ from auditor.api.deps import SessionDep, SettingsDep
 from auditor.api.schemas import AnswerCalibrationRead, CalibrationCreate, CalibrationRead, JobAccepted, JobRead
 from auditor.api.security import PrincipalDep
 from auditor.db import store
-from auditor.db.enums import JobKind
+from auditor.db.enums import CalibrationSource, JobKind
 from auditor.db.models import AnswerCalibration, Concept
 from auditor.errors import InvalidInputError, JobNotFound
 from auditor.queue.dispatch import TASK_CALIBRATE
@@ -39,7 +39,7 @@ def calibrate(
     body = body or CalibrationCreate()
     target_fpr = body.target_fpr or settings.target_fpr
     payload: dict = {"target_fpr": target_fpr, "source": body.source}
-    if body.source == "traffic":
+    if body.source == CalibrationSource.TRAFFIC:
         try:
             since = body.since.astimezone(UTC)
             until = (body.until or datetime.now(UTC)).astimezone(UTC)

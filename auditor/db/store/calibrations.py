@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from auditor.db.enums import CalibrationSource
 from auditor.db.models import AnswerCalibration, Calibration
 from auditor.db.store.codecs import optional_float
 from auditor.db.store.validation import check_choice, check_sha256
@@ -93,7 +94,7 @@ def add_answer_calibration(
     """Store a length-aware null (probes.answer_null.null_to_dict) for one bank of concepts."""
     check_sha256("bank_key", bank_key)
     check_sha256("model_fingerprint", model_fingerprint)
-    check_choice("source", source, ("control", "traffic"))
+    check_choice("source", source, CalibrationSource.values())
     row = AnswerCalibration(
         bank_key=bank_key,
         model_fingerprint=model_fingerprint,
