@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from auditor.db.labels import display_labels
 from auditor.db.models import utcnow
 from auditor.reports.aggregate import DriftRow
 from auditor.reports.queries import resolve_concepts
@@ -34,12 +36,9 @@ class DriftExporter:
         with self.sessions() as session:
             refs = resolve_concepts(session, names=None, windows=[window])
             rows = drift_section(session, refs=refs, window=window, baseline=baseline)
-        versions: dict[str, int] = {}
-        for row in rows:
-            versions[row.concept] = versions.get(row.concept, 0) + 1
-        for row in rows:
+        labels = display_labels(_Named(row.concept, row.version) for row in rows)
+        for row, label in zip(rows, labels):
             if row.psi is not None:
-                label = row.concept if versions[row.concept] == 1 else f"{row.concept}:v{row.version}"
                 metrics.set_drift(label, row.layer, self.model_id, row.psi)
         return rows
 
@@ -58,3 +57,9 @@ class DriftExporter:
                 self.run_once()
             except Exception:  # a failed pass is logged and retried next interval
                 log.exception("drift export failed")
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+    version: int

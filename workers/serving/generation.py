@@ -12,6 +12,7 @@ from sqlalchemy import select
 from auditor import privacy
 from auditor.db import store
 from auditor.db.enums import PrivacyMode, RequestStatus
+from auditor.db.labels import display_labels
 from auditor.db.models import Flag
 from auditor.errors import InvalidInputError
 from auditor.telemetry import metrics
@@ -119,9 +120,7 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
 def _display_names(concepts: list) -> dict[int, str]:
     """Concept id -> the name answers use: the bare name, or name:vN when several versions of
     it are present (as workers.serving.registry.bank_from_registry names them)."""
-    return {
-        c.id: c.name if sum(o.name == c.name for o in concepts) == 1 else f"{c.name}:v{c.version}" for c in concepts
-    }
+    return dict(zip((c.id for c in concepts), display_labels(concepts)))
 
 
 def recorded_generation(session, request, text: str | None = None) -> dict[str, Any]:

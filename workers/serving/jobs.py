@@ -10,6 +10,7 @@ from typing import Any
 from auditor.access import audit_log
 from auditor.db import store
 from auditor.db.enums import CalibrationSource, ConceptSource, JobStatus
+from auditor.db.labels import version_label
 from auditor.errors import InvalidInputError
 from probes.answer_null import null_to_dict
 from probes.calibration import fpr_thresholds
@@ -75,7 +76,7 @@ def serve_extraction(job_id: str, runtime: WorkerContext | None = None) -> dict[
                 session,
                 actor=payload.get("created_by"),
                 action="concept.register",
-                target=f"concept:{concept.name}:v{concept.version}",
+                target=f"concept:{version_label(concept.name, concept.version)}",
                 vector_hash=concept.vector_hash,
                 details={"concept_id": concept.id, "source": ConceptSource.PAIRS, "job_id": job_id},
             )

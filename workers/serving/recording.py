@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from auditor.db import store
+from auditor.db.labels import concept_name
 from auditor.telemetry import metrics
 from workers.monitoring.concepts import ConceptBank
 from workers.monitoring.divergence import OK, Verdict
@@ -68,15 +69,10 @@ def record_metrics(model_id: str, bank: ConceptBank, verdict: Verdict) -> None:
         return
     samples = [
         metrics.ScoreSample(
-            concept_label(name), bank.auto_layers[name], float(reading.residual_z[k]), exceeded=bool(reading.alert[k])
+            concept_name(name), bank.auto_layers[name], float(reading.residual_z[k]), exceeded=bool(reading.alert[k])
         )
         for k, name in enumerate(bank.names)
     ]
     metrics.record_scores(model_id, samples)
     for flag in verdict.flags:
-        metrics.record_flag(flag.kind, concept_label(bank.names[flag.concept]), model_id)
-
-
-def concept_label(name: str) -> str:
-    """The concept name without its `:vN` version suffix (bounded metric labels)."""
-    return name.split(":v")[0]
+        metrics.record_flag(flag.kind, concept_name(bank.names[flag.concept]), model_id)

@@ -12,6 +12,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from auditor.db import store
+from auditor.db.labels import display_labels
 from auditor.db.models import Concept
 from auditor.errors import InvalidInputError
 from probes.calibration import Calibration, fpr_thresholds
@@ -107,7 +108,7 @@ def bank_from_registry(session: Session, host: ModelHost) -> ConceptBank:
     concepts = _active_concepts(session, host)
     if not concepts:
         raise InvalidInputError(f"no active concepts are registered for {model.fingerprint.model_id}")
-    names = [c.name if sum(o.name == c.name for o in concepts) == 1 else f"{c.name}:v{c.version}" for c in concepts]
+    names = display_labels(concepts)
     directions = torch.zeros(len(layers), len(concepts), model.d_model)
     mask = torch.zeros(len(layers), len(concepts), dtype=torch.bool)
     for k, concept in enumerate(concepts):

@@ -29,6 +29,7 @@ from auditor.api.openai.protocol import (
 )
 from auditor.db import store
 from auditor.db.enums import PrivacyMode, RequestKind
+from auditor.db.labels import concept_name
 from auditor.model_identity import ModelFingerprint
 from auditor.queue.dispatch import TASK_GENERATE
 from auditor.settings import Settings
@@ -178,7 +179,7 @@ def _select_scores(scores: dict, body: Body) -> dict:
     wanted = body.auditor.concepts if body.auditor else None
     if not wanted:
         return scores
-    return {key: value for key, value in scores.items() if key.split(":v")[0] in wanted}
+    return {key: value for key, value in scores.items() if concept_name(key) in wanted}
 
 
 def response(generation: Generation, result: dict, body: Body, model_id: str) -> ChatCompletion | Completion:

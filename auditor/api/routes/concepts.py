@@ -17,6 +17,7 @@ from auditor.api.schemas import ConceptCreate, ConceptRead, ExtractionCreate, Jo
 from auditor.api.security import PrincipalDep
 from auditor.db import store
 from auditor.db.enums import ConceptSource, JobKind
+from auditor.db.labels import version_label
 from auditor.db.models import Concept
 from auditor.errors import ConceptNotFound, InvalidInputError
 from auditor.model_identity import ModelFingerprint
@@ -95,7 +96,7 @@ def _log(session, principal, action: str, concept: Concept, **details) -> None:
         session,
         actor=principal,
         action=action,
-        target=f"concept:{concept.name}:v{concept.version}",
+        target=f"concept:{version_label(concept.name, concept.version)}",
         vector_hash=concept.vector_hash,
         details={"concept_id": concept.id, **details},
     )
