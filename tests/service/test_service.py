@@ -209,6 +209,27 @@ def test_a_one_token_answer_is_marked_insufficient_and_never_flagged(service, cl
     assert row.monitor_status == "insufficient_tokens"
 
 
+def test_a_stop_sequence_ends_the_answer_and_only_the_returned_tokens_are_scored(service, client):
+    response = client.chat.completions.create(
+        model="auditor",
+        max_tokens=40,
+        temperature=0,
+        stop=["5"],
+        messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas. Reply with the numbers only."}],
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop" and "5" not in choice.message.content and "4" in choice.message.content
+    assert choice.message.refusal is None  # required (nullable) by OpenAI's schema
+    n_tokens = response.usage.completion_tokens
+    assert response.model_extra["auditor"]["monitor"]["tokens"] == n_tokens
+    sessions = session_factory(make_engine(service["db_url"]))
+    with sessions() as session:
+        row = session.get(MonitoredRequest, response.id)
+        stored_tokens = set(session.scalars(select(RequestScore.n_tokens).where(RequestScore.request_id == row.id)))
+    assert row.completion_text == choice.message.content and row.finish_reason == "stop"
+    assert row.completion_tokens == n_tokens and stored_tokens == {n_tokens}
+
+
 def test_unknown_model_and_streaming_get_clear_4xx(client):
     import openai
 

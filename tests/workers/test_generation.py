@@ -209,3 +209,39 @@ def test_the_api_can_know_the_fingerprint_without_loading_weights(model):
     described = describe_model("smollm2")
     assert described == model.fingerprint
     assert described.hash == model.fingerprint.hash
+
+
+COUNTING = "Count from 1 to 10, separated by commas. Reply with the numbers only."
+
+
+def test_a_stop_sequence_ends_the_answer_before_it_and_the_span_is_what_is_returned(model, all_layers):
+    """Greedy, so the stopped answer is a prefix of the unstopped one: the longest run of whole
+    tokens whose text ends before the first "5"; its residuals are exactly those positions."""
+    from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
+
+    prompt = encode_prompt(model, COUNTING)
+    full = generate(model, prompt, SamplingConfig(max_new_tokens=40), all_layers)
+    full_text = full.answer_text(model.tokenizer)
+    assert "5" in full_text and "4" in full_text.split("5")[0], full_text  # the premise of the test
+    before = full_text[: full_text.index("5")]
+
+    config = SamplingConfig(max_new_tokens=40, stop=["5", "never-appears"])
+    stopped = generate(model, prompt, config, all_layers)
+    k = len(stopped.output_ids)
+    text = stopped.answer_text(model.tokenizer)
+    assert stopped.finish_reason == "stop" and "5" not in text and "4" in text, text
+    assert stopped.output_ids == full.output_ids[:k] and before.startswith(text)
+    one_more = model.tokenizer.decode(full.output_ids[: k + 1], skip_special_tokens=True)
+    assert not before.startswith(one_more), (text, one_more)  # the next token reaches the stop
+    span = len(prompt) - 1 + k
+    assert stopped.resid.shape[1] == span
+    assert torch.allclose(stopped.resid, full.resid[:, :span], atol=1e-4)
+
+    batch = BatchGenerator(model, all_layers)
+    finished = batch.add([("stopped", SequenceRequest(prompt, config))])
+    while not finished:
+        finished = batch.step()
+    ((_, batched),) = finished
+    assert batched.output_ids == stopped.output_ids and batched.finish_reason == "stop"
+    assert batched.answer_text(model.tokenizer) == text
+    assert batched.resid.shape[1] == span

@@ -32,6 +32,7 @@ from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.generate import Generation, SamplingConfig, _check_length, _next_token
 from workers.runtime.model import LoadedModel
+from workers.runtime.stopping import StopMatcher
 
 
 @dataclass
@@ -52,6 +53,8 @@ class _Row:
     output: list[int] = field(default_factory=list)
     chunks: list[torch.Tensor] = field(default_factory=list)  # [n_layers, pos, d_model] per pass
     finish: str | None = None
+    stops: StopMatcher | None = None
+    stopped_after: int | None = None  # whole tokens kept when a stop sequence matched
     joined_at: float = 0.0
     prefill_seconds: float = 0.0
     prefilled_at: float = 0.0
@@ -101,7 +104,8 @@ class BatchGenerator:
             mask[b, width - n :] = 1
             seed = request.config.seed
             generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-            rows.append(_Row(key, request, pad=width - n, generator=generator, joined_at=started))
+            stops = StopMatcher(self.model.tokenizer, request.config.stop) if request.config.stop else None
+            rows.append(_Row(key, request, pad=width - n, generator=generator, stops=stops, joined_at=started))
         logits, cache, resid = self._forward(tokens.to(device), mask.to(device), rows, past=None, offset=0)
         now = time.perf_counter()
         for b, row in enumerate(rows):
@@ -159,6 +163,8 @@ class BatchGenerator:
             row.output.append(token)
             if config.stop_at_eos and token in self.model.eos_token_ids:
                 row.finish = "stop"
+            elif row.stops is not None and (kept := row.stops.cut(row.output)) is not None:
+                row.finish, row.stopped_after = "stop", kept
             elif len(row.output) >= config.max_new_tokens:
                 row.finish = "length"
             if row.finish is None:
@@ -187,7 +193,7 @@ class BatchGenerator:
 
     def _result(self, row: _Row) -> Generation:
         resid = torch.cat(row.chunks, dim=1) if self.layers else None
-        return Generation(
+        generation = Generation(
             prompt_ids=list(row.request.prompt_ids),
             output_ids=row.output,
             finish_reason=row.finish,
@@ -196,6 +202,7 @@ class BatchGenerator:
             prefill_seconds=row.prefill_seconds,
             decode_seconds=time.perf_counter() - row.prefilled_at,
         )
+        return generation if row.stopped_after is None else generation.stopped_after(row.stopped_after)
 
     # ---- one forward pass under per-row hooks ----
 

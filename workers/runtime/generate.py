@@ -20,6 +20,7 @@ from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.hooks import ResidualCapture, hooked
 from workers.runtime.model import LoadedModel
+from workers.runtime.stopping import StopMatcher, cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,10 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop_at_eos: bool = True
+    stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first (not included)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))  # a JSON payload gives a list
         if self.max_new_tokens < 1:
             raise InvalidInputError("max_new_tokens must be at least 1")
         if self.temperature < 0 or self.temperature != self.temperature:
@@ -43,16 +46,30 @@ class SamplingConfig:
 class Generation:
     prompt_ids: list[int]
     output_ids: list[int]
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
     resid: torch.Tensor | None  # [n_layers, P+N-1, d_model], or None when not monitored
     layers: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    text_end: int | None = None  # the answer's text is cut here (a stop inside its only token)
 
     @property
     def response_start(self) -> int:
         """First position of the response span in `resid` (the last prompt position)."""
         return len(self.prompt_ids) - 1
+
+    def answer_text(self, tokenizer) -> str:
+        text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        return text if self.text_end is None else text[: self.text_end]
+
+    def stopped_after(self, keep: int) -> Generation:
+        """This generation ended by a stop sequence matched after `keep` whole tokens: only those
+        are returned, and the residuals cover only their positions."""
+        output, text_end = cut_at_stop(self.output_ids, keep)
+        resid = None if self.resid is None else self.resid[:, : len(self.prompt_ids) - 1 + len(output)]
+        return Generation(
+            self.prompt_ids, output, "stop", resid, self.layers, self.prefill_seconds, self.decode_seconds, text_end
+        )
 
 
 def encode_prompt(model: LoadedModel, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
@@ -122,6 +139,7 @@ def generate(
     tokens = torch.tensor([prompt], device=model.device)  # [1, P]
     output: list[int] = []
     finish = "length"
+    stops, stopped_after = StopMatcher(model.tokenizer, config.stop), None
     with hooked(model, capture=capture, steering=steering) as tracker:
         started = time.perf_counter()
         tracker.offset = 0
@@ -132,6 +150,8 @@ def generate(
             output.append(token)
             if config.stop_at_eos and token in model.eos_token_ids:
                 finish = "stop"
+                break
+            if (stopped_after := stops.cut(output)) is not None:
                 break
             if step == config.max_new_tokens - 1:
                 break
@@ -148,7 +168,7 @@ def generate(
                 logits = model.bridge.forward(full)
     decode_done = time.perf_counter()
     resid = capture.stacked()[:, 0] if capture is not None else None
-    return Generation(
+    generation = Generation(
         prompt_ids=prompt,
         output_ids=output,
         finish_reason=finish,
@@ -157,3 +177,4 @@ def generate(
         prefill_seconds=prefill_done - started,
         decode_seconds=decode_done - prefill_done,
     )
+    return generation if stopped_after is None else generation.stopped_after(stopped_after)

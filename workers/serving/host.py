@@ -165,5 +165,5 @@ class ModelHost:
         prompt_ids = encode_prompt(self.model, prompt, chat)
         steering = [self.steering(s, bank, len(prompt_ids)) for s in steer]
         generation = generate(self.model, prompt_ids, sampling, bank.layers, steering)
-        text = self.model.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
+        text = generation.answer_text(self.model.tokenizer)
         return MonitoredGeneration(generation, text, score_generation(bank, generation))

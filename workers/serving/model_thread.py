@@ -231,7 +231,7 @@ class ModelThread:
         for job, generation in finished:
             bank = self._banks.pop(id(job))
             try:
-                text = model.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
+                text = generation.answer_text(model.tokenizer)
                 scores = score_generation(bank, generation)
                 served.append((job, Served(generation, text, scores, bank)))
             except Exception as exc:

@@ -11,9 +11,9 @@ too); the error body every route answers with is auditor.api.schemas.ErrorBody."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from auditor.schemas import FINITE, INT64_MAX, INT64_MIN, MAX_MESSAGES, MAX_TEXT_CHARS, MAX_TOKENS, ChatMessage, Text
 
@@ -30,7 +30,14 @@ class AuditorOptions(BaseModel):
     )
 
 
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+
+
 class _SamplingFields(BaseModel):
+    """What both routes take. Every parameter OpenAI defines is declared, so none is silently
+    ignored: each is honoured, or `unsupported()` names it and the route answers 400."""
+
     model_config = FINITE
 
     model: Text = Field(max_length=512)
@@ -38,27 +45,100 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stop: Text | list[Text] | None = Field(
+        None, description=f"up to {MAX_STOP_SEQUENCES} sequences; generation ends at the first, which is not returned"
+    )
+    n: int = Field(1, ge=1, le=128, description="choices per request: only 1 is supported")
     stream: bool = False
-    user: Text | None = Field(None, max_length=256)
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: Text | None = Field(None, max_length=256, description="accepted; not used")
     auditor: AuditorOptions | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not stops:
+            return None
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop sequence must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
+        return stops
+
     def sampling(self, default_max_tokens: int) -> dict:
-        return {
+        sampling = {
             "max_new_tokens": self.max_tokens or default_max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
         }
+        if self.stop:
+            sampling["stop"] = list(self.stop)
+        return sampling
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, why) for the first parameter set to something this deployment cannot do;
+        a parameter at its neutral value (n=1, penalties 0, an empty logit_bias) is accepted."""
+        checks = [
+            ("stream", self.stream, "streaming is not supported yet"),
+            ("stream_options", self.stream_options and not self.stream, "stream_options needs stream=true"),
+            ("n", self.n != 1, "only one choice per request (n=1) is supported"),
+            ("presence_penalty", self.presence_penalty != 0, "penalties are not supported"),
+            ("frequency_penalty", self.frequency_penalty != 0, "penalties are not supported"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+            *self._unsupported_here(),
+        ]
+        return next(((name, why) for name, bad, why in checks if bad), None)
+
+    def _unsupported_here(self) -> list[tuple[str, bool, str]]:
+        return []
 
 
 class ChatCompletionCreate(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def _unsupported_here(self) -> list[tuple[str, bool, str]]:
+        text_format = self.response_format is None or self.response_format.get("type") == "text"
+        return [
+            ("logprobs", bool(self.logprobs), "log-probabilities are not supported yet"),
+            ("top_logprobs", bool(self.top_logprobs), "log-probabilities are not supported yet"),
+            ("response_format", not text_format, "only plain text responses ({'type': 'text'}) are supported"),
+            ("tools", bool(self.tools), "tool calls are not supported"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool calls are not supported"),
+            ("functions", bool(self.functions), "function calls are not supported"),
+            ("function_call", self.function_call not in (None, "none"), "function calls are not supported"),
+        ]
 
 
 class CompletionCreate(_SamplingFields):
     prompt: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=128)
+    suffix: Text | None = Field(None, max_length=MAX_TEXT_CHARS)
+
+    def _unsupported_here(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("logprobs", self.logprobs is not None, "log-probabilities are not supported yet"),
+            ("echo", self.echo, "echo is not supported yet"),
+            ("best_of", self.best_of not in (None, 1), "best_of is not supported"),
+            ("suffix", bool(self.suffix), "suffix (insertion) is not supported"),
+        ]
 
 
 # ---- the `auditor` block of a response ----
@@ -147,6 +227,7 @@ class Usage(_Response):
 class ChatCompletionMessage(_Response):
     role: Literal["assistant"]
     content: str | None
+    refusal: str | None = None  # OpenAI's schema requires it (nullable); Auditor never refuses
 
 
 class ChatCompletionChoice(_Response):
@@ -181,3 +262,18 @@ class Completion(_Response):
     choices: list[CompletionChoice]
     usage: Usage
     auditor: AuditorReading
+
+
+# ---- the model list ----
+
+
+class Model(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -11,7 +11,15 @@ from fastapi.responses import JSONResponse
 
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.openai import serving
-from auditor.api.openai.protocol import ChatCompletion, ChatCompletionCreate, Completion, CompletionCreate
+from auditor.api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionCreate,
+    Completion,
+    CompletionCreate,
+    Model,
+    ModelList,
+)
+from auditor.errors import NotFoundError
 
 router = APIRouter(prefix="/v1", tags=["completions (OpenAI-compatible)"])
 
@@ -38,3 +46,17 @@ def completions(
     if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
         return error
     return serving.serve(request, session, settings, fingerprint, body, serving.completion_generation(body))
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(settings: SettingsDep, fingerprint: FingerprintDep) -> ModelList:
+    """The served model, by the id every response reports (requests may also name it `auditor`,
+    `default` or by the AUDITOR_MODEL setting)."""
+    return ModelList(data=[serving.model_card(fingerprint)])
+
+
+@router.get("/models/{model:path}", response_model=Model)
+def get_model(model: str, settings: SettingsDep, fingerprint: FingerprintDep) -> Model:
+    if not serving.serves(model, fingerprint, settings):
+        raise NotFoundError(f"unknown model {model!r}: this deployment serves {fingerprint.model_id!r}")
+    return serving.model_card(fingerprint)

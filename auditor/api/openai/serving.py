@@ -25,6 +25,7 @@ from auditor.api.openai.protocol import (
     Completion,
     CompletionChoice,
     CompletionCreate,
+    Model,
     Usage,
 )
 from auditor.db import store
@@ -61,8 +62,22 @@ def check_completion(body: CompletionCreate, settings: Settings) -> None:
     refuse(_tokens(body, settings) + too_many_chars(("prompt",), "the prompt", [body.prompt], settings))
 
 
+# When this API process started: the `created` of the one model it lists (OpenAI's field is the
+# model's creation time, which a local weights file does not record).
+STARTED = int(time.time())
+
+
+def serves(name: str, fingerprint: ModelFingerprint, settings: Settings) -> bool:
+    """Whether a request naming `name` is for the served model."""
+    return name in (fingerprint.model_id, settings.model, *MODEL_ALIASES)
+
+
+def model_card(fingerprint: ModelFingerprint) -> Model:
+    return Model(id=fingerprint.model_id, created=STARTED, owned_by="auditor")
+
+
 def _unknown_model(name: str, fingerprint: ModelFingerprint, settings: Settings) -> JSONResponse | None:
-    if name in (fingerprint.model_id, settings.model, *MODEL_ALIASES):
+    if serves(name, fingerprint, settings):
         return None
     message = f"unknown model {name!r}: this deployment serves {fingerprint.model_id!r}"
     return JSONResponse(error_body(message, "model_not_found", ("body", "model")), status_code=404)
@@ -88,10 +103,10 @@ def rejected(session: Session, body: Body, fingerprint: ModelFingerprint, settin
         return error
     if (error := _unknown_concepts(session, body)) is not None:
         return error
-    if body.stream:
-        return JSONResponse(
-            error_body("stream=true is not supported yet", "unsupported", ("body", "stream")), status_code=400
-        )
+    if (unsupported := body.unsupported()) is not None:
+        param, why = unsupported
+        message = f"{param}: {why}"
+        return JSONResponse(error_body(message, "unsupported_parameter", ("body", param)), status_code=400)
     return None
 
 
