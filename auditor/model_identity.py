@@ -49,6 +49,19 @@ class ModelFingerprint:
             basis.pop("model_id")
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
+    def provenance(self) -> dict:
+        """The basis a vector is registered in, as the concept columns that record it
+        (auditor.db.store.add_concept_version's keywords)."""
+        return {
+            "model_id": self.model_id,
+            "model_revision": self.revision,
+            "model_fingerprint": self.hash,
+            "loader": self.loader,
+            "hook_point": self.hook_point,
+            "d_model": self.d_model,
+            "n_layers_model": self.n_layers,
+        }
+
 
 @dataclass(frozen=True)
 class ModelSource:
