@@ -55,8 +55,8 @@ def list_models(settings: SettingsDep, fingerprint: FingerprintDep) -> ModelList
     return ModelList(data=[serving.model_card(fingerprint)])
 
 
-@router.get("/models/{model:path}", response_model=Model)
-def get_model(model: str, settings: SettingsDep, fingerprint: FingerprintDep) -> Model:
-    if not serving.serves(model, fingerprint, settings):
-        raise NotFoundError(f"unknown model {model!r}: this deployment serves {fingerprint.model_id!r}")
+@router.get("/models/{model_id:path}", response_model=Model)
+def get_model(model_id: str, settings: SettingsDep, fingerprint: FingerprintDep) -> Model:
+    if not serving.serves(model_id, fingerprint, settings):
+        raise NotFoundError(f"unknown model {model_id!r}: this deployment serves {fingerprint.model_id!r}")
     return serving.model_card(fingerprint)
