@@ -230,6 +230,37 @@ def test_a_stop_sequence_ends_the_answer_and_only_the_returned_tokens_are_scored
     assert row.completion_tokens == n_tokens and stored_tokens == {n_tokens}
 
 
+def test_log_probabilities_in_both_shapes(client):
+    """Chat: one entry per returned token with its top alternatives; completions: the legacy
+    parallel lists. Greedy, so each chosen token is its step's most likely one."""
+    chat = client.chat.completions.create(
+        model="auditor",
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        messages=[{"role": "user", "content": "Name three colours."}],
+    )
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens
+    assert "".join(e.token for e in entries).strip() == chat.choices[0].message.content.strip()
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-6
+    plain = client.chat.completions.create(
+        model="auditor", max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert plain.choices[0].logprobs is None
+
+    text = client.completions.create(model="auditor", prompt="The sky is", max_tokens=6, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == text.usage.completion_tokens
+    assert "".join(lp.tokens) == text.choices[0].text
+    assert lp.text_offset[0] == 0 and all(b > a for a, b in zip(lp.text_offset, lp.text_offset[1:]))
+    assert all(max(top, key=top.get) == token for token, top in zip(lp.tokens, lp.top_logprobs))
+
+
 def test_unknown_model_and_streaming_get_clear_4xx(client):
     import openai
 

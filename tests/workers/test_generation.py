@@ -214,6 +214,33 @@ def test_the_api_can_know_the_fingerprint_without_loading_weights(model):
 COUNTING = "Count from 1 to 10, separated by commas. Reply with the numbers only."
 
 
+def test_logprobs_are_the_models_own_and_the_same_in_a_batch(model, all_layers):
+    """Greedy: the chosen token is the most likely one, so its log-probability is the top one;
+    log-probabilities are <= 0, sorted, and the batched path reports the same numbers."""
+    from workers.runtime.batch_generate import BatchGenerator, SequenceRequest
+
+    prompt = encode_prompt(model, COUNTING)
+    config = SamplingConfig(max_new_tokens=12, logprobs=3, stop_at_eos=False)
+    alone = generate(model, prompt, config, all_layers)
+    assert len(alone.logprobs) == len(alone.output_ids) == 12
+    for token, lp in zip(alone.output_ids, alone.logprobs):
+        assert lp.token == token and len(lp.top) == 3
+        assert lp.top[0] == (token, pytest.approx(lp.logprob, abs=1e-6))
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True) and values[0] <= 0
+        assert sum(torch.tensor(values).exp()) <= 1 + 1e-5
+    assert generate(model, prompt, SamplingConfig(max_new_tokens=4), all_layers).logprobs is None
+
+    batch = BatchGenerator(model, all_layers)
+    finished = batch.add([("row", SequenceRequest(prompt, config))])
+    while not finished:
+        finished = batch.step()
+    ((_, batched),) = finished
+    assert batched.output_ids == alone.output_ids
+    for a, b in zip(alone.logprobs, batched.logprobs):
+        assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-3
+
+
 def test_a_stop_sequence_ends_the_answer_before_it_and_the_span_is_what_is_returned(model, all_layers):
     """Greedy, so the stopped answer is a prefix of the unstopped one: the longest run of whole
     tokens whose text ends before the first "5"; its residuals are exactly those positions."""

@@ -31,6 +31,7 @@ from auditor.errors import InvalidInputError
 from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.generate import Generation, SamplingConfig, _check_length, _next_token
+from workers.runtime.logprobs import TokenLogprob, token_logprob
 from workers.runtime.model import LoadedModel
 from workers.runtime.stopping import StopMatcher
 
@@ -55,6 +56,7 @@ class _Row:
     finish: str | None = None
     stops: StopMatcher | None = None
     stopped_after: int | None = None  # whole tokens kept when a stop sequence matched
+    logprobs: list[TokenLogprob] | None = None  # when the request asks for them
     joined_at: float = 0.0
     prefill_seconds: float = 0.0
     prefilled_at: float = 0.0
@@ -105,7 +107,8 @@ class BatchGenerator:
             seed = request.config.seed
             generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
             stops = StopMatcher(self.model.tokenizer, request.config.stop) if request.config.stop else None
-            rows.append(_Row(key, request, pad=width - n, generator=generator, stops=stops, joined_at=started))
+            logprobs = None if request.config.logprobs is None else []
+            rows.append(_Row(key, request, width - n, generator, stops=stops, logprobs=logprobs, joined_at=started))
         logits, cache, resid = self._forward(tokens.to(device), mask.to(device), rows, past=None, offset=0)
         now = time.perf_counter()
         for b, row in enumerate(rows):
@@ -161,6 +164,8 @@ class BatchGenerator:
             config = row.request.config
             token = _next_token(self.next_logits[b], config, row.generator)
             row.output.append(token)
+            if row.logprobs is not None:
+                row.logprobs.append(token_logprob(self.next_logits[b], token, config.logprobs))
             if config.stop_at_eos and token in self.model.eos_token_ids:
                 row.finish = "stop"
             elif row.stops is not None and (kept := row.stops.cut(row.output)) is not None:
@@ -201,6 +206,7 @@ class BatchGenerator:
             layers=list(self.layers),
             prefill_seconds=row.prefill_seconds,
             decode_seconds=time.perf_counter() - row.prefilled_at,
+            logprobs=row.logprobs,
         )
         return generation if row.stopped_after is None else generation.stopped_after(row.stopped_after)
 

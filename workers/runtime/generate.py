@@ -19,6 +19,7 @@ from auditor.errors import InvalidInputError
 from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.hooks import ResidualCapture, hooked
+from workers.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
 from workers.runtime.model import LoadedModel
 from workers.runtime.stopping import StopMatcher, cut_at_stop
 
@@ -31,6 +32,7 @@ class SamplingConfig:
     seed: int | None = None
     stop_at_eos: bool = True
     stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first (not included)
+    logprobs: int | None = None  # None: none recorded; k: each token's log-probability and the top k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # a JSON payload gives a list
@@ -40,6 +42,8 @@ class SamplingConfig:
             raise InvalidInputError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError("top_p must be in (0, 1]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidInputError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Generation:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     text_end: int | None = None  # the answer's text is cut here (a stop inside its only token)
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when asked for
 
     @property
     def response_start(self) -> int:
@@ -67,8 +72,17 @@ class Generation:
         are returned, and the residuals cover only their positions."""
         output, text_end = cut_at_stop(self.output_ids, keep)
         resid = None if self.resid is None else self.resid[:, : len(self.prompt_ids) - 1 + len(output)]
+        logprobs = None if self.logprobs is None else self.logprobs[: len(output)]
         return Generation(
-            self.prompt_ids, output, "stop", resid, self.layers, self.prefill_seconds, self.decode_seconds, text_end
+            self.prompt_ids,
+            output,
+            "stop",
+            resid,
+            self.layers,
+            self.prefill_seconds,
+            self.decode_seconds,
+            text_end,
+            logprobs,
         )
 
 
@@ -138,6 +152,7 @@ def generate(
     capture = ResidualCapture(monitor_layers) if monitor_layers else None
     tokens = torch.tensor([prompt], device=model.device)  # [1, P]
     output: list[int] = []
+    logprobs: list[TokenLogprob] | None = None if config.logprobs is None else []
     finish = "length"
     stops, stopped_after = StopMatcher(model.tokenizer, config.stop), None
     with hooked(model, capture=capture, steering=steering) as tracker:
@@ -148,6 +163,8 @@ def generate(
         for step in range(config.max_new_tokens):
             token = _next_token(logits[0, -1], config, generator)
             output.append(token)
+            if logprobs is not None:
+                logprobs.append(token_logprob(logits[0, -1], token, config.logprobs))
             if config.stop_at_eos and token in model.eos_token_ids:
                 finish = "stop"
                 break
@@ -176,5 +193,6 @@ def generate(
         layers=list(monitor_layers or []),
         prefill_seconds=prefill_done - started,
         decode_seconds=decode_done - prefill_done,
+        logprobs=logprobs,
     )
     return generation if stopped_after is None else generation.stopped_after(stopped_after)

@@ -40,6 +40,7 @@ from workers.monitoring.replay import encode_replay, replay_scores
 from workers.monitoring.scores import RequestScores, score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
 from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
+from workers.runtime.logprobs import logprob_entries
 
 if TYPE_CHECKING:
     from auditor.settings import Settings
@@ -93,6 +94,7 @@ class Served:
     scores: RequestScores
     bank: ConceptBank
     verdict: Verdict = field(default_factory=lambda: Verdict("calibrating"))
+    logprobs: list[dict] | None = None  # OpenAI's chat entries, when the request asked for them
 
     @property
     def flags(self):
@@ -233,7 +235,10 @@ class ModelThread:
             try:
                 text = generation.answer_text(model.tokenizer)
                 scores = score_generation(bank, generation)
-                served.append((job, Served(generation, text, scores, bank)))
+                logprobs = None
+                if generation.logprobs is not None:
+                    logprobs = logprob_entries(model.tokenizer, generation.logprobs)
+                served.append((job, Served(generation, text, scores, bank, logprobs=logprobs)))
             except Exception as exc:
                 job.future.set_exception(exc)
         self._judge([(s, s.scores, s.generation.output_ids, job.chat is not False) for job, s in served])

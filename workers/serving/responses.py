@@ -116,6 +116,7 @@ def answer_response(
     scores: dict[str, dict[str, Any]],
     flags: list[dict[str, Any]],
     monitor: dict[str, Any],
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The response of a finished generation. `flags` are `flag_body`s of every flag and alert
     in the order they were raised; divergence flags (hidden / surface) and concept-score alerts
@@ -131,6 +132,7 @@ def answer_response(
         "flags": [body for body in flags if body["kind"] in (FlagKind.HIDDEN, FlagKind.SURFACE)],
         "alerts": [body for body in flags if body["kind"] == FlagKind.THRESHOLD],
         "monitor": monitor,
+        **({"logprobs": logprobs} if logprobs is not None else {}),  # a recorded answer has none
     }
 
 
@@ -151,4 +153,5 @@ def served_answer(request_id: str, served: Served, finish_reason: str, null: Len
             for f in [*verdict.flags, *verdict.alerts]
         ],
         monitor=monitor_body(verdict.status, scores.aggregates.n_tokens, null, verdict.reading),
+        logprobs=served.logprobs,
     )

@@ -80,7 +80,13 @@ class _SamplingFields(BaseModel):
         }
         if self.stop:
             sampling["stop"] = list(self.stop)
+        if (k := self._logprobs()) is not None:
+            sampling["logprobs"] = k
         return sampling
+
+    def _logprobs(self) -> int | None:
+        """How many alternatives to report per token, or None for no log-probabilities."""
+        return None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(parameter, why) for the first parameter set to something this deployment cannot do;
@@ -112,11 +118,13 @@ class ChatCompletionCreate(_SamplingFields):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
 
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def _unsupported_here(self) -> list[tuple[str, bool, str]]:
         text_format = self.response_format is None or self.response_format.get("type") == "text"
         return [
-            ("logprobs", bool(self.logprobs), "log-probabilities are not supported yet"),
-            ("top_logprobs", bool(self.top_logprobs), "log-probabilities are not supported yet"),
+            ("top_logprobs", self.top_logprobs is not None and not self.logprobs, "top_logprobs needs logprobs=true"),
             ("response_format", not text_format, "only plain text responses ({'type': 'text'}) are supported"),
             ("tools", bool(self.tools), "tool calls are not supported"),
             ("tool_choice", self.tool_choice not in (None, "none"), "tool calls are not supported"),
@@ -132,9 +140,11 @@ class CompletionCreate(_SamplingFields):
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: Text | None = Field(None, max_length=MAX_TEXT_CHARS)
 
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
     def _unsupported_here(self) -> list[tuple[str, bool, str]]:
         return [
-            ("logprobs", self.logprobs is not None, "log-probabilities are not supported yet"),
             ("echo", self.echo, "echo is not supported yet"),
             ("best_of", self.best_of not in (None, 1), "best_of is not supported"),
             ("suffix", bool(self.suffix), "suffix (insertion) is not supported"),
@@ -230,18 +240,42 @@ class ChatCompletionMessage(_Response):
     refusal: str | None = None  # OpenAI's schema requires it (nullable); Auditor never refuses
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(_Response):
+    """The legacy completions shape: parallel lists, offsets into the returned text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatCompletionChoice(_Response):
     index: int
     message: ChatCompletionMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
 
 
 class CompletionChoice(_Response):
     index: int
     text: str | None
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class ChatCompletion(_Response):

@@ -18,6 +18,7 @@ from auditor.api.errors import error_body
 from auditor.api.limits import limit_error, refuse, too_many_chars
 from auditor.api.openai.protocol import (
     AuditorReading,
+    ChatChoiceLogprobs,
     ChatCompletion,
     ChatCompletionChoice,
     ChatCompletionCreate,
@@ -25,6 +26,7 @@ from auditor.api.openai.protocol import (
     Completion,
     CompletionChoice,
     CompletionCreate,
+    CompletionLogprobs,
     Model,
     Usage,
 )
@@ -219,11 +221,27 @@ def response(generation: Generation, result: dict, body: Body, model_id: str) ->
             }
         ),
     }
-    text, finish_reason = result["text"], result["finish_reason"]
+    text, finish_reason, entries = result["text"], result["finish_reason"], result.get("logprobs")
     if generation.kind == RequestKind.CHAT:
         message = ChatCompletionMessage(role="assistant", content=text)
-        choice = ChatCompletionChoice(index=0, message=message, finish_reason=finish_reason, logprobs=None)
+        logprobs = None if entries is None else ChatChoiceLogprobs(content=entries)
+        choice = ChatCompletionChoice(index=0, message=message, finish_reason=finish_reason, logprobs=logprobs)
         return ChatCompletion(choices=[choice], **common)
+    logprobs = None if entries is None else completion_logprobs(entries, body.logprobs or 0)
     return Completion(
-        choices=[CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=None)], **common
+        choices=[CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=logprobs)], **common
+    )
+
+
+def completion_logprobs(entries: list[dict], k: int) -> CompletionLogprobs:
+    """The worker's per-token entries (chat shape) as the legacy completions lists."""
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry["token"])
+    return CompletionLogprobs(
+        tokens=[e["token"] for e in entries],
+        token_logprobs=[e["logprob"] for e in entries],
+        top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if k else None,
+        text_offset=offsets,
     )
