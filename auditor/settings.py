@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="0 = cores / processes_per_machine")
     processes_per_machine: int = Field(1, ge=1, description="model processes sharing this machine's cores")
-    data_dir: Path = Field(Path(".auditor"), description="vector cache, plots, SQLite file")
+    data_dir: Path = Field(
+        Path(".auditor"),
+        description="vector cache, plots, SQLite file, admin token; created 0700 (files 0600), an existing one "
+        "is left as it is, with a warning if other users can open it",
+    )
     model_cache_dir: Path = Field(
         Path.home() / ".cache" / "auditor" / "models",
         description="dequantised copies of GGUF weights (first load converts, later loads are fast)",

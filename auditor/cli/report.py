@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,6 +22,7 @@ from auditor.cli.app import err_console
 from auditor.db.engine import database_url, make_engine, session_factory
 from auditor.db.models import utcnow
 from auditor.errors import InvalidInputError
+from auditor.reports.safe_text import visible_controls
 from auditor.settings import get_settings
 
 
@@ -45,19 +47,24 @@ class Bucket(str, Enum):
     day = "day"
 
 
+def _plain(text: object) -> str:
+    """Text echoed into a markup line (a window as typed, a concept name, a path): shown as is."""
+    return escape(visible_controls(str(text)))
+
+
 @contextmanager
 def _one_line_errors(url: str) -> Iterator[None]:
     """Bad input: one line, exit 2. An unreadable database: one line naming it, exit 1."""
     try:
         yield
     except InvalidInputError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {_plain(exc)}")
         raise typer.Exit(2) from None
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         shown = make_url(url).render_as_string(hide_password=True)
         err_console.print(
-            f"[bold red]error:[/] cannot read the database {shown}: {reason} "
+            f"[bold red]error:[/] cannot read the database {_plain(shown)}: {_plain(reason)} "
             "(is it reachable, and migrated with `auditor migrate`?)"
         )
         raise typer.Exit(1) from None
@@ -127,4 +134,4 @@ def report(
         return
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
-    err_console.print(f"wrote {output}")
+    err_console.print(f"wrote {_plain(output)}")

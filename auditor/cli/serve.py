@@ -17,6 +17,7 @@ import typer
 
 from auditor.cli.app import clear_errors, console, err_console
 from auditor.cli.tokens import TOKEN_FILE, embedded_admin_token
+from auditor.data_dir import ensure_private_dir
 from auditor.settings import get_settings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
@@ -111,8 +112,7 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
             "[yellow]warning:[/] retention is off (AUDITOR_RETENTION_DAYS or "
             "AUDITOR_RETENTION_INTERVAL_SECONDS is 0): nothing to schedule"
         )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    schedule_file = settings.data_dir / "celerybeat-schedule"  # when each entry last ran
+    schedule_file = ensure_private_dir(settings.data_dir) / "celerybeat-schedule"  # when each entry last ran
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule_file}"])
 
 

@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from auditor.cli.app import clear_errors, console, err_console
+from auditor.data_dir import ensure_private_dir
 from auditor.settings import get_settings
 
 TOKEN_FILE = "admin-token"
@@ -47,10 +48,9 @@ def embedded_admin_token(url: str, data_dir: Path) -> str:
             session.commit()
     finally:
         engine.dispose()
-    path = data_dir / TOKEN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ensure_private_dir(data_dir) / TOKEN_FILE
     path.touch(mode=0o600)
-    path.chmod(0o600)
+    path.chmod(0o600)  # before the secret is written: a file left by an older run may be 0644
     path.write_text(issued.token + "\n")
     return issued.token
 

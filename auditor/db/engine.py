@@ -15,6 +15,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from auditor.data_dir import ensure_private_dir, ensure_private_file
 from auditor.errors import AuditorError
 from auditor.settings import Settings
 
@@ -32,10 +33,10 @@ def normalize_url(url: str) -> str:
 
 
 def database_url(settings: Settings) -> str:
-    """The configured URL, or a SQLite file in the data directory (created if missing)."""
+    """The configured URL, or a SQLite file in the data directory (created, 0700, if missing)."""
     if settings.database_url:
         return normalize_url(settings.database_url)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(settings.data_dir)
     # Absolute, so the API, a worker and Alembic agree on the file whatever their working directory.
     return f"sqlite:///{(settings.data_dir / 'auditor.db').resolve()}"
 
@@ -43,11 +44,24 @@ def database_url(settings: Settings) -> str:
 def make_engine(url: str, **kwargs: Any) -> Engine:
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
+        _create_sqlite_file(url)
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine)
         return engine
     # pre_ping: a worker idles for hours between jobs; a server-closed connection must not fail one.
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _create_sqlite_file(url: str) -> None:
+    """A database file that does not exist yet is created here, 0600, before SQLite would create
+    it world-readable (0644 under the usual umask); its -wal and -shm files take its mode.
+    In-memory and URI-form databases are SQLite's; a missing directory stays SQLite's error."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.parent.is_dir():
+        ensure_private_file(path)
 
 
 def _configure_sqlite(engine: Engine) -> None:

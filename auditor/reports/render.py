@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from auditor.errors import InvalidInputError
 from auditor.reports.aggregate import (
@@ -26,6 +27,7 @@ from auditor.reports.aggregate import (
 )
 from auditor.reports.queries import ComparisonRow, FlaggedRequest
 from auditor.reports.report import Report
+from auditor.reports.safe_text import visible_controls
 from auditor.reports.window import Window
 
 # Report fields that are tables, and the type of their rows.
@@ -87,14 +89,16 @@ def to_json(report: Report) -> str:
 
 # A spreadsheet runs a cell that starts with one of these as a formula; prompts and completions
 # are user-controlled text (CSV injection). Text cells get a leading ' (OWASP's advice); numbers
-# are never text here, so a negative score is untouched. JSON stays the exact format.
+# are never text here, so a negative score is untouched. Control characters are spelled as
+# escapes (a CSV is also read with `cat`); line breaks and tabs stay, quoted. JSON stays exact.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_cell(value: Any) -> Any:
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
-        return "'" + value
-    return value
+    if not isinstance(value, str):
+        return value
+    value = visible_controls(value, keep_line_breaks=True)
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
 
 
 def _flat(row: Any) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def _flat(row: Any) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name, value in jsonable(row).items():
         if isinstance(value, dict):
-            flat.update({f"{name}.{key}": _csv_cell(item) for key, item in value.items()})
+            flat.update({f"{name}.{visible_controls(key)}": _csv_cell(item) for key, item in value.items()})
         else:
             flat[name] = _csv_cell(value)
     return flat
@@ -140,8 +144,15 @@ def cell(value: Any, digits: int = 3) -> str:
 def _snippet(text: str | None) -> str:
     if text is None:
         return "—"
-    flat = " ".join(text.split())
+    # Escaped before the cut: the snippet is as long as what the operator sees.
+    flat = visible_controls(" ".join(text.split()))
     return flat if len(flat) <= TEXT_SNIPPET else flat[: TEXT_SNIPPET - 1] + "…"
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    """Each cell as plain Text: rich reads a str cell as markup (a prompt's "[/x]" would raise,
+    its "[bold]" would style), and passes ESC through; Text is shown as it is, controls escaped."""
+    table.add_row(*(Text(visible_controls(text)) for text in cells))
 
 
 def _summary_table(rows: Sequence[ConceptSummary]) -> Table:
@@ -161,7 +172,8 @@ def _summary_table(rows: Sequence[ConceptSummary]) -> Table:
     )
     for r in rows:
         kinds = ", ".join(f"{kind} {n}" for kind, n in r.flagged_by_kind.items() if n) or "—"
-        table.add_row(
+        _add_row(
+            table,
             f"{r.concept} v{r.version}",
             r.model_id,
             str(r.layer),
@@ -191,7 +203,8 @@ def _drift_table(rows: Sequence[DriftRow]) -> Table:
         title="Drift (raw score, recent vs baseline)",
     )
     for r in rows:
-        table.add_row(
+        _add_row(
+            table,
             f"{r.concept} v{r.version}",
             str(r.baseline_requests),
             str(r.recent_requests),
@@ -217,7 +230,8 @@ def _comparison_table(rows: Sequence[ComparisonRow]) -> Table:
         title="By model and concept version",
     )
     for r in rows:
-        table.add_row(
+        _add_row(
+            table,
             r.model_id or "—",
             f"{r.concept} v{r.version}",
             str(r.requests),
@@ -245,7 +259,8 @@ def _flagged_table(rows: Sequence[FlaggedRequest]) -> Table:
         title="Top flagged requests",
     )
     for r in rows:
-        table.add_row(
+        _add_row(
+            table,
             f"{r.concept} v{r.version}",
             str(r.rank),
             r.request_id,
@@ -273,7 +288,7 @@ def to_text(report: Report, width: int = TEXT_WIDTH) -> str:
     """Summary, drift, comparison and top-flagged tables as plain text (no colour codes)."""
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
-    console.print(window_line(report))
+    console.print(Text(window_line(report)))
     for table in (
         _summary_table(report.summary),
         _drift_table(report.drift),

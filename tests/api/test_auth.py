@@ -163,10 +163,12 @@ def test_cli_creates_a_working_token_and_the_embedded_default_rotates_its_own(se
     finally:
         get_settings.cache_clear()
 
-    first = _embedded_admin_token(service["url"], tmp_path)
-    second = _embedded_admin_token(service["url"], tmp_path)
-    assert (tmp_path / "admin-token").read_text().strip() == second
-    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+    data_dir = tmp_path / "fresh-data"  # `auditor run` creates it: private, like the token in it
+    first = _embedded_admin_token(service["url"], data_dir)
+    second = _embedded_admin_token(service["url"], data_dir)
+    assert (data_dir / "admin-token").read_text().strip() == second
+    assert (data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert data_dir.stat().st_mode & 0o777 == 0o700
     assert service["http"].get("/admin/tokens", headers=bearer(first)).status_code == 401  # rotated out
     assert service["http"].get("/admin/tokens", headers=bearer(second)).status_code == 200
     engine = make_engine(service["url"])

@@ -4,7 +4,10 @@ AUDITOR_TEST_POSTGRES_URL at a server whose user may CREATE DATABASE to run them
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -126,6 +129,50 @@ def test_urls(tmp_path):
     assert data_dir.is_dir()
     explicit = database_url(Settings(data_dir=data_dir, database_url="postgresql://h/db"))
     assert explicit == "postgresql+psycopg://h/db"
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, which leaves new files world-readable: what the modes must beat."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_fresh_data_dir_and_its_sqlite_files_are_private(tmp_path, umask_022):
+    data_dir = tmp_path / "nested" / "data"
+    url = database_url(Settings(data_dir=data_dir, database_url=""))
+    assert mode(data_dir) == 0o700  # it will hold prompts and token hashes
+    engine = make_engine(url)
+    try:
+        run_migrations(url)
+        with engine.connect() as conn:  # a connection open: the WAL and its index exist
+            conn.exec_driver_sql("SELECT count(*) FROM concepts").scalar()
+            files = {name: mode(data_dir / name) for name in ("auditor.db", "auditor.db-wal", "auditor.db-shm")}
+    finally:
+        engine.dispose()
+    assert files == {"auditor.db": 0o600, "auditor.db-wal": 0o600, "auditor.db-shm": 0o600}
+    # A SQLite file named by URL, outside the data dir, is created private too.
+    elsewhere = tmp_path / "elsewhere.db"
+    engine = make_engine(f"sqlite:///{elsewhere}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+    assert mode(elsewhere) == 0o600
+
+
+def test_an_existing_shared_data_dir_is_left_as_it_is_with_a_warning(tmp_path, umask_022, caplog):
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir(mode=0o755)
+    with caplog.at_level(logging.WARNING, logger="auditor.data_dir"):
+        database_url(Settings(data_dir=data_dir, database_url=""))
+    assert mode(data_dir) == 0o755  # the user's directory, the user's modes
+    warnings = [r.getMessage() for r in caplog.records if r.name == "auditor.data_dir"]
+    assert warnings == [f"{data_dir} is open to other users (mode 0755) and holds prompts: chmod 700 it"]
 
 
 def test_sqlite_pragmas(tmp_path):

@@ -30,9 +30,10 @@ from auditor.db import store
 from auditor.db.engine import make_engine, run_migrations, session_factory
 from auditor.errors import InvalidInputError, NotFoundError, WindowError
 from auditor.reports import Report, build_report
-from auditor.reports.aggregate import DRIFT_P_VALUE
+from auditor.reports.aggregate import DRIFT_P_VALUE, ConceptSummary, DriftRow
 from auditor.reports.html import to_html
-from auditor.reports.render import SECTIONS, rows_to_csv, to_csv, to_json, to_text
+from auditor.reports.queries import ComparisonRow, FlaggedRequest
+from auditor.reports.render import SECTIONS, TEXT_SNIPPET, rows_to_csv, to_csv, to_json, to_text
 from auditor.reports.window import Window, baseline_window, choose_bucket, report_window
 from auditor.settings import Settings
 from probes.drift import ks_two_sample, population_stability_index
@@ -441,6 +442,75 @@ def test_csv_text_cannot_run_as_a_spreadsheet_formula():
     assert [float(r["score"]) for r in records] == [-0.5, 0.25, 1.0]
 
 
+# Prompt text is the requester's: rich markup, ANSI colour, a terminal bell, a C1 CSI (\x9b) and a
+# bidi override (it reorders what a terminal shows) are data to the operator, never instructions.
+HOSTILE = "[/x] [bold]red[/bold] \x1b[31mansi\x1b[0m bell\x07 csi\x9b2J rtl\u202eevil"
+HOSTILE_SHOWN = r"[/x] [bold]red[/bold] \x1b[31mansi\x1b[0m bell\x07 csi\x9b2J rtl\u202eevil"
+RAW_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e")
+
+
+def hostile_report() -> Report:
+    """Every text a table shows carries HOSTILE: concept, model, request id, kind, privacy mode,
+    status, prompt and completion (a concept or model name is admin input; a prompt anyone's)."""
+    name, model = f"c{HOSTILE}", f"m{HOSTILE}"
+    summary = ConceptSummary(
+        concept=name, version=1, concept_id=1, layer=3, model_id=model, requests=1, mean_z=None, p50_z=None,
+        p95_z=None, threshold=None, above_threshold_rate=None, flagged=1, flagged_rate=1.0,
+        flagged_by_kind={HOSTILE: 1},
+    )  # fmt: skip
+    drift = DriftRow(
+        concept=name, version=1, concept_id=1, layer=3, baseline_requests=0, recent_requests=1,
+        baseline_mean_score=None, recent_mean_score=0.1, psi=None, ks_statistic=None, p_value=None, status=HOSTILE,
+    )  # fmt: skip
+    comparison = ComparisonRow(
+        model_id=model, concept=name, version=1, concept_id=1, requests=1, mean_z=None, mean_score=0.1,
+        flagged=1, flagged_rate=1.0,
+    )  # fmt: skip
+    flagged = FlaggedRequest(
+        concept=name, version=1, concept_id=1, rank=1, request_id=HOSTILE, created_at=RECENT.start,
+        model_id=model, kind=HOSTILE, layer=3, residual_signal=5.0, text_signal=None, threshold=2.0, margin=3.0,
+        reason=HOSTILE, privacy_mode=HOSTILE, prompt=HOSTILE, completion=f"={HOSTILE}",
+    )  # fmt: skip
+    return Report(
+        window=RECENT, baseline=BASELINE, bucket="day", generated_at=RECENT.end, concepts=[], summary=[summary],
+        drift=[drift], comparison=[comparison], flagged=[flagged], series=[], baseline_scores={}, recent_scores={},
+    )  # fmt: skip
+
+
+def test_text_table_shows_markup_literally_and_control_characters_escaped():
+    text = to_text(hostile_report(), width=2000)  # wide enough that no cell wraps
+    for raw in RAW_CONTROLS:
+        assert raw not in text
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text)
+    lines = text.splitlines()
+    # Each table shows the text whole and literal: brackets kept, "[bold]" not eaten as a style.
+    cells = [c.strip() for line in lines for c in line.split("│")]
+    assert f"c{HOSTILE_SHOWN} v1" in cells  # concept, in all four tables
+    assert sum(c == f"c{HOSTILE_SHOWN} v1" for c in cells) == 4
+    assert f"m{HOSTILE_SHOWN}" in cells and HOSTILE_SHOWN in cells  # model; request id, kind, privacy
+    assert f"{HOSTILE_SHOWN} 1" in cells  # flags by kind
+    # The prompt and completion are cut to a snippet, after the escaping: it is what is shown.
+    snippet = HOSTILE_SHOWN[: TEXT_SNIPPET - 1] + "…"
+    assert snippet in cells and f"={HOSTILE_SHOWN}"[: TEXT_SNIPPET - 1] + "…" in cells
+
+
+def test_csv_cells_carry_control_characters_escaped_and_keep_line_breaks():
+    records = list(csv.DictReader(io.StringIO(to_csv(hostile_report(), "flagged"))))
+    assert [(r["prompt"], r["completion"], r["reason"]) for r in records] == [
+        (HOSTILE_SHOWN, f"'={HOSTILE_SHOWN}", HOSTILE_SHOWN)
+    ]
+    assert records[0]["concept"] == f"c{HOSTILE_SHOWN}"
+
+    @dataclass
+    class Row:
+        prompt: str
+
+    # Tabs and line breaks are ordinary text in a quoted CSV cell; a control byte first is no formula.
+    rows = [Row("two\nlines\tand a tab"), Row("\x1b=1+1")]
+    records = list(csv.DictReader(io.StringIO(rows_to_csv(Row, rows))))
+    assert [r["prompt"] for r in records] == ["two\nlines\tand a tab", r"\x1b=1+1"]
+
+
 def test_an_empty_window_still_renders_every_format(seeded):
     engine = make_engine(seeded.url)
     with session_factory(engine)() as session:
@@ -635,6 +705,7 @@ def test_cli_writes_csv_json_and_html(seeded, report, tmp_path):
         (["--since", "last tuesday"], "since: cannot read 'last tuesday'"),
         (["--since", "1h", "--until", "2h"], "until: the window is empty"),
         (["--baseline", "1h/now"], "baseline:"),
+        (["--since", "[/x]"], "since: cannot read '[/x]'"),  # echoed as text, not read as markup
     ],
 )
 def test_cli_bad_windows_are_one_line_and_exit_2(args, message):

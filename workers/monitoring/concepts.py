@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from auditor.data_dir import ensure_private_dir
 from auditor.errors import FingerprintMismatchError, InvalidInputError
 from probes.calibration import Calibration, fit_calibration
 from probes.concepts import ConceptDefinition, load_concept, load_neutral
@@ -154,6 +155,7 @@ def get_concept_vectors(
         return load_vectors(path, model)
     vectors = extract_concept(model, concept, method, pooling, batch_size, progress)
     if path is not None:
+        ensure_private_dir(cache_dir)  # the data dir: `auditor sweep` may be the first to make it
         save_vectors(vectors, path)
     return vectors
 
