@@ -39,6 +39,7 @@ EXPECTED_INDEXES = {
     "flags": {"ix_flags_concept_created", "ix_flags_kind_created", "ix_flags_request_id"},
     "monitored_requests": {"ix_monitored_requests_created_at"},
     "calibrations": {"ix_calibrations_concept_layer_created"},
+    "concepts": {"uq_concepts_identity"},
     "daily_rollups": {"ix_daily_rollups_concept_day"},
     "answer_calibrations": {"ix_answer_calibrations_bank_created"},
 }
@@ -237,7 +238,7 @@ def test_second_version_leaves_first_unchanged(session: Session):
     before = stored_vector_bytes(session, first.id)
     first_hash = first.vector_hash
 
-    second = register(session, vectors=unit_vectors([15], seed=2))
+    second = register(session, vectors=unit_vectors([15], seed=2), pairs_hash="01" * 32)  # other pairs
     session.flush()
     session.expire_all()  # read back from the database, not the identity map
 

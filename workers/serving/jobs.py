@@ -64,7 +64,7 @@ def serve_extraction(job_id: str, runtime: WorkerContext | None = None) -> dict[
         reused = concept is not None
         if concept is None:
             vectors = runtime.host.vectors(definition, method, pooling)
-            concept = register_extracted(
+            registration = register_extracted(
                 session,
                 runtime.host,
                 definition,
@@ -72,6 +72,9 @@ def serve_extraction(job_id: str, runtime: WorkerContext | None = None) -> dict[
                 created_by=payload.get("created_by", "api"),
                 activate=payload.get("activate", True),
             )
+            # An identical job registered it while this one extracted: reused, not logged twice.
+            concept, reused = registration.concept, not registration.created
+        if not reused:
             audit_log.record(
                 session,
                 actor=payload.get("created_by"),

@@ -29,11 +29,12 @@ def register_extracted(
     *,
     created_by: str,
     activate: bool = True,
-) -> Concept:
+) -> store.Registration:
     """A concept version from pairs extracted on the loaded model: every layer's direction, the
-    auto layer as primary, and the pairs' hash and sweep as provenance."""
+    auto layer as primary, and the pairs' hash and sweep as provenance. If another worker or job
+    registered the same extraction meanwhile, that version (`created` False), untouched."""
     fingerprint = host.model.fingerprint
-    concept = store.add_concept_version(
+    registration = store.register_concept_version(
         session,
         name=definition.name,
         description=definition.description,
@@ -48,30 +49,30 @@ def register_extracted(
         pairs_hash=definition.pairs_hash,
         provenance={"sweep": [asdict(r) for r in vectors.sweep]},
     )
-    if not activate:
-        store.set_active(session, concept_id=concept.id, active=False)
-    return concept
+    if registration.created and not activate:
+        store.set_active(session, concept_id=registration.concept.id, active=False)
+    return registration
 
 
 def find_extracted(
     session: Session, host: ModelHost, definition: ConceptDefinition, method: str, pooling: str
 ) -> Concept | None:
     """The version already registered from exactly these pairs, method and pooling on this model."""
-    fingerprint = host.model.fingerprint.hash
-    for concept in store.list_concepts(session, name=definition.name):
-        if (concept.model_fingerprint, concept.pairs_hash, concept.method, concept.pooling) == (
-            fingerprint,
-            definition.pairs_hash,
-            method,
-            pooling,
-        ):
-            return concept
-    return None
+    return store.find_concept_version(
+        session,
+        name=definition.name,
+        model_fingerprint=host.model.fingerprint.hash,
+        pairs_hash=definition.pairs_hash,
+        method=method,
+        pooling=pooling,
+    )
 
 
 def register_builtin_concepts(session: Session, host: ModelHost) -> list[int]:
     """Extract (or reuse the file cache) and register every built-in concept whose pairs are not
-    yet registered for this model. Idempotent: same pairs + same model = no new version."""
+    yet registered for this model. Idempotent: same pairs + same model = no new version, also
+    when another worker warming up on the same database registers them at the same time (the
+    check below only saves the extraction; registration is insert-or-get)."""
     fingerprint = host.model.fingerprint
     registered = {
         (c.name, c.pairs_hash) for c in store.list_concepts(session) if c.model_fingerprint == fingerprint.hash
@@ -81,8 +82,9 @@ def register_builtin_concepts(session: Session, host: ModelHost) -> list[int]:
         definition = load_concept(name)
         if (name, definition.pairs_hash) in registered:
             continue
-        concept = register_extracted(session, host, definition, host.vectors(definition), created_by="builtin")
-        added.append(concept.id)
+        registration = register_extracted(session, host, definition, host.vectors(definition), created_by="builtin")
+        if registration.created:
+            added.append(registration.concept.id)
     return added
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     CheckConstraint,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -23,14 +24,25 @@ from sqlalchemy.orm import Mapped, Mapper, mapped_column, relationship
 from auditor.db.models.base import CONCEPT_SOURCES, Base, JSONType, UTCDateTime, one_of, utcnow
 from auditor.errors import AuditorError
 
+# What makes two versions the same: the inputs of an extraction, not its output (the same pairs
+# extracted on two workers need not give bit-identical floats, so vector_hash would let a twin
+# through). These are the fields workers.serving.registry.find_extracted compares. An upload has
+# no pairs (pairs_hash NULL) and so no identity: NULLs are distinct in a unique index on
+# Postgres and SQLite alike, so every upload is a version of its own.
+CONCEPT_IDENTITY = ("name", "model_fingerprint", "pairs_hash", "method", "pooling")
+
 
 class Concept(Base):
     """One concept *version*: immutable once written except `active` / `retired_at`.
-    A new vector for the same name is a new row with the next version number."""
+    A new vector for the same name is a new row with the next version number; the same
+    extraction (CONCEPT_IDENTITY) registered again is the row already there."""
 
     __tablename__ = "concepts"
     __table_args__ = (
         UniqueConstraint("name", "version"),
+        # A unique index rather than a constraint: SQLite builds it in place, where adding a
+        # constraint would copy and drop the table its vectors, flags and rollups reference.
+        Index("uq_concepts_identity", *CONCEPT_IDENTITY, unique=True),
         CheckConstraint("version >= 1", name="version_positive"),
         one_of("source", CONCEPT_SOURCES),
     )

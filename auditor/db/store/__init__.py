@@ -28,11 +28,14 @@ from auditor.db.store.calibrations import (
 from auditor.db.store.codecs import VectorLike, trace_from_bytes, vector_from_bytes, vector_to_bytes
 from auditor.db.store.concepts import (
     UNIT_TOLERANCE,
+    Registration,
     add_concept_version,
     concept_vectors,
+    find_concept_version,
     get_concept,
     get_concept_by_name,
     list_concepts,
+    register_concept_version,
     retire_concept,
     set_active,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "SCORE_FIELDS",
     "UNIT_TOLERANCE",
+    "Registration",
     "ScoreRows",
     "VectorLike",
     "add_answer_calibration",
@@ -67,6 +71,7 @@ __all__ = [
     "create_job",
     "create_request",
     "delete_scores",
+    "find_concept_version",
     "finish_job",
     "get_concept",
     "get_concept_by_name",
@@ -81,6 +86,7 @@ __all__ = [
     "mark_request",
     "newest_answer_calibration_id",
     "newest_calibration_id",
+    "register_concept_version",
     "replayable_requests",
     "retire_concept",
     "scores_for_request",

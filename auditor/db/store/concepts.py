@@ -1,15 +1,17 @@
 """Concept versions and their vectors: registering the next version of a name (all vectors
-checked and stored unit length, or nothing), reading them back, pausing, resuming and retiring.
-A registered version is immutable but for `active` and `retired_at` (see auditor.db.models)."""
+checked and stored unit length, or nothing) or getting the version already registered from the
+same extraction, reading them back, pausing, resuming and retiring. A registered version is
+immutable but for `active` and `retired_at` (see auditor.db.models)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from auditor.db.enums import ConceptSource
@@ -53,7 +55,9 @@ def _validated_vectors(
 def _serialize_registrations(session: Session, name: str) -> None:
     """Two registrations of one name at once would both pick version n+1. On Postgres a
     transaction-scoped advisory lock orders them; SQLite allows one writer at a time anyway.
-    The unique (name, version) constraint is the backstop on both."""
+    The unique (name, version) constraint is the backstop on both. This orders the inserts
+    only: it does not stop the second from being a twin of the first (its caller checked for
+    one before the lock, and before a long extraction); the identity constraint does that."""
     if session.get_bind().dialect.name == "postgresql":
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         session.execute(select(func.pg_advisory_xact_lock(key)))
@@ -64,7 +68,36 @@ def _next_version(session: Session, name: str) -> int:
     return (latest or 0) + 1
 
 
-def add_concept_version(
+class Registration(NamedTuple):
+    concept: Concept
+    created: bool  # False: the same extraction was registered already, and `concept` is that row
+
+
+def find_concept_version(
+    session: Session, *, name: str, model_fingerprint: str, pairs_hash: str | None, method: str, pooling: str
+) -> Concept | None:
+    """The version registered from exactly these pairs, method and pooling on this model (its
+    identity, auditor.db.models.concepts.CONCEPT_IDENTITY), retired or not. None for an upload
+    (no pairs_hash): uploads have no identity."""
+    if pairs_hash is None:
+        return None
+    return session.scalar(
+        select(Concept).where(
+            Concept.name == name,
+            Concept.model_fingerprint == model_fingerprint,
+            Concept.pairs_hash == pairs_hash,
+            Concept.method == method,
+            Concept.pooling == pooling,
+        )
+    )
+
+
+def add_concept_version(session: Session, **fields: Any) -> Concept:
+    """register_concept_version's row, for callers that need not know whether it is new."""
+    return register_concept_version(session, **fields).concept
+
+
+def register_concept_version(
     session: Session,
     *,
     name: str,
@@ -85,9 +118,11 @@ def add_concept_version(
     pairs_hash: str | None = None,
     description: str = "",
     provenance: Mapping[str, Any] | None = None,
-) -> Concept:
-    """Register the next version of `name`. Vectors are stored as unit float32 vectors;
-    earlier versions are never touched."""
+) -> Registration:
+    """Register the next version of `name`, or get the one registered already from the same
+    extraction (CONCEPT_IDENTITY): insert-or-get, so two workers or jobs racing to register it
+    end with one row. Vectors are stored as unit float32 vectors; earlier versions are never
+    touched."""
     if not name or len(name) > 128:
         raise InvalidInputError("concept name must be 1 to 128 characters")
     check_choice("source", source, ConceptSource.values())
@@ -117,9 +152,27 @@ def add_concept_version(
         provenance=dict(provenance or {}),
         vectors=[ConceptVector(layer=layer, vector=data) for layer, data in stored.items()],
     )
-    session.add(concept)
-    session.flush()  # assigns the id; a (name, version) race fails here, inside the caller's txn
-    return concept
+    try:
+        # A SAVEPOINT: a twin's insert fails alone, the caller's transaction (its audit entry,
+        # its job row) goes on. The twin is visible by now: on Postgres the advisory lock waited
+        # for the first registration's commit (and READ COMMITTED reads it); on SQLite the
+        # writer's transaction began after it (BEGIN IMMEDIATE), or it is in this very session.
+        with session.begin_nested():
+            session.add(concept)
+            session.flush()  # assigns the id
+    except IntegrityError:
+        existing = find_concept_version(
+            session,
+            name=name,
+            model_fingerprint=model_fingerprint,
+            pairs_hash=pairs_hash,
+            method=method,
+            pooling=pooling,
+        )
+        if existing is None:  # another constraint (a (name, version) race on a deferred SQLite txn)
+            raise
+        return Registration(existing, created=False)
+    return Registration(concept, created=True)
 
 
 def get_concept(session: Session, *, concept_id: int) -> Concept | None:
