@@ -1,4 +1,5 @@
-"""Dependencies: settings read once at the edge, one session per request (commit on success)."""
+"""Dependencies: settings read once at the edge, one session per request (commit on success):
+`SessionDep` for routes that write, `ReadSessionDep` for routes that only read."""
 
 from __future__ import annotations
 
@@ -24,12 +25,25 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_read_session(request: Request) -> Iterator[Session]:
+    """One session per request for a route that only reads: a plain deferred transaction on
+    SQLite, never the write lock `get_session` takes up front (auditor.db.engine.writer_engine).
+    Under WAL it reads one snapshot while the worker records scores, neither waiting for the
+    other; on the write lock a long report would hold back every write until they fail with
+    "database is locked". Nothing written through it may be committed: a deferred transaction
+    that reads and then writes fails if another writer committed in between. Same as
+    `get_session` on Postgres."""
+    with request.app.state.read_sessions() as session:
+        yield session
+
+
 def get_fingerprint(request: Request) -> ModelFingerprint:
     return request.app.state.fingerprint()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 FingerprintDep = Annotated[ModelFingerprint, Depends(get_fingerprint)]
 # A database row id in a path: ids start at 1 and are 32-bit integers (Postgres `integer`). Past
 # that, the lookup itself fails (Postgres: "integer out of range"; SQLite past int64): a 500.

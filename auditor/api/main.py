@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     # Handlers read, then write (check, then insert): on SQLite their transactions must take the
     # write lock up front (see auditor.db.engine.writer_engine). No effect on Postgres.
     app.state.sessions = session_factory(writer_engine(engine))
+    # Routes that only read (ReadSessionDep), authentication and /readyz: plain deferred
+    # transactions, which under WAL never wait for the writer nor hold it back.
     app.state.read_sessions = session_factory(engine)
     app.state.dispatcher = dispatcher
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, status
 from sqlalchemy import select
 
 from auditor.api import dispatching
-from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
+from auditor.api.deps import FingerprintDep, ReadSessionDep, SessionDep, SettingsDep
 from auditor.api.limits import check_audit
 from auditor.api.schemas import AuditCreate, AuditFlag, AuditRead, AuditScore
 from auditor.db import store
@@ -64,7 +64,7 @@ def submit(
 
 
 @router.get("/{audit_id}", response_model=AuditRead)
-def get(audit_id: str, session: SessionDep) -> AuditRead:
+def get(audit_id: str, session: ReadSessionDep) -> AuditRead:
     """Status, and once done every score row (each concept version at each of its layers)."""
     row = store.get_request(session, request_id=audit_id)
     if row is None or row.kind != RequestKind.AUDIT:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile,
 
 from auditor.access import audit_log
 from auditor.api import dispatching
-from auditor.api.deps import FingerprintDep, RowId, SessionDep, SettingsDep
+from auditor.api.deps import FingerprintDep, ReadSessionDep, RowId, SessionDep, SettingsDep
 from auditor.api.limits import check_extraction
 from auditor.api.schemas import ConceptCreate, ConceptRead, ExtractionCreate, JobAccepted
 from auditor.api.security import PrincipalDep
@@ -188,7 +188,7 @@ def extract(
 
 
 @router.get("", response_model=list[ConceptRead])
-def list_concepts(session: SessionDep, active: bool | None = None, name: str | None = None) -> list[ConceptRead]:
+def list_concepts(session: ReadSessionDep, active: bool | None = None, name: str | None = None) -> list[ConceptRead]:
     return [concept_read(session, c) for c in store.list_concepts(session, active=active, name=name)]
 
 
@@ -200,7 +200,7 @@ def _require(session, concept_id: int) -> Concept:
 
 
 @router.get("/{concept_id}", response_model=ConceptRead)
-def get_concept(concept_id: RowId, session: SessionDep) -> ConceptRead:
+def get_concept(concept_id: RowId, session: ReadSessionDep) -> ConceptRead:
     return concept_read(session, _require(session, concept_id))
 
 
@@ -230,7 +230,9 @@ def retire(concept_id: RowId, session: SessionDep, principal: PrincipalDep) -> C
 
 @router.get("/{concept_id}/export")
 def export(
-    concept_id: RowId, session: SessionDep, format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json"
+    concept_id: RowId,
+    session: ReadSessionDep,
+    format: Annotated[str, Query(pattern="^(json|safetensors|gguf)$")] = "json",
 ) -> Response:
     """The stored unit vectors, with provenance, as JSON, safetensors or a GGUF control vector."""
     concept = _require(session, concept_id)

@@ -50,7 +50,8 @@ def _check(probe) -> str:
 
 
 def _database(request: Request) -> None:
-    with request.app.state.sessions() as session:
+    # A read session: a probe must not queue for (or hold back) SQLite's write lock.
+    with request.app.state.read_sessions() as session:
         session.execute(text("SELECT 1"))
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, status
 from sqlalchemy import func, select
 
 from auditor.api import dispatching
-from auditor.api.deps import SessionDep, SettingsDep
+from auditor.api.deps import ReadSessionDep, SessionDep, SettingsDep
 from auditor.api.schemas import AnswerCalibrationRead, CalibrationCreate, CalibrationRead, JobAccepted, JobRead
 from auditor.api.security import PrincipalDep
 from auditor.db import store
@@ -63,7 +63,7 @@ def calibrate(
 
 @router.get("/calibrations/answers", response_model=list[AnswerCalibrationRead])
 def answer_calibrations(
-    session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 10
+    session: ReadSessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 10
 ) -> list[AnswerCalibrationRead]:
     """The nulls of ordinary answers, newest first: what generated and audited answers are read
     against (z, percentile, flags, alerts), with the false-alarm rate each achieved on its own
@@ -102,7 +102,7 @@ def answer_calibrations(
 
 @router.get("/calibrations", response_model=list[CalibrationRead])
 def calibrations(
-    session: SessionDep,
+    session: ReadSessionDep,
     all_layers: bool = False,
     reference_set: Annotated[str, Query(pattern="^neutral$")] = "neutral",
 ) -> list[CalibrationRead]:
@@ -138,7 +138,7 @@ def calibrations(
 
 
 @router.get("/jobs/{job_id}", response_model=JobRead)
-def get_job(job_id: str, session: SessionDep) -> JobRead:
+def get_job(job_id: str, session: ReadSessionDep) -> JobRead:
     job = store.get_job(session, job_id=job_id)
     if job is None:
         raise JobNotFound(job_id)

@@ -3,7 +3,7 @@
 Every endpoint takes the same window parameters: `since` / `until` (ISO times, `now`, or how
 long ago: `24h`, `7d`), `baseline` (a duration ending at `since`, or `START/END`; default the
 window's own length just before it) and `concept` (repeatable; every version of each name).
-Read-only: nothing here writes.
+Read-only: nothing here writes, and no session here takes SQLite's write lock (ReadSessionDep).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.orm import Session
 
-from auditor.api.deps import SessionDep
+from auditor.api.deps import ReadSessionDep
 from auditor.api.errors import error_body
 from auditor.db.models import utcnow
 from auditor.errors import NotFoundError, WindowError
@@ -92,7 +92,7 @@ def _section(
 
 
 @router.get("/summary")
-def summary(session: SessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
+def summary(session: ReadSessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
     """Per concept version: scored requests, mean / p50 / p95 calibrated z, share above the
     calibration threshold, flagged requests (by kind) and flagged rate."""
     return _section(
@@ -105,7 +105,7 @@ def summary(session: SessionDep, query: ReportQueryDep, format: Format = "json")
 
 
 @router.get("/flagged")
-def flagged(session: SessionDep, query: ReportQueryDep, top: Top = 20, format: Format = "json") -> Response:
+def flagged(session: ReadSessionDep, query: ReportQueryDep, top: Top = 20, format: Format = "json") -> Response:
     """The `top` flagged requests per concept version, strongest first; prompt and completion as
     its privacy mode allows (text, redacted text, or `sha256:<hex>`)."""
     return _section(
@@ -118,7 +118,7 @@ def flagged(session: SessionDep, query: ReportQueryDep, top: Top = 20, format: F
 
 
 @router.get("/compare")
-def compare(session: SessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
+def compare(session: ReadSessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
     """Per (serving model, concept, version): requests, mean z and raw score, flagged rate."""
     return _section(
         session, query, ComparisonRow, lambda refs: queries.compare(session, refs=refs, window=query.window), format
@@ -126,7 +126,7 @@ def compare(session: SessionDep, query: ReportQueryDep, format: Format = "json")
 
 
 @router.get("/drift")
-def drift(session: SessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
+def drift(session: ReadSessionDep, query: ReportQueryDep, format: Format = "json") -> Response:
     """Per concept version: raw scores in the window against the baseline window — population
     stability index, two-sample KS statistic and p-value, and a verdict."""
     return _section(
@@ -137,7 +137,9 @@ def drift(session: SessionDep, query: ReportQueryDep, format: Format = "json") -
 
 
 @router.get("/series")
-def series(session: SessionDep, query: ReportQueryDep, bucket: Bucket = "auto", format: Format = "json") -> Response:
+def series(
+    session: ReadSessionDep, query: ReportQueryDep, bucket: Bucket = "auto", format: Format = "json"
+) -> Response:
     """Per concept version and UTC hour or day with scores: requests, mean z and flagged rate."""
     chosen = choose_bucket(bucket, query.window)
     return _section(
@@ -150,7 +152,7 @@ def series(session: SessionDep, query: ReportQueryDep, bucket: Bucket = "auto", 
 
 
 @router.get("/html", response_class=HTMLResponse)
-def html_report(session: SessionDep, query: ReportQueryDep, top: Top = 20, bucket: Bucket = "auto") -> Response:
+def html_report(session: ReadSessionDep, query: ReportQueryDep, top: Top = 20, bucket: Bucket = "auto") -> Response:
     """The whole report as one self-contained page: tables and inline SVG plots, no scripts."""
     try:
         built = build_report(

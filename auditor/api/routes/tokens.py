@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from auditor.access import audit_log, tokens
-from auditor.api.deps import RowId, SessionDep
+from auditor.api.deps import ReadSessionDep, RowId, SessionDep
 from auditor.api.schemas import AdminActionRead, TokenCreate, TokenIssued, TokenRead
 from auditor.api.security import PrincipalDep
 
@@ -31,7 +31,7 @@ def create_token(body: TokenCreate, session: SessionDep, principal: PrincipalDep
 
 
 @router.get("/tokens", response_model=list[TokenRead])
-def list_tokens(session: SessionDep, include_revoked: bool = False) -> list[TokenRead]:
+def list_tokens(session: ReadSessionDep, include_revoked: bool = False) -> list[TokenRead]:
     return [TokenRead.model_validate(row) for row in tokens.list_tokens(session, include_revoked=include_revoked)]
 
 
@@ -52,7 +52,7 @@ def revoke_token(token_id: RowId, session: SessionDep, principal: PrincipalDep) 
 
 @router.get("/audit-log", response_model=list[AdminActionRead])
 def read_audit_log(
-    session: SessionDep,
+    session: ReadSessionDep,
     since: datetime | None = None,
     action: str | None = Query(None, max_length=64),
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
