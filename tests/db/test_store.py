@@ -388,10 +388,6 @@ def test_scores_round_trip_exactly(session: Session, writer: str):
         assert got.created_at == created
         assert torch.equal(store.trace_from_bytes(got.trace), want["trace"])
 
-    # A redelivered task rewrites its scores: the primary key refuses duplicates, delete first.
-    assert store.delete_scores(session, request_id="req-1") == 180
-    assert getattr(store, writer)(session, request_id="req-1", rows=rows) == 180
-
 
 def test_insert_scores_is_one_statement(session: Session):
     concept_ids = [register(session, name=f"c{i}", vectors=unit_vectors([15])).id for i in range(6)]

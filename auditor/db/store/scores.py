@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from auditor.db.models import Concept, MonitoredRequest, RequestScore
@@ -107,12 +107,6 @@ def insert_scores_copy(session: Session, *, request_id: str, rows: ScoreRows) ->
         for row in params:
             copy.write_row(tuple(row[column] for column in COPY_COLUMNS))
     return len(rows)
-
-
-def delete_scores(session: Session, *, request_id: str) -> int:
-    """Drop a request's scores, so a redelivered task (acks_late) can write them again."""
-    table = RequestScore.__table__
-    return session.execute(delete(table).where(table.c.request_id == request_id)).rowcount
 
 
 def scores_for_request(session: Session, *, request_id: str) -> list[RequestScore]:
