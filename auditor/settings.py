@@ -134,7 +134,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 2**20, ge=1024, description="largest request body in bytes (413), uploads aside"
     )
-    max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest /admin/concepts/upload body in bytes (413)")
+    max_upload_bytes: int = Field(
+        64 * 2**20,
+        ge=1024,
+        description="largest /admin/concepts/upload body in bytes (413); the file's metadata has fixed, "
+        "smaller bounds (auditor.vectors.metadata: depth 16, 1,024 entries, 65,536 characters; 422)",
+    )
     max_prompt_chars: int = Field(
         100_000,
         ge=1,

@@ -22,6 +22,7 @@ import torch
 
 from auditor.errors import InvalidInputError
 from auditor.schemas import unstorable
+from auditor.vectors.metadata import check_metadata
 from probes.validation import MIN_NORM
 
 FORMATS = ("json", "safetensors", "gguf")
@@ -84,8 +85,10 @@ def validated_set(raw: RawVectors, file_metadata: dict, spec: Spec) -> VectorSet
                 f"layer {layer} is out of range [0, {spec.n_layers}) for a {spec.n_layers}-layer model"
             )
         vectors[layer], norms[layer] = unit_vector(layer, values, spec.d_model)
-    # Metadata is stored as the concept's provenance (JSON): text with a NUL or an unpaired
-    # surrogate, and NaN or infinity, would fail that write (Postgres refuses all of them).
+    # Metadata is stored as the concept's provenance (JSON) and served back by every concept
+    # listing: bounded in depth, entries and size (auditor.vectors.metadata), and free of what
+    # Postgres refuses (text with a NUL or an unpaired surrogate, NaN or infinity).
+    check_metadata(file_metadata)
     if problem := unstorable(file_metadata, "the file's metadata", finite=True):
         raise InvalidInputError(problem)
     metadata = dict(file_metadata)
@@ -98,8 +101,7 @@ def unit_vector(layer: int, values: np.ndarray, d_model: int) -> tuple[torch.Ten
     values = np.asarray(values)
     if values.ndim != 1:
         raise InvalidInputError(f"layer {layer}: vector must be 1-D, got shape {list(values.shape)}")
-    if values.shape[0] != d_model:
-        raise InvalidInputError(f"layer {layer}: vector has dimension {values.shape[0]}, expected d_model={d_model}")
+    check_dimension(layer, values.shape[0], d_model)
     with np.errstate(over="ignore", invalid="ignore"):
         as_f32 = values.astype(np.float32)  # a float64 beyond float32's range becomes inf here
     finite = np.isfinite(as_f32)
@@ -117,6 +119,13 @@ def unit_vector(layer: int, values: np.ndarray, d_model: int) -> tuple[torch.Ten
         )
     unit = (wide / norm).astype(np.float32)
     return torch.from_numpy(unit), norm
+
+
+def check_dimension(layer: int, length: int, d_model: int) -> None:
+    """Readers call this before converting a tensor, so a wrong-sized one is refused before it is
+    copied (a 64 MiB tensor became 128 MiB of float64 before the check)."""
+    if length != d_model:
+        raise InvalidInputError(f"layer {layer}: vector has dimension {length}, expected d_model={d_model}")
 
 
 def parse_layer_key(key: Any, where: str) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from auditor.errors import InvalidInputError
-from auditor.vectors.common import DIRECTION_NAME, RawVectors, Spec, parse_layer_key
+from auditor.vectors.common import DIRECTION_NAME, RawVectors, Spec, check_dimension, parse_layer_key
+from auditor.vectors.metadata import MAX_METADATA_CHARS, MAX_METADATA_ENTRIES
 
 # --- GGUF control vectors -----------------------------------------------------------------------
 #
@@ -51,27 +52,27 @@ GGUF_ARCH = "controlvector"
 _GGUF_MODEL_HINT = f"{GGUF_ARCH}.model_hint"
 _GGUF_LAYER_COUNT = f"{GGUF_ARCH}.layer_count"
 
-# Bounds for the header scan that runs before GGUFReader: the reader loops once per declared item
-# and, past the end of the buffer, reads zero-size scalars without complaint, so a 40-byte file
-# declaring an array of 2**62 items would hang it. A control vector has no arrays and one tensor
-# per layer; these limits are far above anything legitimate.
-_GGUF_MAX_TENSORS = 65_536
-_GGUF_MAX_KV = 4_096
-_GGUF_MAX_ARRAY = 65_536
-_GGUF_MAX_DEPTH = 4
+# The header scan that runs before GGUFReader bounds what the reader will walk: it loops once per
+# declared item and, past the end of the buffer, reads zero-size scalars without complaint (a
+# 40-byte file declaring an array of 2**62 items hung it), and it builds numpy views for every
+# array item (a 4 MiB file of big arrays took 11 s and +790 MiB). So: at most one tensor per layer,
+# the shared metadata bounds (auditor.vectors.metadata) on keys and on bytes of keys and strings,
+# and no arrays at all. No control-vector writer emits an array: repeng's export_gguf and
+# llama.cpp's cvector-generator write general.architecture, controlvector.model_hint (string) and
+# controlvector.layer_count (uint32 / int32), and other writers add at most scalar flags.
 _GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_FLOAT_TYPES = {"F32", "F16", "F64"}
 
 
 def read_gguf(data: bytes, spec: Spec) -> tuple[RawVectors, dict]:
-    _scan_gguf_header(data)
+    _scan_gguf_header(data, spec)
     with tempfile.TemporaryFile() as handle:
         handle.write(data)
         handle.flush()
         reader = GGUFReader(handle)  # memory-maps the open file
         metadata = _gguf_metadata(reader)
-        raw = [_gguf_direction(tensor) for tensor in reader.tensors]
+        raw = [_gguf_direction(tensor, spec.d_model) for tensor in reader.tensors]
         del reader
     return raw, metadata
 
@@ -106,7 +107,7 @@ def _gguf_field(reader: Any, key: str, kind: type) -> Any:
     return value
 
 
-def _gguf_direction(tensor: Any) -> tuple[int, np.ndarray]:
+def _gguf_direction(tensor: Any, d_model: int) -> tuple[int, np.ndarray]:
     match = DIRECTION_NAME.fullmatch(tensor.name)
     if not match:
         raise InvalidInputError(
@@ -119,28 +120,40 @@ def _gguf_direction(tensor: Any) -> tuple[int, np.ndarray]:
     ne = [int(n) for n in tensor.shape]  # ggml order: ne[0] is the contiguous dimension
     if any(n != 1 for n in ne[1:]):
         raise InvalidInputError(f"GGUF tensor {tensor.name!r} has shape {ne}, expected a 1-D vector")
+    check_dimension(layer, ne[0], d_model)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported by the caller
         return layer, np.array(tensor.data, dtype=np.float64).reshape(-1)
 
 
-def _scan_gguf_header(data: bytes) -> None:
-    """Walk the GGUF header with bounds checks, so GGUFReader is never handed a header that
-    declares more items than the file holds (it would loop over them, reading nothing)."""
+def _scan_gguf_header(data: bytes, spec: Spec) -> None:
+    """Walk the GGUF header with bounds checks, so GGUFReader is only handed a header the size of
+    a control vector's: no more items than the file holds, no arrays, bounded metadata."""
     if len(data) < 24 or data[:4] != b"GGUF":
         raise InvalidInputError("malformed gguf payload: missing the GGUF magic and header")
     order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
     version, tensor_count, kv_count = struct.unpack_from(order + "IQQ", data, 4)
     if version not in (2, 3):
         raise InvalidInputError(f"malformed gguf payload: unsupported GGUF version {version}")
-    if tensor_count > _GGUF_MAX_TENSORS or kv_count > _GGUF_MAX_KV:
+    if tensor_count > spec.n_layers:
         raise InvalidInputError(
-            f"malformed gguf payload: declares {tensor_count} tensors and {kv_count} metadata "
-            f"keys (limits {_GGUF_MAX_TENSORS} and {_GGUF_MAX_KV})"
+            f"GGUF file declares {tensor_count} tensors, more than one per layer of a {spec.n_layers}-layer model"
         )
+    if kv_count > MAX_METADATA_ENTRIES:
+        raise InvalidInputError(f"GGUF file declares {kv_count} metadata keys; the limit is {MAX_METADATA_ENTRIES}")
     cursor = _GGUFCursor(data, order, 24)
     for _ in range(kv_count):
-        cursor.string()
-        cursor.value(cursor.u32(), depth=0)
+        key = cursor.string()
+        vtype = cursor.u32()
+        if vtype == _GGUF_ARRAY:
+            raise InvalidInputError(
+                f"GGUF metadata arrays are not accepted ({key.decode('utf-8', 'replace')!r}): a control vector has none"
+            )
+        cursor.value(vtype)
+    if cursor.text_bytes > MAX_METADATA_CHARS:
+        raise InvalidInputError(
+            f"GGUF metadata holds {cursor.text_bytes:,} bytes of keys and strings, more than the limit of "
+            f"{MAX_METADATA_CHARS:,}"
+        )
     for _ in range(tensor_count):
         cursor.string()
         n_dims = cursor.u32()
@@ -152,6 +165,7 @@ def _scan_gguf_header(data: bytes) -> None:
 class _GGUFCursor:
     def __init__(self, data: bytes, order: str, pos: int) -> None:
         self.data, self.order, self.pos = data, order, pos
+        self.text_bytes = 0  # of metadata keys and string values read so far
 
     def skip(self, n: int) -> None:
         if n > len(self.data) - self.pos:
@@ -166,25 +180,18 @@ class _GGUFCursor:
     def u32(self) -> int:
         return self._unpack("I")
 
-    def string(self) -> None:
-        self.skip(self._unpack("Q"))
+    def string(self) -> bytes:
+        length = self._unpack("Q")
+        start = self.pos
+        self.skip(length)
+        self.text_bytes += length
+        return self.data[start : start + min(length, 200)]  # enough to name a key in a message
 
-    def value(self, vtype: int, depth: int) -> None:
+    def value(self, vtype: int) -> None:
         if vtype in _GGUF_SCALAR_SIZES:
             self.skip(_GGUF_SCALAR_SIZES[vtype])
         elif vtype == _GGUF_STRING:
             self.string()
-        elif vtype == _GGUF_ARRAY and depth < _GGUF_MAX_DEPTH:
-            item_type, count = self.u32(), self._unpack("Q")
-            if count > _GGUF_MAX_ARRAY:
-                raise InvalidInputError(
-                    f"malformed gguf payload: metadata array of {count} items (limit {_GGUF_MAX_ARRAY})"
-                )
-            if item_type in _GGUF_SCALAR_SIZES:
-                self.skip(count * _GGUF_SCALAR_SIZES[item_type])
-            else:
-                for _ in range(count):
-                    self.value(item_type, depth + 1)
         else:
             raise InvalidInputError(f"malformed gguf payload: unknown GGUF value type {vtype}")
 

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from auditor.errors import InvalidInputError
 from auditor.vectors.common import RawVectors, Spec, describe, parse_layer_key
+from auditor.vectors.metadata import MAX_ESCAPED_METADATA_BYTES, MAX_METADATA_CHARS, MAX_METADATA_ENTRIES
+
+# A JSON vector file holds at most one vector per layer and its metadata, so its length is bounded
+# by the model's shape. The bound is checked before decoding, because decoding is what costs:
+# Python's json builds every object before any check sees it (a 64 MiB file of empty lists took
+# 8 s and 1.7 GB). A float64 is at most 24 characters; the rest leaves room for indentation.
+_CHARS_PER_NUMBER = 64
+
+
+def json_length_limit(spec: Spec) -> int:
+    return spec.n_layers * (spec.d_model + 1) * _CHARS_PER_NUMBER + MAX_ESCAPED_METADATA_BYTES
 
 
 class _JSONObject(dict):
@@ -29,13 +41,44 @@ def _json_object(pairs: list[tuple[str, Any]]) -> _JSONObject:
     return obj
 
 
+# Objects are what decoding makes dearest (a _JSONObject is ~500 bytes: 1.8 MB of "{}," took 4 s
+# and +300 MiB), and a vector file needs few: the document, "vectors", and the metadata's, which
+# are metadata entries. The hook counts them and stops the decoder at the first one too many.
+_MAX_OBJECTS = MAX_METADATA_ENTRIES + 3
+
+
+def _counting_object_hook() -> Callable[[list[tuple[str, Any]]], _JSONObject]:
+    made = 0
+
+    def hook(pairs: list[tuple[str, Any]]) -> _JSONObject:
+        nonlocal made
+        made += 1
+        if made > _MAX_OBJECTS:
+            raise InvalidInputError(f"a JSON vector file holds more than {_MAX_OBJECTS} objects")
+        return _json_object(pairs)
+
+    return hook
+
+
 def read_json(data: bytes, spec: Spec) -> tuple[RawVectors, dict]:
+    limit = json_length_limit(spec)
+    if len(data) > limit:
+        raise InvalidInputError(
+            f"a JSON vector file is {len(data):,} bytes, more than the {limit:,} that {spec.n_layers} vectors "
+            f"of dimension {spec.d_model} and their metadata can take"
+        )
+    # Lists have no decoder hook, so they are bounded by their opening brackets: a vector file's
+    # lists are its vectors and its metadata's (entries), and a '[' inside a string is a metadata
+    # character. 1.8 MB of "[]," took 1.4 s to decode.
+    max_lists = spec.n_layers + 1 + MAX_METADATA_ENTRIES + MAX_METADATA_CHARS
+    if data.count(b"[") > max_lists:
+        raise InvalidInputError(f"a JSON vector file holds more than {max_lists} lists")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"malformed JSON: not UTF-8 (bad byte at offset {exc.start})") from exc
     try:
-        doc = json.loads(text, object_pairs_hook=_json_object)
+        doc = json.loads(text, object_pairs_hook=_counting_object_hook())
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:

@@ -15,11 +15,25 @@ import torch
 from safetensors.torch import load, save
 
 from auditor.errors import InvalidInputError
-from auditor.vectors.common import DIRECTION_NAME, LAYER_KEY, RawVectors, Spec, describe, parse_layer_key
+from auditor.vectors.common import (
+    DIRECTION_NAME,
+    LAYER_KEY,
+    RawVectors,
+    Spec,
+    check_dimension,
+    describe,
+    parse_layer_key,
+)
+from auditor.vectors.metadata import MAX_ESCAPED_METADATA_BYTES
+
+# A header entry for one tensor ('"direction.12":{"dtype":"F32","shape":[4096],"data_offsets":[...]}')
+# is under 100 bytes; a header past what one tensor per layer and the metadata can take is refused
+# before Python's json decodes it.
+_HEADER_BYTES_PER_TENSOR = 256
 
 
 def read_safetensors(data: bytes, spec: Spec) -> tuple[RawVectors, dict]:
-    metadata = _safetensors_metadata(data)
+    metadata = _safetensors_metadata(data, spec)
     tensors = load(data)
     if "vector" in tensors:
         if len(tensors) > 1:
@@ -29,7 +43,7 @@ def read_safetensors(data: bytes, spec: Spec) -> tuple[RawVectors, dict]:
             )
         if spec.layer is None:
             raise InvalidInputError('a safetensors "vector" needs layer= to say which layer')
-        return [(spec.layer, _tensor_values(tensors["vector"], "vector", ndim=1))], metadata
+        return [(spec.layer, _tensor_values(tensors["vector"], "vector", spec, layer=spec.layer))], metadata
 
     raw: RawVectors = []
     if "directions" in tensors:
@@ -44,11 +58,11 @@ def read_safetensors(data: bytes, spec: Spec) -> tuple[RawVectors, dict]:
                 '"directions" [n_layers, d_model] or a single "vector"'
             )
         layer = parse_layer_key(match.group(1), f"tensor {name!r}")
-        raw.append((layer, _tensor_values(tensors[name], name, ndim=1)))
+        raw.append((layer, _tensor_values(tensors[name], name, spec, layer=layer)))
     return raw, metadata
 
 
-def _safetensors_metadata(data: bytes) -> dict:
+def _safetensors_metadata(data: bytes, spec: Spec) -> dict:
     if len(data) < 8:
         raise InvalidInputError(f"malformed safetensors payload: only {len(data)} bytes")
     header_len = int.from_bytes(data[:8], "little")
@@ -56,17 +70,31 @@ def _safetensors_metadata(data: bytes) -> dict:
         raise InvalidInputError(
             f"malformed safetensors payload: header length {header_len} exceeds the {len(data) - 8} bytes that follow"
         )
+    limit = _HEADER_BYTES_PER_TENSOR * spec.n_layers + MAX_ESCAPED_METADATA_BYTES
+    if header_len > limit:
+        raise InvalidInputError(
+            f"safetensors header is {header_len:,} bytes, more than the {limit:,} that {spec.n_layers} "
+            "vectors and their metadata can take"
+        )
     header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
     if not isinstance(header, dict):
         raise InvalidInputError("malformed safetensors payload: header is not a JSON object")
+    n_tensors = sum(1 for name in header if name != "__metadata__")
+    if n_tensors > spec.n_layers:  # at most one vector per layer, or one "directions" matrix
+        raise InvalidInputError(
+            f"safetensors file has {n_tensors} tensors, more than one per layer of a {spec.n_layers}-layer model"
+        )
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise InvalidInputError("malformed safetensors payload: __metadata__ is not an object")
+    for key, value in metadata.items():
+        if not isinstance(value, str):  # the format's rule; safetensors' own loader refuses it too
+            raise InvalidInputError(f"safetensors __metadata__ {key!r} is not a string")
     return dict(metadata)
 
 
 def _directions_rows(tensor: torch.Tensor, spec: Spec) -> RawVectors:
-    values = _tensor_values(tensor, "directions", ndim=2)
+    values = _tensor_values(tensor, "directions", spec, layer=0, ndim=2)  # row 0's size is every row's
     if values.shape[0] != spec.n_layers:
         raise InvalidInputError(
             f'"directions" has {values.shape[0]} rows, expected one per layer (n_layers={spec.n_layers})'
@@ -74,11 +102,12 @@ def _directions_rows(tensor: torch.Tensor, spec: Spec) -> RawVectors:
     return [(layer, values[layer]) for layer in range(values.shape[0])]
 
 
-def _tensor_values(tensor: torch.Tensor, name: str, *, ndim: int) -> np.ndarray:
+def _tensor_values(tensor: torch.Tensor, name: str, spec: Spec, *, layer: int, ndim: int = 1) -> np.ndarray:
     if not tensor.dtype.is_floating_point:
         raise InvalidInputError(f"tensor {name!r} has dtype {tensor.dtype}, expected floats")
     if tensor.ndim != ndim:
         raise InvalidInputError(f"tensor {name!r} has shape {list(tensor.shape)}, expected {ndim}-D")
+    check_dimension(layer, tensor.shape[-1], spec.d_model)
     return tensor.detach().to("cpu", torch.float64).numpy()
 
 

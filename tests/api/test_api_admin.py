@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFWriter
 from safetensors.torch import save as save_safetensors
 
 from auditor.api.main import create_app
+from auditor.api.routes import concepts as concept_routes
 from auditor.db.engine import run_migrations
 from auditor.model_identity import describe_model
 from auditor.settings import Settings
@@ -133,6 +138,104 @@ def test_nan_and_garbage_uploads_are_rejected(api):
     )
     assert garbage.status_code == 422 and "gguf" in garbage.text.lower()
     assert count(api) == before
+
+
+def nested(depth: int) -> dict:
+    metadata: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        metadata = {"inner": metadata}
+    return metadata
+
+
+def json_upload(metadata) -> bytes:
+    return json.dumps({"vectors": {"15": unit(15).tolist()}, "metadata": metadata}).encode()
+
+
+def gguf_upload(**fields) -> bytes:
+    """A GGUF control vector for layer 15 with extra metadata: str values as strings, lists as arrays."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cv.gguf"
+        writer = GGUFWriter(path, "controlvector")
+        for key, value in fields.items():
+            if isinstance(value, list):
+                writer.add_array(f"controlvector.{key}", value)
+            else:
+                writer.add_string(f"controlvector.{key}", value)
+        writer.add_tensor("direction.15", unit(15).astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+def safetensors_upload(metadata: dict[str, str]) -> bytes:
+    return save_safetensors({"direction.15": torch.from_numpy(unit(15)).float()}, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "filename, content, fact",
+    [
+        # ~300 levels: stored, then unserialisable, so GET /admin/concepts was a 500 for good.
+        ("deep.json", json_upload(nested(300)), "nested 300 levels deep"),
+        ("wide.json", json_upload({f"k{i}": i for i in range(5000)}), "5000 keys"),
+        ("big.json", json_upload({"note": "x" * 200_000}), "characters as JSON"),
+        ("wide.safetensors", safetensors_upload({f"k{i}": "v" for i in range(5000)}), "5000 keys"),
+        ("big.safetensors", safetensors_upload({"note": "x" * 200_000}), "characters as JSON"),
+        ("array.gguf", gguf_upload(layers=list(range(10))), "metadata arrays are not accepted"),
+        ("big.gguf", gguf_upload(model_hint="x" * 200_000), "bytes of keys and strings"),
+        ("wide.gguf", gguf_upload(**{f"k{i}": "v" for i in range(2000)}), "2001 metadata keys"),
+    ],
+)
+def test_hostile_metadata_is_refused_and_the_concept_list_still_works(api, filename, content, fact):
+    before = api.get("/admin/concepts")
+    assert before.status_code == 200
+    response = api.post("/admin/concepts/upload", data={"name": "hostile"}, files={"file": (filename, content)})
+    assert response.status_code == 422, response.text
+    assert fact in response.json()["detail"][0]["msg"], response.text
+    after = api.get("/admin/concepts")
+    assert after.status_code == 200, after.text
+    assert after.json() == before.json()  # nothing written
+
+
+def test_metadata_within_the_limits_is_kept(api):
+    metadata = {"note": "x" * 1000, "deep": nested(15), **{f"k{i}": i for i in range(100)}}
+    response = api.post(
+        "/admin/concepts/upload", data={"name": "bounded"}, files={"file": ("ok.json", json_upload(metadata))}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["provenance"]["deep"] == nested(15)
+    assert api.get("/admin/concepts").status_code == 200
+
+
+def test_an_upload_is_parsed_off_the_event_loop(api, monkeypatch):
+    # The parse is held until /healthz has answered: on the event loop, /healthz would wait for it.
+    parsing, release = threading.Event(), threading.Event()
+    real_parse = concept_routes.parse_vectors
+
+    def held_parse(*args, **kwargs):
+        parsing.set()
+        release.wait(timeout=10)
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(concept_routes, "parse_vectors", held_parse)
+    results: dict[str, httpx.Response] = {}
+    upload = threading.Thread(
+        target=lambda: results.update(
+            upload=api.post(
+                "/admin/concepts/upload", data={"name": "held"}, files={"file": ("v.json", json_upload({}))}
+            )
+        )
+    )
+    upload.start()
+    try:
+        assert parsing.wait(timeout=10)
+        health = api.get("/healthz", timeout=3)
+        assert health.status_code == 200
+    finally:
+        release.set()
+        upload.join(timeout=30)
+    assert results["upload"].status_code == 201, results["upload"].text
 
 
 def test_activate_deactivate_retire(api):

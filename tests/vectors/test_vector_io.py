@@ -480,7 +480,7 @@ def test_gguf_header_declaring_a_huge_array_fails_fast():
         + struct.pack("<IQ", 0, 2**62)
     )
     start = time.perf_counter()
-    with pytest.raises(InvalidInputError, match="array of 4611686018427387904 items"):
+    with pytest.raises(InvalidInputError, match="metadata arrays are not accepted"):
         parse(data, "gguf")
     assert time.perf_counter() - start < 1.0
 

@@ -129,8 +129,10 @@ def register_json(
     return concept_read(session, concept)
 
 
+# A plain `def`, so FastAPI runs it in its threadpool: parsing a file (up to MAX_UPLOAD_BYTES) and
+# the database writes must not hold the event loop, which serves every other request meanwhile.
 @router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ConceptRead)
-async def register_upload(
+def register_upload(
     session: SessionDep,
     settings: SettingsDep,
     fingerprint: FingerprintDep,
@@ -145,7 +147,7 @@ async def register_upload(
     """Register the next version of a concept from an uploaded vector file."""
     # The whole request is already bounded by AUDITOR_MAX_UPLOAD_BYTES (auditor.api.limits).
     limit = settings.max_upload_bytes
-    data = await file.read(limit + 1)
+    data = file.file.read(limit + 1)  # the spooled upload, read in this worker thread
     if len(data) > limit:
         raise InvalidInputError(f"file is larger than this deployment's limit of {limit:,} bytes")
     fmt = format or sniff_format(file.filename, data)
