@@ -23,8 +23,8 @@ class FingerprintMismatchError(InvalidInputError):
 
 
 class WindowError(InvalidInputError):
-    """A report window parameter that cannot be used: `field` names it (since, until, baseline,
-    bucket), `reason` says why; the message is both, for a CLI line."""
+    """A time parameter that cannot be used (a report window's since, until, baseline, bucket;
+    the audit log's since): `field` names it, `reason` says why; the message is both, for a CLI line."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -21,6 +22,7 @@ from auditor.errors import (
     ModelLoadError,
     NotFoundError,
     PermissionDeniedError,
+    WindowError,
 )
 
 
@@ -33,7 +35,15 @@ def error_body(message: str, kind: str, loc: tuple[str, ...] = ("body",)) -> dic
     }
 
 
+def query_error(exc: WindowError, value: object) -> RequestValidationError:
+    """A time parameter that cannot be used, as FastAPI's own 422 at ["query", <its name>]."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("query", exc.field), "msg": exc.reason, "input": value}]
+    )
+
+
 RETRY_AFTER_SECONDS = 5
+ECHO_CHARS = 200  # of an offending input a 422 quotes back (the field, the limit and the rest are whole)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Starlette's and FastAPI's own HTTP errors (unknown path, wrong method, body over its limit, …):
@@ -61,7 +71,7 @@ def unavailable(exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = _json_safe(jsonable_encoder(exc.errors()))
+        detail = _json_safe([_cut_input(error) for error in jsonable_encoder(exc.errors())])
         summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in detail)
         error = {"message": summary, "type": "invalid_request_error", "param": None, "code": "validation_error"}
         return JSONResponse({"detail": detail, "error": error}, status_code=422)
@@ -116,6 +126,17 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     _document_errors(app)
+
+
+def _cut_input(error: dict) -> dict:
+    """A 422 quotes back the offending input (FastAPI's `input`): whole when short, else its first
+    ECHO_CHARS characters (a non-string as its JSON text) with a marker giving its full length.
+    Whole, a 200,000-character prompt came back in the body, and so into every log and proxy."""
+    value = error.get("input")
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    if len(text) <= ECHO_CHARS:
+        return error
+    return {**error, "input": f"{text[:ECHO_CHARS]}… (cut: {len(text):,} characters)"}
 
 
 def _json_safe(value):

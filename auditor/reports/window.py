@@ -3,6 +3,8 @@
 An instant is an ISO 8601 time (a naive one is read as UTC), `now`, or how long ago: `90m`,
 `24h`, `7d`, `2w`. The baseline is a duration (that long, ending where the window starts),
 an interval `START/END` of two instants, or by default the window's own length just before it.
+Every bound lies between 0001-01-01 and 9999-12-31 UTC (what a datetime holds); one past them
+is a WindowError naming its parameter, never an OverflowError.
 """
 
 from __future__ import annotations
@@ -42,27 +44,56 @@ class Window:
         return self.start < other.end and other.start < self.end
 
 
-def parse_duration(text: str) -> timedelta | None:
-    """`24h` -> 24 hours; None when `text` is not a duration."""
+_EARLIEST = "0001-01-01"  # datetime.min: no window or baseline can start before it
+
+
+def _back(text: str, field: str, what: str = "") -> WindowError:
+    return WindowError(field, f"{text!r}{what} reaches back before {_EARLIEST}, the earliest time a report can cover")
+
+
+def parse_duration(text: str, *, field: str) -> timedelta | None:
+    """`24h` -> 24 hours; None when `text` is not a duration. One longer than a timedelta holds
+    (999,999,999 days) also reaches back before year 1, so it is refused as such."""
     match = _DURATION.match(text)
     if match is None:
         return None
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise _back(text, field) from None
+
+
+def _before(instant: datetime, length: timedelta, error: WindowError) -> datetime:
+    try:
+        return instant - length
+    except OverflowError:
+        raise error from None
+
+
+def as_utc(instant: datetime, *, field: str) -> datetime:
+    """The instant in UTC, a naive one read as UTC (as a person who typed no zone means it on
+    a UTC service). Also the rule for the admin audit log's `since`."""
+    if instant.tzinfo is None:
+        return instant.replace(tzinfo=UTC)
+    try:
+        return instant.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0, 9999-12-31T23:00-02:00 in 10000
+        raise WindowError(
+            field, f"{instant.isoformat()} is outside the times a datetime holds (0001-01-01 to 9999-12-31 UTC)"
+        ) from None
 
 
 def parse_instant(text: str, *, now: datetime, field: str) -> datetime:
     if text.strip().lower() == "now":
         return now
-    ago = parse_duration(text)
+    ago = parse_duration(text, field=field)
     if ago is not None:
-        return now - ago
+        return _before(now, ago, _back(text, field))
     try:
         instant = datetime.fromisoformat(text.strip())
     except ValueError:
         raise WindowError(field, f"cannot read {text!r}: give an ISO time, 'now', or how long ago (24h, 7d)") from None
-    if instant.tzinfo is None:
-        instant = instant.replace(tzinfo=UTC)
-    return instant.astimezone(UTC)
+    return as_utc(instant, field=field)
 
 
 def report_window(since: str, until: str, *, now: datetime) -> Window:
@@ -78,12 +109,19 @@ def report_window(since: str, until: str, *, now: datetime) -> Window:
 
 def baseline_window(baseline: str | None, *, window: Window, now: datetime) -> Window:
     if baseline is None or not baseline.strip():
-        return Window(window.start - window.duration, window.start)
-    length = parse_duration(baseline)
+        # Named as `since`: the parameter the caller gave, whose value leaves no room before it.
+        too_early = WindowError(
+            "since",
+            f"{window.start.date().isoformat()} is too early for the default baseline (the window's own "
+            f"length just before it would start before {_EARLIEST}): give a baseline or a later since",
+        )
+        return Window(_before(window.start, window.duration, too_early), window.start)
+    length = parse_duration(baseline, field="baseline")
     if length is not None:
         if not length:
             raise WindowError("baseline", "a baseline of length zero holds no scores")
-        chosen = Window(window.start - length, window.start)
+        start = _before(window.start, length, _back(baseline, "baseline", " before since"))
+        chosen = Window(start, window.start)
     elif "/" in baseline:
         first, _, second = baseline.partition("/")
         start = parse_instant(first, now=now, field="baseline")

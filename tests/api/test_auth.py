@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import numpy as np
@@ -217,6 +218,33 @@ def test_bad_token_ids_and_audit_log_queries_are_clear_4xx_that_change_nothing(s
         get_settings.cache_clear()
     assert http.get("/admin/tokens", headers=admin).json() == before
     assert len(http.get("/admin/audit-log", headers=admin, params={"limit": 1000}).json()) == log_before
+
+
+def test_the_audit_log_reads_a_time_without_a_zone_as_utc_like_report_windows(service):
+    http, admin = service["http"], bearer(service["tokens"]["admin"])
+    created = http.post("/admin/tokens", headers=admin, json={"name": "since-probe", "scopes": ["reader"]})
+    assert created.status_code == 201, created.text
+    [newest] = http.get("/admin/audit-log", headers=admin, params={"limit": 1}).json()
+    at = datetime.fromisoformat(newest["at"]).astimezone(UTC)
+    assert newest["target"] == f"token:{created.json()['id']}"
+
+    def ids(since: str) -> list[int]:
+        answer = http.get("/admin/audit-log", headers=admin, params={"since": since, "limit": 1000})
+        assert answer.status_code == 200, (since, answer.text)
+        return [entry["id"] for entry in answer.json()]
+
+    every = [entry["id"] for entry in http.get("/admin/audit-log", headers=admin, params={"limit": 1000}).json()]
+    naive_before = (at - timedelta(seconds=1)).replace(tzinfo=None).isoformat()
+    naive_after = (at + timedelta(seconds=1)).replace(tzinfo=None).isoformat()
+    assert newest["id"] in ids(naive_before) and ids(naive_before) == ids(naive_before + "+00:00")
+    assert ids(naive_after) == ids(naive_after + "Z") == []
+    assert ids("2024-01-01") == ids("2024-01-01T00:00:00Z") == every  # a date alone: its midnight, UTC
+    # Past what a datetime can hold once read as UTC: a 422 naming `since`, not a 500.
+    for since in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        answer = http.get("/admin/audit-log", headers=admin, params={"since": since})
+        assert answer.status_code == 422, (since, answer.text)
+        [detail] = answer.json()["detail"]
+        assert detail["loc"] == ["query", "since"] and "outside the times" in detail["msg"], detail
 
 
 def test_a_bad_log_level_is_refused_before_anything_starts():

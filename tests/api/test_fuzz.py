@@ -10,7 +10,9 @@ goes to a stub dispatcher, not the real embedded worker:
 warming that up extracts and calibrates the built-in concepts (minutes on 2 cores), and the
 extraction and calibration jobs the fuzzer queues would load the CPU long after the test. The
 stub still makes the worker's first checks (SamplingConfig, the seeded generator), so a request
-the API lets through that the worker would choke on fails here.
+the API lets through that the worker would choke on fails here. Schema-valid cases also get
+time parameters (report windows, the audit log's `since`) as a person types them: the schema
+alone says only "a string" or a zoned date-time.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from pydantic import ValidationError
 from schemathesis import GenerationMode
@@ -181,11 +185,41 @@ def _steer(case, generated: int) -> None:
                 item.update(prompt="How are you?", messages=None)
 
 
+# What a person types for a time, which the schema (a plain string, or date-time always with a
+# zone) would never make the fuzzer send: a time without a zone, any offset on any day from year
+# 1 to 9999 (the edges overflow once read as UTC), a date alone, `now`, and how long ago with
+# counts up to far past what a datetime can hold.
+_OFFSETS = st.none() | st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
+ISO_TIMES = st.datetimes(timezones=_OFFSETS).map(datetime.isoformat) | st.dates().map(str)
+DURATIONS = st.builds(
+    "{}{}".format, st.integers(0, 1000) | st.integers(0, 10**15), st.sampled_from(["s", "m", "h", "d", "w"])
+)
+INSTANTS = ISO_TIMES | DURATIONS | st.just("now")
+WINDOW_PARAMETERS = {
+    "since": INSTANTS,
+    "until": INSTANTS,
+    "baseline": DURATIONS | st.builds("{}/{}".format, INSTANTS, INSTANTS),
+}
+
+
+def _times(case, data) -> None:
+    """Give the time parameters of /reports/* and the audit log what a person would type, drawn
+    by Hypothesis (so a failure shrinks to the offending time); None keeps the generated value."""
+    path = case.operation.path
+    if path.startswith("/reports/"):
+        drawn = {name: data.draw(st.none() | values) for name, values in WINDOW_PARAMETERS.items()}
+    elif path == "/admin/audit-log":
+        drawn = {"since": data.draw(st.none() | ISO_TIMES)}
+    else:
+        return
+    case.query = {**(case.query or {}), **{name: value for name, value in drawn.items() if value is not None}}
+
+
 def _fuzz_operation(operation, mode: GenerationMode, target: Target) -> str | None:
     """Run one operation's generated requests; its first failure (shrunk by Hypothesis) as text."""
 
     # The token is a fixed header: generated or negated, it would only ever test the 401.
-    @given(case=operation.as_strategy(generation_mode=mode, headers=bearer(target.token)))
+    @given(case=operation.as_strategy(generation_mode=mode, headers=bearer(target.token)), data=st.data())
     @settings(
         max_examples=MAX_EXAMPLES,
         derandomize=True,
@@ -194,10 +228,11 @@ def _fuzz_operation(operation, mode: GenerationMode, target: Target) -> str | No
         suppress_health_check=list(HealthCheck),
         phases=[Phase.explicit, Phase.generate, Phase.shrink],
     )
-    def run(case) -> None:
+    def run(case, data) -> None:
         target.generated += 1
         if mode == GenerationMode.POSITIVE:
             _steer(case, target.generated)
+            _times(case, data)
         if (
             operation.label == "DELETE /admin/tokens/{token_id}"
             and case.path_parameters.get("token_id") == target.token_id
@@ -405,6 +440,25 @@ def test_prompt_characters_are_limited_per_request(tight):
     assert error(response, 422, "items[1]")["detail"][0]["loc"] == ["body", "items", 1]
     assert tight.rows(MonitoredRequest) == before and not tight.dispatcher.runs
     assert tight.client.post("/v1/completions", json={"model": "auditor", "prompt": "x" * 50}).status_code == 200
+
+
+def test_a_validation_error_names_the_field_and_limit_without_echoing_the_whole_input(default):
+    # The schema's ceiling (100,000 characters) refuses it before any setting: the 422 says which
+    # field and what limit, and quotes only the start of the input (no prompt in logs or proxies).
+    response = default.client.post("/v1/chat/completions", json=chat("secret " + "x" * 200_000))
+    body = error(response, 422, "at most 100000 characters", kind="string_too_long")
+    assert len(response.content) < 2_000, len(response.content)
+    [detail] = body["detail"]
+    assert detail["loc"] == ["body", "messages", 0, "content"] and detail["ctx"] == {"max_length": 100_000}
+    assert detail["input"].startswith("secret xxx") and detail["input"].endswith("(cut: 200,007 characters)")
+    # An input that is not a string is cut as its JSON text: here an object where a list belongs.
+    response = default.client.post("/v1/chat/completions", json={"model": "auditor", "messages": {"m": "y" * 150_000}})
+    [detail] = error(response, 422, "valid list", kind="list_type")["detail"]
+    assert len(response.content) < 2_000 and detail["loc"] == ["body", "messages"], len(response.content)
+    assert detail["input"].startswith('{"m": "yyy') and detail["input"].endswith("(cut: 150,009 characters)")
+    # A short input is echoed whole, as FastAPI does.
+    short = default.client.post("/v1/chat/completions", json=chat("hi", temperature="warm")).json()["detail"]
+    assert short[0]["loc"] == ["body", "temperature"] and short[0]["input"] == "warm"
 
 
 def test_max_tokens_is_bounded_by_the_settings(tight):

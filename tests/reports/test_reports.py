@@ -573,6 +573,15 @@ def test_windows_parse_relative_iso_and_default_baselines():
         ("24h", "now", "0d", "baseline", "length zero"),
         ("24h", "now", "last week", "baseline", "cannot read 'last week'"),
         ("24h", "now", "2d/3d", "baseline", "is empty"),
+        # Past what a datetime can hold (year 1 to 9999): named, never an OverflowError.
+        ("1000000d", "now", None, "since", "'1000000d' reaches back before 0001-01-01"),
+        ("99999999999d", "now", None, "since", "'99999999999d' reaches back before 0001-01-01"),
+        ("0001-01-02", "now", None, "since", "the default baseline"),
+        ("24h", "now", "9999999d", "baseline", "'9999999d' before since reaches back before 0001-01-01"),
+        ("24h", "now", "99999999999d", "baseline", "reaches back before 0001-01-01"),
+        ("0001-01-01T00:00+05:00", "now", None, "since", "outside the times"),
+        ("24h", "9999-12-31T23:59-05:00", "1d", "until", "outside the times"),
+        ("24h", "now", "1000000d/now", "baseline", "reaches back before 0001-01-01"),
     ],
 )
 def test_bad_windows_name_the_parameter(since, until, baseline, field_name, message):
@@ -580,6 +589,14 @@ def test_bad_windows_name_the_parameter(since, until, baseline, field_name, mess
         window = report_window(since, until, now=NOW)
         baseline_window(baseline, window=window, now=NOW)
     assert caught.value.field == field_name and str(caught.value).startswith(f"{field_name}: ")
+
+
+def test_windows_reach_the_first_and_last_representable_days():
+    first = report_window("0001-01-02", "now", now=NOW)
+    assert first.start == datetime(1, 1, 2, tzinfo=UTC)
+    assert baseline_window("1d", window=first, now=NOW).start == datetime(1, 1, 1, tzinfo=UTC)
+    last = report_window("24h", "9999-12-31T23:59:59", now=NOW)
+    assert last.end == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 
 def test_build_report_rejects_an_overlapping_baseline_before_reading():
@@ -657,6 +674,25 @@ def test_api_rejects_bad_parameters_in_the_error_shape(api, params, status, loc,
     assert message in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("path", ["summary", "flagged", "compare", "drift", "series", "html"])
+@pytest.mark.parametrize(
+    "params, field_name, message",
+    [
+        ({"since": "1000000d"}, "since", "reaches back before 0001-01-01"),
+        ({"since": "0001-01-02"}, "since", "the default baseline"),
+        ({"baseline": "9999999d"}, "baseline", "reaches back before 0001-01-01"),
+        ({"since": "99999999999d"}, "since", "reaches back before 0001-01-01"),
+    ],
+)
+def test_api_windows_past_the_representable_times_are_a_422_naming_the_parameter(
+    api, path, params, field_name, message
+):
+    response = api.get(f"/reports/{path}", params=params)
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == ["query", field_name] and message in detail["msg"], detail
+
+
 # ---- the CLI as a subprocess ----
 
 # The real entry point: `auditor report`, as a user runs it.
@@ -706,6 +742,10 @@ def test_cli_writes_csv_json_and_html(seeded, report, tmp_path):
         (["--since", "1h", "--until", "2h"], "until: the window is empty"),
         (["--baseline", "1h/now"], "baseline:"),
         (["--since", "[/x]"], "since: cannot read '[/x]'"),  # echoed as text, not read as markup
+        (["--since", "1000000d"], "since: '1000000d' reaches back before 0001-01-01"),
+        (["--since", "0001-01-02"], "since: 0001-01-02 is too early for the default baseline"),
+        (["--baseline", "9999999d"], "baseline: '9999999d' before since reaches back before 0001-01-01"),
+        (["--since", "99999999999d"], "since: '99999999999d' reaches back before 0001-01-01"),
     ],
 )
 def test_cli_bad_windows_are_one_line_and_exit_2(args, message):

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.orm import Session
 
 from auditor.api.deps import ReadSessionDep
-from auditor.api.errors import error_body
+from auditor.api.errors import error_body, query_error
 from auditor.db.models import utcnow
 from auditor.errors import NotFoundError, WindowError
 from auditor.reports import build_report, queries, report
@@ -56,8 +55,7 @@ def report_query(
         window = report_window(since, until, now=now)
         return ReportQuery(window, baseline_window(baseline, window=window, now=now), concept or None)
     except WindowError as exc:
-        error = {"type": "value_error", "loc": ("query", exc.field), "msg": exc.reason, "input": values.get(exc.field)}
-        raise RequestValidationError([error]) from None
+        raise query_error(exc, values.get(exc.field)) from None
 
 
 ReportQueryDep = Annotated[ReportQuery, Depends(report_query)]

@@ -9,8 +9,11 @@ from fastapi import APIRouter, Query, status
 
 from auditor.access import audit_log, tokens
 from auditor.api.deps import ReadSessionDep, RowId, SessionDep
+from auditor.api.errors import query_error
 from auditor.api.schemas import AdminActionRead, TokenCreate, TokenIssued, TokenRead
 from auditor.api.security import PrincipalDep
+from auditor.errors import WindowError
+from auditor.reports.window import as_utc
 
 router = APIRouter(prefix="/admin", tags=["admin: tokens and audit log"])
 
@@ -57,7 +60,13 @@ def read_audit_log(
     action: str | None = Query(None, max_length=64),
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AdminActionRead]:
-    """Admin actions, newest first: who (token name and prefix), what, when, vector hash."""
+    """Admin actions, newest first: who (token name and prefix), what, when, vector hash.
+    `since` without a zone (or a date alone) is UTC, as in report windows."""
+    if since is not None:
+        try:
+            since = as_utc(since, field="since")
+        except WindowError as exc:
+            raise query_error(exc, since.isoformat()) from None
     return [
         AdminActionRead.model_validate(row)
         for row in audit_log.entries(session, since=since, action=action, limit=limit)
