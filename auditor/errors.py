@@ -98,6 +98,10 @@ class BrokerUnavailable(WorkerUnavailable):
     """The task could not be queued at all: nothing will ever run it."""
 
 
+class NoLiveWorker(WorkerUnavailable):
+    """The broker answers but no worker does (what readiness reports)."""
+
+
 __all__ = [
     "AccessError",
     "AuditNotFound",
@@ -109,6 +113,7 @@ __all__ = [
     "InvalidInputError",
     "JobNotFound",
     "ModelLoadError",
+    "NoLiveWorker",
     "NotFoundError",
     "PermissionDeniedError",
     "RequestNotFound",

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     )
     db_retry_max_backoff: float = Field(5.0, gt=0, description="longest pause between two such retries, seconds")
 
+    api_docs: bool = Field(
+        True,
+        description="serve /docs and /openapi.json without a token (Swagger UI loads its script from a CDN); "
+        "false removes both",
+    )
+
     # ---- input limits (bad input gets a 4xx that names the limit, never a 500) ----
     # Bodies are counted by an ASGI middleware as they arrive (auditor.api.limits): a declared
     # Content-Length over the limit is refused before a byte is read, a chunked body as soon as it

@@ -29,10 +29,14 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     privacy.install_log_redaction(settings.privacy_mode)
     if dispatcher is None and settings.broker_url:
         dispatcher = CeleryDispatcher(settings)
+    docs = settings.api_docs  # the only routes besides the probes that answer without a token
     app = FastAPI(
         title="Auditor",
         version=__version__,
         description="Monitor what a served language model represents internally.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     engine = make_engine(database_url(settings))
     app.state.settings = settings

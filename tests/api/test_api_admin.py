@@ -384,3 +384,18 @@ def test_a_database_that_is_down_gets_503_with_retry_after_not_500(tmp_path):
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
+
+
+def test_readiness_names_the_failing_dependency_without_its_message(dead_broker_api, caplog):
+    """/readyz is public: a broker URL's host, port or user must not reach an anonymous caller;
+    the kind of failure does, and the full message goes to the API log."""
+    import logging
+
+    client, _ = dead_broker_api
+    with caplog.at_level(logging.WARNING, logger="auditor.api.routes.health"):
+        ready = httpx.get(f"{client.base_url}/readyz", timeout=30)  # no token
+    assert ready.status_code == 503
+    broker = ready.json()["checks"]["broker"]
+    assert broker.startswith("error: ") and broker.endswith("(details in the API log)"), broker
+    assert "127.0.0.1" not in ready.text and "refused" not in ready.text.lower(), ready.text
+    assert any("broker check failed" in r.getMessage() for r in caplog.records)

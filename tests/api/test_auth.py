@@ -250,3 +250,16 @@ def test_the_audit_log_reads_a_time_without_a_zone_as_utc_like_report_windows(se
 def test_a_bad_log_level_is_refused_before_anything_starts():
     result = CliRunner().invoke(cli_app, ["api", "--log-level", "loud", "--no-migrate"])
     assert result.exit_code == 2 and "choose one of critical" in result.output
+
+
+@pytest.mark.parametrize("docs", [True, False])
+def test_the_api_documentation_is_public_only_when_the_deployment_serves_it(tmp_path, docs):
+    databases = Databases("sqlite", tmp_path)
+    url = databases.new_url()
+    run_migrations(url)
+    app = create_app(Settings(database_url=url, data_dir=tmp_path / "data", api_docs=docs))
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
+        statuses = {path: http.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")}
+        assert http.get("/healthz").status_code == 200
+    assert statuses == dict.fromkeys(statuses, 200 if docs else 404), statuses
+    assert app.openapi()["paths"]  # the document itself is still built (tests and tools use it)

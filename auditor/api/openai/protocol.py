@@ -7,7 +7,10 @@ and alerts always carry the keys below; `monitor` carries a few always and the r
 answer was read against a fitted null. A newer worker's extra keys pass through unchanged.
 
 The chat message a request carries is auditor.schemas.ChatMessage (/v1/audits items carry it
-too); the error body every route answers with is auditor.api.schemas.ErrorBody."""
+too); the error body every route answers with is auditor.api.schemas.ErrorBody.
+
+Size: the whole wire format in one place, requests beside the responses they get, as OpenAI's
+own reference reads; splitting it would scatter one document."""
 
 from __future__ import annotations
 

@@ -1,15 +1,21 @@
-"""Liveness and readiness."""
+"""Liveness and readiness. Both are public (no token: probes and load balancers call them), so
+what they say is generic: which dependency failed and the kind of failure, never its message
+(a connection error names hosts and users); the message goes to the log."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 
 from auditor.api.deps import FingerprintDep
 from auditor.api.schemas import Health, ModelRead
+from auditor.errors import NoLiveWorker
 from auditor.queue.dispatch import CeleryDispatcher
 from auditor.queue.heartbeat import HeartbeatReader, is_redis
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 model_router = APIRouter(tags=["model"])
 
@@ -24,12 +30,14 @@ def healthz() -> Health:
 def readyz(request: Request, response: Response) -> Health:
     """Ready to take traffic: the database answers and, with a broker configured, the broker
     answers and at least one worker replies to a ping."""
-    checks = {"database": _check(lambda: _database(request))}
+    checks = {"database": _check("database", lambda: _database(request))}
     dispatcher = request.app.state.dispatcher
     if isinstance(dispatcher, CeleryDispatcher):
-        checks["broker"] = _check(lambda: _broker(dispatcher))
+        checks["broker"] = _check("broker", lambda: _broker(dispatcher))
         checks["workers"] = (
-            _check(lambda: _workers(request, dispatcher)) if checks["broker"] == "ok" else "unknown: broker down"
+            _check("workers", lambda: _workers(request, dispatcher))
+            if checks["broker"] == "ok"
+            else "unknown: broker down"
         )
     elif dispatcher is not None:
         runtime = getattr(dispatcher, "runtime", None)
@@ -42,11 +50,14 @@ def readyz(request: Request, response: Response) -> Health:
     return Health(status="ready" if ready else "not ready", checks=checks)
 
 
-def _check(probe) -> str:
+def _check(what: str, probe) -> str:
     try:
         return probe() or "ok"
+    except NoLiveWorker as exc:  # our own words, nothing of the environment in them
+        return f"error: {exc}"
     except Exception as exc:  # any failure means "not ready": reported, not raised
-        return f"error: {type(exc).__name__}: {exc}"[:200]
+        log.warning("readiness: %s check failed: %s: %s", what, type(exc).__name__, exc)
+        return f"error: {type(exc).__name__} (details in the API log)"
 
 
 def _database(request: Request) -> None:
@@ -73,14 +84,14 @@ def _workers(request: Request, dispatcher: CeleryDispatcher) -> str:
     if not is_redis(url):  # heartbeats live in Redis; other brokers are asked directly
         replies = dispatcher.app.control.ping(timeout=1.0)
         if not replies:
-            raise RuntimeError("no worker replied to a ping within 1s")
+            raise NoLiveWorker("no worker replied to a ping within 1s")
         return f"ok ({len(replies)} live)"
     reader = getattr(request.app.state, "heartbeats", None)
     if reader is None:
         reader = request.app.state.heartbeats = HeartbeatReader(url)
     beats = reader.workers()
     if not beats:
-        raise RuntimeError("no live worker heartbeat")
+        raise NoLiveWorker("no live worker heartbeat")
     ready = [b for b in beats if b.get("ready")]
     if ready:
         return f"ok ({len(ready)} ready of {len(beats)} live)"
