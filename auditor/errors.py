@@ -98,6 +98,14 @@ class BrokerUnavailable(WorkerUnavailable):
     """The task could not be queued at all: nothing will ever run it."""
 
 
+class TooManyRequests(AuditorError):
+    """Over a concurrency bound: 429, retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NoLiveWorker(WorkerUnavailable):
     """The broker answers but no worker does (what readiness reports)."""
 
@@ -118,6 +126,7 @@ __all__ = [
     "PermissionDeniedError",
     "RequestNotFound",
     "TokenNotFound",
+    "TooManyRequests",
     "WindowError",
     "WorkerUnavailable",
 ]

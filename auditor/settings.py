@@ -126,6 +126,15 @@ class Settings(BaseSettings):
     )
     db_retry_max_backoff: float = Field(5.0, gt=0, description="longest pause between two such retries, seconds")
 
+    max_concurrent_requests: int = Field(
+        32,
+        ge=0,
+        description="completions one API process holds at once (each waits on a server thread; "
+        "the rest of its ~40 keep the control routes answering); beyond it 429 + Retry-After; 0 = no bound",
+    )
+    max_concurrent_per_token: int = Field(
+        16, ge=0, description="of those, how many one token may hold at once (429 beyond); 0 = no bound"
+    )
     api_docs: bool = Field(
         True,
         description="serve /docs and /openapi.json without a token (Swagger UI loads its script from a CDN); "

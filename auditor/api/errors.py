@@ -22,6 +22,7 @@ from auditor.errors import (
     ModelLoadError,
     NotFoundError,
     PermissionDeniedError,
+    TooManyRequests,
     WindowError,
 )
 
@@ -95,6 +96,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidInputError)
     async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "invalid_input"), status_code=422)
+
+    @app.exception_handler(TooManyRequests)
+    async def _too_many(request: Request, exc: TooManyRequests) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(exc), "rate_limit_exceeded", ("server",)),
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
     @app.exception_handler(ModelLoadError)
     async def _model(request: Request, exc: ModelLoadError) -> JSONResponse:

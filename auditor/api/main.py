@@ -7,6 +7,7 @@ from functools import lru_cache
 from fastapi import FastAPI
 
 from auditor import __version__, privacy
+from auditor.api.admission import InFlight
 from auditor.api.errors import install_error_handlers
 from auditor.api.limits import install_request_guard
 from auditor.api.openai import router as completions
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     # transactions, which under WAL never wait for the writer nor hold it back.
     app.state.read_sessions = session_factory(engine)
     app.state.dispatcher = dispatcher
+    app.state.in_flight = InFlight(settings.max_concurrent_requests, settings.max_concurrent_per_token)
 
     @lru_cache(maxsize=1)
     def fingerprint() -> ModelFingerprint:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from auditor.api.admission import AdmittedDep
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
 from auditor.api.openai import serving
 from auditor.api.openai.protocol import (
@@ -27,6 +28,7 @@ router = APIRouter(prefix="/v1", tags=["completions (OpenAI-compatible)"])
 @router.post("/chat/completions", response_model=ChatCompletion, response_class=JSONResponse)
 def chat_completions(
     body: ChatCompletionCreate,
+    _admitted: AdmittedDep,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -40,7 +42,12 @@ def chat_completions(
 
 @router.post("/completions", response_model=Completion, response_class=JSONResponse)
 def completions(
-    body: CompletionCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep
+    body: CompletionCreate,
+    _admitted: AdmittedDep,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    fingerprint: FingerprintDep,
 ):
     serving.check_completion(body, settings)
     if (error := serving.rejected(session, body, fingerprint, settings)) is not None:

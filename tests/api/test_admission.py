@@ -1,0 +1,92 @@
+"""Overload: completions beyond the deployment's or a token's bound are refused at once with
+429 and Retry-After, and the control routes keep answering while the bound is held. Real HTTP,
+SQLite, and a dispatcher that holds each completion until the test lets it go."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from auditor.api.main import create_app
+from auditor.db.engine import run_migrations
+from auditor.settings import Settings
+from support.auth import bearer, issue_token
+from support.databases import Databases
+from support.http_server import serving
+
+BODY = {"model": "auditor", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+class HeldDispatcher:
+    """Answers every completion once `release` is set, as a worker would after generating."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.waiting = 0
+
+    def run(self, task, args, *, task_id, timeout):
+        self.waiting += 1
+        assert self.release.wait(timeout=60), "the test never released the held completions"
+        return {
+            "request_id": task_id,
+            "text": "hello",
+            "finish_reason": "stop",
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "scores": {},
+            "flags": [],
+            "alerts": [],
+            "monitor": {"status": "off"},
+        }
+
+    def submit(self, task, args, *, task_id):
+        return None
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_completions_past_the_bounds_get_429_and_the_control_routes_still_answer(tmp_path):
+    databases = Databases("sqlite", tmp_path)
+    url = databases.new_url()
+    run_migrations(url)
+    dispatcher = HeldDispatcher()
+    settings = Settings(
+        database_url=url, data_dir=tmp_path / "data", max_concurrent_requests=2, max_concurrent_per_token=1
+    )
+    app = create_app(settings, dispatcher)
+    first, second, third = (issue_token(url, scopes=["client"], name=n) for n in ("first", "second", "third"))
+    admin = issue_token(url, name="admin")
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as http, ThreadPoolExecutor(4) as pool:
+
+        def chat(token):
+            return http.post("/v1/chat/completions", json=BODY, headers=bearer(token))
+
+        held_first = pool.submit(chat, first)
+        _wait_for(lambda: dispatcher.waiting == 1)
+        same_token = chat(first)  # the token's bound (1) is held
+        assert same_token.status_code == 429 and same_token.headers["retry-after"] == "2", same_token.text
+        assert "this token has its limit of 1" in same_token.json()["error"]["message"]
+
+        held_second = pool.submit(chat, second)
+        _wait_for(lambda: dispatcher.waiting == 2)
+        deployment = chat(third)  # the deployment's bound (2) is held
+        assert deployment.status_code == 429 and "limit of 2 concurrent" in deployment.json()["error"]["message"]
+
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/admin/concepts", headers=bearer(admin)).status_code == 200
+        dispatcher.release.set()
+        assert held_first.result(timeout=30).status_code == 200
+        assert held_second.result(timeout=30).status_code == 200
+        # A request leaves the count when its handler's dependencies close, just after its
+        # response is sent: then the bound admits again.
+        _wait_for(lambda: app.state.in_flight.count == 0)
+        assert chat(first).status_code == 200
+    databases.drop_all()
