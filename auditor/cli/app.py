@@ -11,8 +11,10 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from auditor.errors import AuditorError, InvalidInputError
+from auditor.reports.safe_text import visible_controls
 
 app = typer.Typer(
     help="Auditor: concept vectors, probes and steering on a served language model.",
@@ -29,8 +31,14 @@ def clear_errors() -> Iterator[None]:
     try:
         yield
     except InvalidInputError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {_plain(exc)}")
         raise typer.Exit(2) from None
     except AuditorError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {_plain(exc)}")
         raise typer.Exit(1) from None
+
+
+def _plain(exc: Exception) -> str:
+    """An error message as text: it may quote input (a name, a path), which must not be read as
+    rich markup or reach the terminal as control characters."""
+    return escape(visible_controls(str(exc)))

@@ -14,9 +14,11 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from auditor.cli.app import clear_errors, console, err_console
 from auditor.data_dir import ensure_private_dir
+from auditor.reports.safe_text import visible_controls
 from auditor.settings import get_settings
 
 TOKEN_FILE = "admin-token"
@@ -109,7 +111,7 @@ def token_list(include_revoked: Annotated[bool, typer.Option("--all", help="incl
         for row in tokens.list_tokens(session, include_revoked=include_revoked):
             table.add_row(
                 str(row.id),
-                row.name,
+                Text(visible_controls(row.name)),  # a name is the operator's text, not markup
                 row.prefix,
                 ",".join(row.scopes),
                 f"{row.created_at:%Y-%m-%d %H:%M}",

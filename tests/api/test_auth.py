@@ -263,3 +263,25 @@ def test_the_api_documentation_is_public_only_when_the_deployment_serves_it(tmp_
         assert http.get("/healthz").status_code == 200
     assert statuses == dict.fromkeys(statuses, 200 if docs else 404), statuses
     assert app.openapi()["paths"]  # the document itself is still built (tests and tools use it)
+
+
+def test_the_token_commands_print_names_and_errors_as_text_not_markup(service, monkeypatch):
+    """A token name and an error message are the operator's text: `[/x]` is shown, not parsed
+    (rich would raise), and a control character is spelled out, not sent to the terminal."""
+    from auditor.settings import get_settings
+
+    monkeypatch.setenv("AUDITOR_DATABASE_URL", service["url"])
+    get_settings.cache_clear()
+    try:
+        bad = CliRunner().invoke(cli_app, ["token", "create", "--name", "x", "--scope", "[/x]\x1b[31m"])
+        assert bad.exit_code == 2, bad.output
+        assert "unknown scope(s) [/x]\\x1b[31m;" in bad.output and "\x1b" not in bad.output, bad.output
+        made = CliRunner().invoke(
+            cli_app, ["token", "create", "--name", "[bold]ops[/bold]\x07", "--scope", "reader", "--quiet"]
+        )
+        assert made.exit_code == 0, made.output
+        listed = CliRunner().invoke(cli_app, ["token", "list"], env={"COLUMNS": "200"})
+        assert listed.exit_code == 0, listed.output
+        assert "[bold]ops[/bold]\\x07" in listed.output and "\x07" not in listed.output, listed.output
+    finally:
+        get_settings.cache_clear()
