@@ -28,8 +28,24 @@ def client(tmp_path_factory) -> Iterator[openai.OpenAI]:
     app = create_app(Settings(database_url=url, data_dir=tmp_path_factory.mktemp("data")))
     token = issue_token(url, scopes=["client"], name="openai-protocol")
     with serving(app) as base_url:
-        yield openai.OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=0)
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=0)
+        client.db_url = url  # for the checks that nothing was written
+        yield client
     databases.drop_all()
+
+
+def _request_rows(client) -> int:
+    from sqlalchemy import func, select
+
+    from auditor.db.engine import make_engine, session_factory
+    from auditor.db.models import MonitoredRequest
+
+    engine = make_engine(client.db_url)
+    try:
+        with session_factory(engine)() as session:
+            return session.scalar(select(func.count()).select_from(MonitoredRequest))
+    finally:
+        engine.dispose()
 
 
 def test_the_model_list_names_the_served_model_by_the_id_responses_report(client):
@@ -100,3 +116,31 @@ def test_more_than_four_stop_sequences_is_a_422_on_stop(client):
         client.chat.completions.create(model="auditor", messages=MESSAGES, max_tokens=4, stop=list("abcde"))
     message = refused.value.body["message"]
     assert message.startswith("body.stop:") and "at most 4 stop sequences, got 5" in message, message
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "field"),
+    [
+        ("chat", {"stop": ["ok", ""]}, "stop"),
+        ("chat", {"stop": ["x" * 257]}, "stop"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("completion", {"logprobs": 6}, "logprobs"),
+        ("completion", {"stop": 5}, "stop"),
+    ],
+)
+def test_broken_stop_and_logprobs_values_are_a_422_naming_the_field_and_write_nothing(client, route, extra, field):
+    before = _request_rows(client)
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        if route == "chat":
+            client.chat.completions.create(model="auditor", messages=MESSAGES, max_tokens=4, **extra)
+        else:
+            client.completions.create(model="auditor", prompt="Once", max_tokens=4, **extra)
+    assert refused.value.body["message"].startswith(f"body.{field}"), refused.value.body
+    assert _request_rows(client) == before
+
+
+def test_a_refused_parameter_writes_no_request_row(client):
+    before = _request_rows(client)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="auditor", messages=MESSAGES, max_tokens=4, n=3)
+    assert _request_rows(client) == before
