@@ -1,10 +1,14 @@
 """How many generations one API process holds at once, overall and per token.
 
-A completion holds one of the server's threads while it waits for a worker (for up to
-REQUEST_TIMEOUT). Without a bound, enough long completions occupy every thread and the control
+A non-streamed completion holds one of the server's threads while it waits for a worker (for up
+to REQUEST_TIMEOUT); a streamed one holds a worker's batch slot and a channel for as long as its
+client reads. Without a bound, enough long completions occupy every thread and the control
 routes (`/healthz`, `/readyz`, admin) stop answering. Beyond the bound a request is refused at
 once with 429 and `Retry-After`, as TGI's `--max-concurrent-requests` does, before anything is
 written or queued. Per token as well, so one client cannot take the whole deployment's share.
+
+A streamed response outlives its route handler: the handler `keep()`s its admission, and the
+stream releases it when it ends (however it ends).
 """
 
 from __future__ import annotations
@@ -55,14 +59,38 @@ class InFlight:
         return self._count
 
 
-def _admitted(request: Request, principal: PrincipalDep) -> Iterator[Principal]:
+class Admission:
+    """One admitted request's place in the counters, released exactly once."""
+
+    def __init__(self, in_flight: InFlight, principal: Principal):
+        self.in_flight, self.principal = in_flight, principal
+        self.kept = False
+        self._released = False
+        self._lock = threading.Lock()
+
+    def keep(self) -> Admission:
+        """The response outlives the handler (a stream): whoever holds this releases it."""
+        self.kept = True
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self.in_flight.release(self.principal.token_id)
+
+
+def _admitted(request: Request, principal: PrincipalDep) -> Iterator[Admission]:
     in_flight: InFlight = request.app.state.in_flight
     if (refused := in_flight.acquire(principal.token_id)) is not None:
         raise TooManyRequests(f"{refused}; retry shortly", retry_after=RETRY_AFTER_SECONDS)
+    admission = Admission(in_flight, principal)
     try:
-        yield principal
+        yield admission
     finally:
-        in_flight.release(principal.token_id)
+        if not admission.kept:
+            admission.release()
 
 
-AdmittedDep = Annotated[Principal, Depends(_admitted)]
+AdmittedDep = Annotated[Admission, Depends(_admitted)]

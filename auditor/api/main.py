@@ -16,6 +16,7 @@ from auditor.api.security import require
 from auditor.db.engine import database_url, make_engine, session_factory, writer_engine
 from auditor.model_identity import ModelFingerprint, describe_model
 from auditor.queue.dispatch import CeleryDispatcher, Dispatcher
+from auditor.queue.streams import redis_streams
 from auditor.settings import Settings, get_settings
 from auditor.telemetry import metrics
 
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     # transactions, which under WAL never wait for the writer nor hold it back.
     app.state.read_sessions = session_factory(engine)
     app.state.dispatcher = dispatcher
+    # Where streamed requests' tokens arrive: the in-process worker's channel, or the broker's Redis.
+    app.state.streams = getattr(dispatcher, "streams", None) or redis_streams(settings)
     app.state.in_flight = InFlight(settings.max_concurrent_requests, settings.max_concurrent_per_token)
 
     @lru_cache(maxsize=1)

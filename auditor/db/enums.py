@@ -25,6 +25,11 @@ class RequestStatus(_Values):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # a streamed request whose client left: recorded with what it generated
+
+
+# A request in one of these is final: recorded once, never run again.
+FINAL_REQUEST_STATUSES = (RequestStatus.DONE, RequestStatus.CANCELLED)
 
 
 class JobStatus(_Values):

@@ -13,9 +13,17 @@ import re
 from auditor.db.enums import FlagKind, RequestKind, RequestStatus
 
 REQUEST_KINDS = RequestKind.values()  # = auditor.db.models.REQUEST_KINDS (tested)
-# done/failed: the worker finished or failed the request; timeout: the API stopped waiting;
-# unavailable: it never reached a worker (broker down); rejected: refused before queueing.
-REQUEST_STATUSES = (RequestStatus.DONE.value, RequestStatus.FAILED.value, "timeout", "unavailable", "rejected")
+# done/failed: the worker finished or failed the request; cancelled: its streaming client left;
+# timeout: the API stopped waiting; unavailable: it never reached a worker (broker down);
+# rejected: refused before queueing.
+REQUEST_STATUSES = (
+    RequestStatus.DONE.value,
+    RequestStatus.FAILED.value,
+    RequestStatus.CANCELLED.value,
+    "timeout",
+    "unavailable",
+    "rejected",
+)
 FLAG_KINDS = FlagKind.values()  # = auditor.db.models.FLAG_KINDS (tested)
 # Flags that say the output text and the residual stream disagree (the divergence alert).
 DIVERGENCE_FLAG_KINDS = (FlagKind.HIDDEN.value, FlagKind.SURFACE.value)

@@ -71,7 +71,7 @@ def test_the_model_list_names_the_served_model_by_the_id_responses_report(client
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"stream": True}, "stream"),
+        ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     ],
 )
 def test_a_chat_parameter_that_cannot_be_honoured_is_a_400_naming_it(client, extra, param):

@@ -3,6 +3,7 @@ real Postgres, and the official `openai` client."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -261,16 +262,80 @@ def test_log_probabilities_in_both_shapes(client):
     assert all(max(top, key=top.get) == token for token, top in zip(lp.tokens, lp.top_logprobs))
 
 
-def test_unknown_model_and_streaming_get_clear_4xx(client):
+def test_unknown_model_gets_a_clear_404(client):
     import openai
 
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert "unknown model 'gpt-4o'" in str(missing.value)
-    with pytest.raises(openai.BadRequestError):
+
+
+COUNT = [{"role": "user", "content": "Count from 1 to 20, one number per line."}]
+
+
+def test_a_stream_through_the_worker_on_redis_is_the_non_streamed_answer(service, client):
+    """Tokens go worker -> Redis stream -> API as they are generated; the answer, its flags and
+    its stored rows are those of the same request not streamed."""
+    plain = client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=32, temperature=0)
+    chunks = list(
         client.chat.completions.create(
-            model="auditor", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+            model="auditor",
+            messages=COUNT,
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text) > 20 and text == plain.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 16  # token by token
+    final, expected = chunks[-1].model_extra["auditor"], plain.model_extra["auditor"]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens == 32
+    assert final["monitor"] == expected["monitor"] and final["monitor"]["status"] == "ok"  # read with flags on
+    assert [f["concept"] for f in final["flags"]] == [f["concept"] for f in expected["flags"]]
+    engine = make_engine(service["db_url"])
+    try:
+        with session_factory(engine)() as session:
+            rows = {
+                rid: {
+                    (s.concept_id, s.layer): s.mean
+                    for s in session.scalars(select(RequestScore).where(RequestScore.request_id == rid))
+                }
+                for rid in (plain.id, chunks[0].id)
+            }
+            assert session.get(MonitoredRequest, chunks[0].id).status == "done"
+    finally:
+        engine.dispose()
+    assert rows[plain.id].keys() == rows[chunks[0].id].keys() and rows[plain.id]
+    for key, mean in rows[plain.id].items():
+        assert rows[chunks[0].id][key] == pytest.approx(mean, abs=1e-4)
+
+
+def test_a_client_leaving_a_stream_on_redis_leaves_a_cancelled_request_in_postgres(service):
+    body = {"model": "auditor", "messages": COUNT, "max_tokens": 400, "temperature": 0, "stream": True}
+    with service["http"].stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        request_id = json.loads(next(lines)[6:])["id"]
+        for _ in range(4):
+            next(lines)
+    engine = make_engine(service["db_url"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with session_factory(engine)() as session:
+                request = session.get(MonitoredRequest, request_id)
+                n_scores = session.scalar(
+                    select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request_id)
+                )
+            if request.status not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, f"still {request.status} a minute after the client left"
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    assert request.status == "cancelled" and 4 <= request.completion_tokens < 400
+    assert n_scores > 0
 
 
 def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(service, client, bank):

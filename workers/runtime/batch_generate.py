@@ -180,6 +180,20 @@ class BatchGenerator:
             self._select(keep)
         return finished
 
+    def cancel(self, keys: Sequence[Hashable]) -> list[tuple[Hashable, Generation]]:
+        """End the rows of `keys` now, with what they generated so far (finish "cancelled")."""
+        wanted = {id(key) for key in keys}  # by identity: a key need not be hashable by value
+        finished, keep = [], []
+        for b, row in enumerate(self.rows):
+            if id(row.key) in wanted:
+                row.finish = "cancelled"
+                finished.append((row.key, self._result(row)))
+            else:
+                keep.append(b)
+        if finished:
+            self._select(keep)
+        return finished
+
     def _select(self, keep: list[int]) -> None:
         if not keep:
             self.rows, self.cache, self.mask, self.next_logits = [], None, None, None

@@ -50,7 +50,7 @@ class SamplingConfig:
 class Generation:
     prompt_ids: list[int]
     output_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
+    finish_reason: str  # "stop" (EOS or a stop sequence), "length", or "cancelled" (its client left)
     resid: torch.Tensor | None  # [n_layers, P+N-1, d_model], or None when not monitored
     layers: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0

@@ -19,6 +19,7 @@ from auditor.db import store
 from auditor.db.engine import database_url, make_engine, session_factory, writer_engine
 from auditor.db.enums import CalibrationSource
 from auditor.errors import InvalidInputError
+from auditor.queue.streams import StreamPublisher, redis_streams
 from auditor.settings import Settings, get_settings
 from auditor.telemetry.drift_export import DriftExporter
 from probes.answer_null import LengthNull, certifiable, minimum_answers, null_from_dict, null_to_dict
@@ -46,8 +47,12 @@ class WorkerContext:
     """Everything a worker process serves with. Methods marked "model thread only" use the
     model and run on `model_thread`; the rest may be called from any thread."""
 
-    def __init__(self, settings: Settings, progress: StepProgress | None = None):
+    def __init__(
+        self, settings: Settings, progress: StepProgress | None = None, streams: StreamPublisher | None = None
+    ):
         self.settings = settings
+        # Where streamed requests' tokens go: given (in-process), or the broker's Redis.
+        self.streams = streams if streams is not None else redis_streams(settings)
         self.state = WarmUpState()  # what readiness reports while the model loads and calibrates
         self.progress = self.state.progress(progress)
         self.host = ModelHost(settings)  # the model, its concept vectors and steering

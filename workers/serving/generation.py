@@ -1,9 +1,15 @@
 """The generation task's body: a queued chat or completion request generated, monitored,
 recorded and answered exactly once however many times its task runs
-(see workers.serving.transactions), and the answer of a request already recorded read back."""
+(see workers.serving.transactions), and the answer of a request already recorded read back.
+
+A streamed request (`payload["stream"]`) is the same request: while the model thread generates
+it, its text and running scores go out on the request's channel (workers.serving.streaming),
+and its answer, or its error, is the channel's last event. A client that leaves mid-stream
+cancels it: it is recorded `cancelled`, with the tokens and scores it had."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,17 +17,21 @@ from sqlalchemy import select
 
 from auditor import privacy
 from auditor.db import store
-from auditor.db.enums import PrivacyMode, RequestStatus
+from auditor.db.enums import FINAL_REQUEST_STATUSES, PrivacyMode, RequestStatus
 from auditor.db.labels import display_labels
 from auditor.db.models import Flag
 from auditor.errors import InvalidInputError
+from auditor.queue.streams import StreamPublisher
 from auditor.telemetry import metrics
 from workers.monitoring.divergence import OFF
 from workers.runtime.generate import SamplingConfig
 from workers.serving.context import WorkerContext, get_runtime
 from workers.serving.recording import record_metrics, score_rows, store_verdict
 from workers.serving.responses import answer_response, flag_body, monitor_body, score_body, served_answer
+from workers.serving.streaming import LiveAnswer, TokenListener, pump
 from workers.serving.transactions import in_transaction
+
+log = logging.getLogger(__name__)
 
 
 def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerContext | None = None) -> dict[str, Any]:
@@ -29,15 +39,42 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
     thread is running), write its scores in one batch and mark it done, exactly once however
     many times the task runs."""
     runtime = runtime or get_runtime()
+    if not payload.get("stream"):
+        return _serve(request_id, payload, runtime, None)
+    publisher = runtime.streams
+    if publisher is None:
+        raise InvalidInputError("this worker has no stream channel (streaming needs a Redis broker or result backend)")
+    try:
+        answer = _serve(request_id, payload, runtime, publisher)
+    except Exception as exc:
+        # The message as the task raises it: scrubbed of the request's text outside full mode.
+        try:
+            publisher.publish(request_id, {"type": "error", "message": f"{type(exc).__name__}: {exc}"[:2000]})
+        except Exception:  # the channel itself is gone: the API's wait runs out and says so
+            log.warning("could not publish the failure of %s", request_id, exc_info=True)
+        raise
+    else:
+        publisher.publish(request_id, {"type": "done", "answer": answer})
+        return answer
+    finally:
+        publisher.forget(request_id)
 
+
+def _serve(
+    request_id: str, payload: dict[str, Any], runtime: WorkerContext, publisher: StreamPublisher | None
+) -> dict[str, Any]:
     def start(session) -> dict[str, Any] | tuple:
         request = store.get_request(session, request_id=request_id, for_update=True)
         if request is None:
             raise InvalidInputError(f"no request {request_id!r}")
-        if request.status == RequestStatus.DONE:
+        if request.status in FINAL_REQUEST_STATUSES:
             if request.completion_text is not None and request.privacy_mode == PrivacyMode.FULL:
                 return recorded_generation(session, request)
             # Recorded without its text (privacy mode): generate again for the caller, record nothing.
+        elif publisher is not None and publisher.cancelled(request_id):
+            # Its client left while it waited in the queue: nothing to generate.
+            store.mark_request(session, request_id=request_id, status=RequestStatus.CANCELLED)
+            return cancelled_before_start(request_id)
         else:
             store.mark_request(session, request_id=request_id, status=RequestStatus.RUNNING)
         return request.created_at, request.kind
@@ -51,7 +88,12 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
         sampling = SamplingConfig(**payload.get("sampling", {}))
         prompt = payload["messages"] if "messages" in payload else payload["prompt"]
         submitted = time.time()
-        served = runtime.model_thread.generate(prompt, sampling, chat="messages" in payload).result()
+        listener = TokenListener() if publisher is not None else None
+        future = runtime.model_thread.generate(prompt, sampling, chat="messages" in payload, listener=listener)
+        if listener is not None:
+            live = LiveAnswer(runtime.host.model.tokenizer, sampling.stop)
+            pump(request_id, listener, future, live, publisher)
+        served = future.result()
     except Exception as exc:
         texts = privacy.request_texts(payload)  # an error may quote them: kept only in full mode
         modes = {runtime.settings.privacy_mode}  # and the request's own (the row is the truth)
@@ -72,11 +114,12 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
             raise
         raise clean from None  # Celery logs and stores what is raised; the original quotes the prompt
     generation, bank = served.generation, served.bank
-    finish = "stop" if generation.finish_reason == "stop" else "length"
+    finish = generation.finish_reason if generation.finish_reason in ("stop", "cancelled") else "length"
+    status = RequestStatus.CANCELLED if finish == "cancelled" else RequestStatus.DONE
 
     def record(session) -> dict[str, Any] | None:
         request = store.get_request(session, request_id=request_id, for_update=True)
-        if request is not None and request.status == RequestStatus.DONE:  # another run recorded it first
+        if request is not None and request.status in FINAL_REQUEST_STATUSES:  # another run recorded it first
             return recorded_generation(session, request, text=served.text)
         # COPY on Postgres (53k rows/s vs 34k for batched INSERT, bench/ingest.py); INSERT on SQLite.
         store.insert_scores_copy(
@@ -87,7 +130,7 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
         store.mark_request(
             session,
             request_id=request_id,
-            status=RequestStatus.DONE,
+            status=status,
             completion_text=served.text,
             finish_reason=finish,
             model_id=runtime.host.model.fingerprint.model_id,
@@ -107,14 +150,29 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
         return recorded  # counted in the metrics by the run that recorded it
     metrics.record_request(
         kind,
-        RequestStatus.DONE,
+        status,
         model_id,
         time.time() - queued_at.timestamp(),
         len(generation.prompt_ids),
         len(generation.output_ids),
     )
     record_metrics(model_id, bank, served.verdict)
-    return served_answer(request_id, served, finish, runtime.fitted_null(bank))
+    return served_answer(request_id, served, finish, runtime.fitted_null(bank), status)
+
+
+def cancelled_before_start(request_id: str) -> dict[str, Any]:
+    """The answer of a request cancelled before a token was generated: nothing read."""
+    return answer_response(
+        request_id=request_id,
+        text="",
+        finish_reason="cancelled",
+        prompt_tokens=0,
+        completion_tokens=0,
+        scores={},
+        flags=[],
+        monitor=monitor_body(OFF, 0),
+        status=RequestStatus.CANCELLED,
+    )
 
 
 def _display_names(concepts: list) -> dict[int, str]:
@@ -144,6 +202,7 @@ def recorded_generation(session, request, text: str | None = None) -> dict[str, 
     flags = session.scalars(select(Flag).where(Flag.request_id == request.id).order_by(Flag.id))
     full = request.privacy_mode == PrivacyMode.FULL and request.completion_text is not None
     return answer_response(
+        status=request.status,
         request_id=request.id,
         text=request.completion_text if full else text,
         finish_reason=request.finish_reason,

@@ -9,6 +9,7 @@ from typing import Any
 
 from auditor.errors import WorkerUnavailable
 from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE
+from auditor.queue.streams import LocalStreams
 from auditor.settings import Settings
 from workers.serving.audits import serve_audits
 from workers.serving.context import WorkerContext
@@ -18,7 +19,8 @@ from workers.serving.jobs import serve_calibration, serve_extraction
 
 class InProcessDispatcher:
     def __init__(self, settings: Settings, progress=None):
-        self.runtime = WorkerContext(settings, progress)
+        self.streams = LocalStreams()  # streamed requests' tokens, to the API in this process
+        self.runtime = WorkerContext(settings, progress, streams=self.streams)
         # Enough task threads to fill a batch, plus room for audits and admin jobs.
         self.pool = ThreadPoolExecutor(max_workers=settings.batch_max_size + 4, thread_name_prefix="auditor-task")
         self.tasks = {

@@ -41,6 +41,7 @@ from workers.monitoring.scores import RequestScores, score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
 from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
 from workers.runtime.logprobs import logprob_entries
+from workers.serving.streaming import TokenListener
 
 if TYPE_CHECKING:
     from auditor.settings import Settings
@@ -71,6 +72,7 @@ class GenerationJob:
     sampling: SamplingConfig
     steer: list = field(default_factory=list)  # host.SteerRequest, resolved per prompt length
     future: Future = field(default_factory=Future)
+    listener: TokenListener | None = None  # a streamed request: told of every token, may cancel
 
 
 @dataclass
@@ -126,9 +128,18 @@ class ModelThread:
 
     # ---- the task threads' side ----
 
-    def generate(self, prompt: str | list[dict], sampling: SamplingConfig, chat: bool, steer=()) -> Future:
-        """-> Future of a `Served`."""
-        return self._put(GenerationJob(prompt, chat, sampling, steer=list(steer)))
+    def generate(
+        self,
+        prompt: str | list[dict],
+        sampling: SamplingConfig,
+        chat: bool,
+        steer=(),
+        listener: TokenListener | None = None,
+    ) -> Future:
+        """-> Future of a `Served`. A `listener` hears of each token as it is chosen, and can
+        end the generation early (its `cancel`): the answer is then what was generated so far,
+        finish reason "cancelled"."""
+        return self._put(GenerationJob(prompt, chat, sampling, steer=list(steer), listener=listener))
 
     def replay(self, items: list[dict]) -> Future:
         """-> Future of a list with, per item, a `Replayed` or the exception that item alone
@@ -172,8 +183,11 @@ class ModelThread:
         if generations:
             self._admit(generations)
         if self.batch is not None and len(self.batch):
+            self._cancel_abandoned()
+        if self.batch is not None and len(self.batch):
             metrics.observe_batch(len(self.batch))
             self._finish(self.batch.step())
+            self._report_progress()
 
     def _collect(self, block: bool) -> list:
         """Everything waiting now; when idle, block for the first job, then give company
@@ -218,10 +232,28 @@ class ModelThread:
                 continue
             admitted.append((job, request))
             self._banks[id(job)] = bank
+            if job.listener is not None:
+                job.listener.bank = bank
         if admitted:
             finished = self.batch.add([(job, request) for job, request in admitted])
             self.peak_batch = max(self.peak_batch, len(self.batch) + len(finished))
             self._finish(finished)
+            self._report_progress()
+
+    def _report_progress(self) -> None:
+        """Tell each streamed row's listener of its newest token (and the residual that chose it)."""
+        for row in self.batch.rows:
+            listener = row.key.listener
+            if listener is not None:
+                chunk = row.chunks[-1] if row.chunks else None
+                listener.progress(row.output, None if chunk is None else chunk[:, -1], row.logprobs)
+
+    def _cancel_abandoned(self) -> None:
+        """End the rows whose client has gone: they are answered (and recorded) with what they
+        generated so far."""
+        gone = [row.key for row in self.batch.rows if row.key.listener is not None and row.key.listener.cancel.is_set()]
+        if gone:
+            self._finish(self.batch.cancel(gone))
 
     def _finish(self, finished: list[tuple[GenerationJob, Generation]]) -> None:
         """Score each finished row, re-read its text alone (all of this step's answers in one

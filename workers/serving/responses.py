@@ -117,13 +117,14 @@ def answer_response(
     flags: list[dict[str, Any]],
     monitor: dict[str, Any],
     logprobs: list[dict[str, Any]] | None = None,
+    status: str = RequestStatus.DONE,
 ) -> dict[str, Any]:
     """The response of a finished generation. `flags` are `flag_body`s of every flag and alert
     in the order they were raised; divergence flags (hidden / surface) and concept-score alerts
     (`threshold`) are returned apart."""
     return {
         "request_id": request_id,
-        "status": RequestStatus.DONE,
+        "status": status,
         "text": text,
         "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens,
@@ -136,7 +137,13 @@ def answer_response(
     }
 
 
-def served_answer(request_id: str, served: Served, finish_reason: str, null: LengthNull | None) -> dict[str, Any]:
+def served_answer(
+    request_id: str,
+    served: Served,
+    finish_reason: str,
+    null: LengthNull | None,
+    status: str = RequestStatus.DONE,
+) -> dict[str, Any]:
     """The response of an answer just generated and read (against `null`, the answer null in
     force for its bank, if one was fitted)."""
     bank, scores, verdict, generation = served.bank, served.scores, served.verdict, served.generation
@@ -154,4 +161,5 @@ def served_answer(request_id: str, served: Served, finish_reason: str, null: Len
         ],
         monitor=monitor_body(verdict.status, scores.aggregates.n_tokens, null, verdict.reading),
         logprobs=served.logprobs,
+        status=status,
     )

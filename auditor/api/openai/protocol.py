@@ -52,8 +52,8 @@ class _SamplingFields(BaseModel):
         None, description=f"up to {MAX_STOP_SEQUENCES} sequences; generation ends at the first, which is not returned"
     )
     n: int = Field(1, ge=1, le=128, description="choices per request: only 1 is supported")
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream: bool = Field(False, description="server-sent events, one chunk per token, each with running scores")
+    stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true}: a last usage chunk")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -91,12 +91,17 @@ class _SamplingFields(BaseModel):
         """How many alternatives to report per token, or None for no log-probabilities."""
         return None
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
+
     def unsupported(self) -> tuple[str, str] | None:
         """(parameter, why) for the first parameter set to something this deployment cannot do;
         a parameter at its neutral value (n=1, penalties 0, an empty logit_bias) is accepted."""
+        unknown_options = sorted(set(self.stream_options or {}) - {"include_usage"})
         checks = [
-            ("stream", self.stream, "streaming is not supported yet"),
             ("stream_options", self.stream_options and not self.stream, "stream_options needs stream=true"),
+            ("stream_options", unknown_options, f"unsupported stream options {unknown_options}: only include_usage"),
             ("n", self.n != 1, "only one choice per request (n=1) is supported"),
             ("presence_penalty", self.presence_penalty != 0, "penalties are not supported"),
             ("frequency_penalty", self.frequency_penalty != 0, "penalties are not supported"),
@@ -266,6 +271,21 @@ class CompletionLogprobs(_Response):
     top_logprobs: list[dict[str, float]] | None
     text_offset: list[int]
 
+    @classmethod
+    def from_entries(cls, entries: list[dict], k: int, start: int = 0) -> CompletionLogprobs:
+        """The worker's per-token entries (chat shape) as the legacy lists; `start` is where the
+        first token's text begins in the returned text (a streamed chunk's offset)."""
+        offsets, at = [], start
+        for entry in entries:
+            offsets.append(at)
+            at += len(entry["token"])
+        return cls(
+            tokens=[e["token"] for e in entries],
+            token_logprobs=[e["logprob"] for e in entries],
+            top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if k else None,
+            text_offset=offsets,
+        )
+
 
 class ChatCompletionChoice(_Response):
     index: int
@@ -299,6 +319,72 @@ class Completion(_Response):
     choices: list[CompletionChoice]
     usage: Usage
     auditor: AuditorReading
+
+
+# ---- streamed responses: one chunk per step, as OpenAI streams them ----
+
+
+class LiveScore(BaseModel):
+    """A concept's running score at its primary layer over the tokens streamed so far."""
+
+    model_config = _OPEN
+
+    layer: int
+    mean: float | None
+    last: float | None
+
+
+class LiveReading(BaseModel):
+    """The `auditor` block of a chunk before the last: the request id, how many tokens the text
+    so far covers, and their running scores. The last chunk carries the full AuditorReading."""
+
+    request_id: str
+    tokens: int
+    scores: dict[str, LiveScore]
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: SerializerFunctionWrapHandler):
+        # OpenAI sends the role once, in the first chunk, and content only when there is some.
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    auditor: AuditorReading | LiveReading | None = None
+
+
+class CompletionChunkChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChunk(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    auditor: AuditorReading | LiveReading | None = None
 
 
 # ---- the model list ----

@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1", tags=["completions (OpenAI-compatible)"])
 @router.post("/chat/completions", response_model=ChatCompletion, response_class=JSONResponse)
 def chat_completions(
     body: ChatCompletionCreate,
-    _admitted: AdmittedDep,
+    admission: AdmittedDep,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -37,13 +37,15 @@ def chat_completions(
     serving.check_chat(body, settings)
     if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
         return error
-    return serving.serve(request, session, settings, fingerprint, body, serving.chat_generation(body, settings))
+    return serving.serve(
+        request, session, settings, fingerprint, body, serving.chat_generation(body, settings), admission
+    )
 
 
 @router.post("/completions", response_model=Completion, response_class=JSONResponse)
 def completions(
     body: CompletionCreate,
-    _admitted: AdmittedDep,
+    admission: AdmittedDep,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -52,7 +54,7 @@ def completions(
     serving.check_completion(body, settings)
     if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
         return error
-    return serving.serve(request, session, settings, fingerprint, body, serving.completion_generation(body))
+    return serving.serve(request, session, settings, fingerprint, body, serving.completion_generation(body), admission)
 
 
 @router.get("/models", response_model=ModelList)

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from auditor.api import dispatching
+from auditor.api.admission import Admission
 from auditor.api.errors import error_body
 from auditor.api.limits import limit_error, refuse, too_many_chars
 from auditor.api.openai.protocol import (
@@ -30,6 +31,7 @@ from auditor.api.openai.protocol import (
     Model,
     Usage,
 )
+from auditor.api.openai.streaming import StreamedRequest, stream_response
 from auditor.db import store
 from auditor.db.enums import PrivacyMode, RequestKind
 from auditor.db.labels import concept_name
@@ -148,6 +150,15 @@ def completion_generation(body: CompletionCreate) -> Generation:
     )
 
 
+def _no_stream_channel(request: Request, body: Body) -> JSONResponse | None:
+    if not body.stream or request.app.state.streams is not None:
+        return None
+    message = (
+        "stream: streaming needs a Redis broker or result backend (AUDITOR_BROKER_URL=redis://...) or `auditor run`"
+    )
+    return JSONResponse(error_body(message, "unsupported_parameter", ("body", "stream")), status_code=400)
+
+
 def serve(
     request: Request,
     session: Session,
@@ -155,9 +166,13 @@ def serve(
     fingerprint: ModelFingerprint,
     body: Body,
     generation: Generation,
-) -> ChatCompletion | Completion | JSONResponse:
-    """Record the request, have a worker generate and score it, answer in OpenAI's shape."""
+    admission: Admission,
+) -> ChatCompletion | Completion | JSONResponse | StreamingResponse:
+    """Record the request, have a worker generate and score it, answer in OpenAI's shape: at
+    once when it is done, or streamed as it is generated."""
     if (error := dispatching.no_worker(request, "set AUDITOR_BROKER_URL or use `auditor run`")) is not None:
+        return error
+    if (error := _no_stream_channel(request, body)) is not None:
         return error
     params = {"sampling": generation.payload["sampling"]}
     if "messages" in generation.payload and settings.privacy_mode == PrivacyMode.FULL:
@@ -173,6 +188,8 @@ def serve(
         params=params,
         model_id=fingerprint.model_id,
     )
+    if body.stream:
+        return _stream(request, session, settings, fingerprint, body, generation, admission)
     result = dispatching.run_request(
         request,
         session,
@@ -186,6 +203,41 @@ def serve(
     if isinstance(result, JSONResponse):
         return result
     return response(generation, result, body, fingerprint.model_id)
+
+
+def _stream(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    fingerprint: ModelFingerprint,
+    body: Body,
+    generation: Generation,
+    admission: Admission,
+) -> StreamingResponse | JSONResponse:
+    """Queue the request's task with its channel open, and answer with the stream."""
+    reader = request.app.state.streams
+    reader.open(generation.request_id)
+    refused = dispatching.submit_requests(
+        request,
+        session,
+        TASK_GENERATE,
+        [generation.request_id, {**generation.payload, "stream": True}],
+        request_ids=[generation.request_id],
+        kind=generation.kind,
+        model_id=fingerprint.model_id,
+    )
+    if refused is not None:
+        reader.close(generation.request_id)
+        return refused
+    session.close()  # the stream may last minutes: hold no database connection meanwhile
+    streamed = StreamedRequest(
+        request_id=generation.request_id,
+        kind=generation.kind,
+        model_id=fingerprint.model_id,
+        body=body,
+        select_scores=lambda scores: _select_scores(scores, body),
+    )
+    return stream_response(streamed, reader, admission.keep(), settings.request_timeout)
 
 
 # ---- the worker's result as the response ----
@@ -227,21 +279,7 @@ def response(generation: Generation, result: dict, body: Body, model_id: str) ->
         logprobs = None if entries is None else ChatChoiceLogprobs(content=entries)
         choice = ChatCompletionChoice(index=0, message=message, finish_reason=finish_reason, logprobs=logprobs)
         return ChatCompletion(choices=[choice], **common)
-    logprobs = None if entries is None else completion_logprobs(entries, body.logprobs or 0)
+    logprobs = None if entries is None else CompletionLogprobs.from_entries(entries, body.logprobs or 0)
     return Completion(
         choices=[CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=logprobs)], **common
-    )
-
-
-def completion_logprobs(entries: list[dict], k: int) -> CompletionLogprobs:
-    """The worker's per-token entries (chat shape) as the legacy completions lists."""
-    offsets, at = [], 0
-    for entry in entries:
-        offsets.append(at)
-        at += len(entry["token"])
-    return CompletionLogprobs(
-        tokens=[e["token"] for e in entries],
-        token_logprobs=[e["logprob"] for e in entries],
-        top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if k else None,
-        text_offset=offsets,
     )

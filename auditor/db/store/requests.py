@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from auditor import privacy
-from auditor.db.enums import PrivacyMode, RequestKind, RequestStatus
+from auditor.db.enums import FINAL_REQUEST_STATUSES, PrivacyMode, RequestKind, RequestStatus
 from auditor.db.models import MonitoredRequest, utcnow
 from auditor.db.store.validation import check_choice, check_id, check_sha256
 from auditor.errors import InvalidInputError, RequestNotFound
@@ -80,12 +80,15 @@ def _require_request(session: Session, request_id: str) -> MonitoredRequest:
 
 
 # Re-running a failed request, or a task redelivered after a lost worker (acks_late), is allowed;
-# a finished request is final.
+# a finished request (done, or cancelled by its client) is final.
 _NEXT_STATUSES: dict[str, frozenset[RequestStatus]] = {
-    RequestStatus.QUEUED: frozenset({RequestStatus.RUNNING, RequestStatus.FAILED}),
-    RequestStatus.RUNNING: frozenset({RequestStatus.RUNNING, RequestStatus.DONE, RequestStatus.FAILED}),
+    RequestStatus.QUEUED: frozenset({RequestStatus.RUNNING, RequestStatus.FAILED, RequestStatus.CANCELLED}),
+    RequestStatus.RUNNING: frozenset(
+        {RequestStatus.RUNNING, RequestStatus.DONE, RequestStatus.FAILED, RequestStatus.CANCELLED}
+    ),
     RequestStatus.FAILED: frozenset({RequestStatus.RUNNING, RequestStatus.FAILED}),
     RequestStatus.DONE: frozenset(),
+    RequestStatus.CANCELLED: frozenset(),
 }
 
 
@@ -117,7 +120,7 @@ def mark_request(
     request.status = status
     if status == RequestStatus.RUNNING:
         request.started_at = utcnow()
-    elif status in (RequestStatus.DONE, RequestStatus.FAILED):
+    elif status in (*FINAL_REQUEST_STATUSES, RequestStatus.FAILED):
         request.finished_at = utcnow()
     if completion_text is not None:
         request.completion_text, request.completion_sha256 = _stored_text(completion_text, request.privacy_mode)

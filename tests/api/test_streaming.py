@@ -1,0 +1,243 @@
+"""Streaming (server-sent events) on the embedded default: the official `openai` client and raw
+HTTP against the API with its in-process worker and the real default model, on SQLite.
+
+What a streaming client must be able to rely on: the streamed text is the non-streamed text, the
+stored rows are the same, each chunk's running scores agree with the final ones, the stream ends
+with the full `auditor` block (and usage when asked), and a client that leaves mid-stream leaves
+a `cancelled` request with its scores, never one left `running`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from auditor.db.engine import make_engine, run_migrations, session_factory
+from auditor.db.models import MonitoredRequest, RequestScore
+from auditor.settings import Settings
+from support.auth import bearer, issue_token
+from support.databases import Databases
+from support.http_server import serving
+
+pytestmark = pytest.mark.model
+
+COUNT = [{"role": "user", "content": "Count from 1 to 20, one number per line."}]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, host) -> Iterator[dict]:
+    from auditor.api.main import create_app
+    from workers.serving.inprocess import InProcessDispatcher
+
+    databases = Databases("sqlite", tmp_path_factory.mktemp("streaming"))
+    url = databases.new_url()
+    run_migrations(url)
+    # Divergence flags off: no null of ordinary answers to fit (minutes); the scores, and the
+    # plumbing these tests check, are the same. tests/service/ streams with flags on.
+    settings = Settings(database_url=url, data_dir=host.settings.data_dir, divergence_flags=False, request_timeout=120)
+    dispatcher = InProcessDispatcher(settings)
+    dispatcher.runtime.host.__dict__["model"] = host.model  # share the session's loaded weights
+    dispatcher.warm_up()
+    app = create_app(settings, dispatcher)
+    token = issue_token(url, scopes=["client"], name="streaming")
+    engine = make_engine(url)
+    try:
+        with serving(app) as base_url:
+            yield {
+                "app": app,
+                "base_url": base_url,
+                "token": token,
+                "sessions": session_factory(engine),
+                "dispatcher": dispatcher,
+                "client": openai.OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=0, timeout=120),
+            }
+    finally:
+        engine.dispose()
+        databases.drop_all()
+
+
+def _stream_chat(client, **kwargs) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(model="auditor", stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def _rows(service, request_id: str) -> tuple[MonitoredRequest, dict]:
+    with service["sessions"]() as session:
+        request = session.get(MonitoredRequest, request_id)
+        scores = session.scalars(select(RequestScore).where(RequestScore.request_id == request_id)).all()
+        return request, {(s.concept_id, s.layer): (s.mean, s.max, s.last, s.n_tokens) for s in scores}
+
+
+def test_a_streamed_chat_is_the_non_streamed_chat_token_for_token_and_row_for_row(service):
+    client = service["client"]
+    plain = client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=40, temperature=0)
+    text, chunks = _stream_chat(
+        client, messages=COUNT, max_tokens=40, temperature=0, stream_options={"include_usage": True}
+    )
+    assert len(text) > 20 and text == plain.choices[0].message.content
+    # one chunk per token or so, not one chunk at the end
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 20
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finish] == [plain.choices[0].finish_reason]
+    # include_usage: a last chunk with usage and no choices, the same usage as non-streamed
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    # the final auditor block is the non-streamed one (scores, flags, alerts, how it was read)
+    final, expected = finish[0].model_extra["auditor"], plain.model_extra["auditor"]
+    assert final["request_id"] == chunks[0].id != expected["request_id"]
+    assert [final[key] for key in ("flags", "alerts", "monitor")] == [
+        expected[k] for k in ("flags", "alerts", "monitor")
+    ]
+    assert final["scores"].keys() == expected["scores"].keys()
+    for name, score in expected["scores"].items():
+        for field, value in score.items():
+            assert final["scores"][name][field] == (value if value is None else pytest.approx(value, abs=1e-4))
+    # and the stored rows are the same, for every concept at every layer
+    streamed_row, streamed_scores = _rows(service, chunks[0].id)
+    plain_row, plain_scores = _rows(service, plain.id)
+    assert streamed_row.status == plain_row.status == "done"
+    assert streamed_row.completion_text == plain_row.completion_text == text
+    assert streamed_row.completion_tokens == plain_row.completion_tokens
+    assert streamed_scores.keys() == plain_scores.keys() and len(streamed_scores) > 10
+    for key, values in plain_scores.items():
+        assert streamed_scores[key] == pytest.approx(values, abs=1e-4)
+
+
+def test_each_chunk_carries_running_scores_that_end_at_the_final_scores(service):
+    _, chunks = _stream_chat(service["client"], messages=COUNT, max_tokens=24, temperature=0)
+    live = [c.model_extra["auditor"] for c in chunks if c.choices and c.choices[0].delta.content]
+    assert [r["tokens"] for r in live] == sorted({r["tokens"] for r in live})  # strictly growing
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason).model_extra["auditor"]
+    assert live[-1]["tokens"] == final["monitor"]["tokens"] == 24  # every token was streamed live
+    for name, score in final["scores"].items():
+        assert live[-1]["scores"][name]["layer"] == score["layer"]
+        assert live[-1]["scores"][name]["mean"] == pytest.approx(score["mean"], abs=1e-4)
+        assert live[-1]["scores"][name]["last"] == pytest.approx(score["last"], abs=1e-4)
+        assert live[0]["scores"][name]["mean"] == pytest.approx(live[0]["scores"][name]["last"], abs=1e-5)
+    # a request naming concepts sees only those, live and at the end
+    _, chunks = _stream_chat(
+        service["client"],
+        messages=COUNT,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"auditor": {"concepts": ["pessimism"]}},
+    )
+    assert {tuple(c.model_extra["auditor"]["scores"]) for c in chunks if c.model_extra.get("auditor")} == {
+        ("pessimism",)
+    }
+
+
+def test_a_streamed_stop_sequence_never_sends_the_stop_or_anything_after_it(service):
+    client = service["client"]
+    plain = client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=60, temperature=0, stop=["7"])
+    text, chunks = _stream_chat(client, messages=COUNT, max_tokens=60, temperature=0, stop=["7"])
+    assert text == plain.choices[0].message.content and "7" not in text and "6" in text
+    assert next(c for c in chunks if c.choices and c.choices[0].finish_reason).choices[0].finish_reason == "stop"
+
+
+def test_a_streamed_text_completion_with_logprobs_is_the_non_streamed_one(service):
+    client = service["client"]
+    args = {"model": "auditor", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    plain = client.completions.create(**args)
+    chunks = list(client.completions.create(stream=True, **args))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    expected = plain.choices[0].logprobs
+    assert [t for lp in streamed for t in lp.tokens] == expected.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == expected.text_offset
+    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(expected.token_logprobs, abs=1e-4)
+    assert [t for lp in streamed for t in lp.top_logprobs] == [
+        pytest.approx(top, abs=1e-4) for top in expected.top_logprobs
+    ]
+
+
+def test_the_wire_format_is_server_sent_events_ending_in_done(service):
+    body = {"model": "auditor", "messages": COUNT, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=service["base_url"], headers=bearer(service["token"]), timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            raw = response.read().decode()
+    events = [block for block in raw.split("\n\n") if block]
+    assert all(block.startswith("data: ") for block in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(block[len("data: ") :]) for block in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def _wait_for_status(service, request_id: str, timeout: float = 60) -> MonitoredRequest:
+    deadline = time.monotonic() + timeout
+    while True:
+        request, scores = _rows(service, request_id)
+        if request.status not in ("queued", "running"):
+            return request, scores
+        assert time.monotonic() < deadline, f"{request_id} still {request.status}"
+        time.sleep(0.1)
+
+
+def test_a_client_that_leaves_mid_stream_leaves_a_cancelled_request_with_its_scores(service):
+    body = {"model": "auditor", "messages": COUNT, "max_tokens": 400, "temperature": 0, "stream": True}
+    in_flight = service["app"].state.in_flight
+    with httpx.Client(base_url=service["base_url"], headers=bearer(service["token"]), timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            seen = 0
+            for line in lines:
+                seen += line.startswith("data: ")
+                if seen >= 5:
+                    break
+            assert in_flight.count == 1  # the stream holds its admission while it runs
+        # leaving the `with` closes the connection mid-stream
+    request, scores = _wait_for_status(service, first["id"])
+    assert request.status == "cancelled" and request.finish_reason == "cancelled"
+    assert 5 <= request.completion_tokens < 400  # stopped soon after the client left, not at the end
+    assert request.completion_text and request.finished_at is not None
+    assert scores and {n for *_, n in scores.values()} == {request.completion_tokens}
+    deadline = time.monotonic() + 10
+    while in_flight.count:  # the admission is released when the stream ends, however it ends
+        assert time.monotonic() < deadline, "the stream's admission was never released"
+        time.sleep(0.05)
+    assert not service["dispatcher"].streams._streams  # and its channel is gone
+
+
+def test_a_failure_mid_stream_is_an_error_chunk_and_a_failed_request(service, monkeypatch):
+    from workers.serving import streaming
+
+    original = streaming.LiveAnswer.update
+
+    def fail_after_three(self, bank, progress):
+        if len(progress.output_ids) > 3:
+            raise RuntimeError("the stream broke")
+        return original(self, bank, progress)
+
+    monkeypatch.setattr(streaming.LiveAnswer, "update", fail_after_three)
+    stream = service["client"].chat.completions.create(
+        model="auditor", messages=COUNT, max_tokens=60, temperature=0, stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError, match="the stream broke"):
+        for chunk in stream:
+            received.append(chunk)
+    assert received and received[0].id.startswith("chatcmpl-")
+    request, _ = _wait_for_status(service, received[0].id)
+    assert request.status == "failed" and "the stream broke" in request.error
+
+
+def test_stream_options_without_stream_or_unknown_ones_are_a_400(service):
+    client = service["client"]
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        client.chat.completions.create(model="auditor", messages=COUNT, stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError, match="continuous_usage_stats"):
+        client.chat.completions.create(
+            model="auditor", messages=COUNT, stream=True, stream_options={"continuous_usage_stats": True}
+        )
