@@ -129,8 +129,8 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         32,
         ge=0,
-        description="completions one API process holds at once (each waits on a server thread; "
-        "the rest of its ~40 keep the control routes answering); beyond it 429 + Retry-After; 0 = no bound",
+        description="completions one API process holds at once (a non-streamed one waits on a thread of "
+        "the completions' own pool, a streamed one on its channel); beyond it 429 + Retry-After; 0 = no bound",
     )
     max_concurrent_per_token: int = Field(
         16, ge=0, description="of those, how many one token may hold at once (429 beyond); 0 = no bound"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
+import anyio
 from fastapi import FastAPI
 
 from auditor import __version__, privacy
@@ -19,6 +21,9 @@ from auditor.queue.dispatch import CeleryDispatcher, Dispatcher
 from auditor.queue.streams import redis_streams
 from auditor.settings import Settings, get_settings
 from auditor.telemetry import metrics
+
+# Completion threads when the admission bound is off (max_concurrent_requests = 0).
+UNBOUNDED_WAITS = 1024
 
 
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -53,11 +58,21 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     # Where streamed requests' tokens arrive: the in-process worker's channel, or the broker's Redis.
     app.state.streams = getattr(dispatcher, "streams", None) or redis_streams(settings)
     app.state.in_flight = InFlight(settings.max_concurrent_requests, settings.max_concurrent_per_token)
+    # The completions' own threads (auditor.api.openai.serving.off_loop): one per admitted request.
+    app.state.completion_threads = anyio.CapacityLimiter(settings.max_concurrent_requests or UNBOUNDED_WAITS)
+
+    fingerprint_lock = threading.Lock()
 
     @lru_cache(maxsize=1)
-    def fingerprint() -> ModelFingerprint:
+    def described() -> ModelFingerprint:
         # From metadata only: the API process never loads weights (DESIGN.md).
         return describe_model(settings.model)
+
+    def fingerprint() -> ModelFingerprint:
+        # Once, under a lock: a burst of first requests would otherwise each read the weights
+        # file's metadata at once (seconds apiece on a busy CPU).
+        with fingerprint_lock:
+            return described()
 
     app.state.fingerprint = fingerprint
     install_error_handlers(app)

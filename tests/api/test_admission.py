@@ -90,3 +90,32 @@ def test_completions_past_the_bounds_get_429_and_the_control_routes_still_answer
         _wait_for(lambda: app.state.in_flight.count == 0)
         assert chat(first).status_code == 200
     databases.drop_all()
+
+
+def test_the_control_routes_answer_while_more_completions_wait_than_the_server_has_threads(tmp_path):
+    """The server's own pool has 40 threads; 45 completions waiting on a worker hold none of them
+    (they wait on the completions' pool), so /healthz and admin still answer at once."""
+    databases = Databases("sqlite", tmp_path)
+    url = databases.new_url()
+    run_migrations(url)
+    dispatcher = HeldDispatcher()
+    settings = Settings(
+        database_url=url, data_dir=tmp_path / "data", max_concurrent_requests=64, max_concurrent_per_token=64
+    )
+    app = create_app(settings, dispatcher)
+    client, admin = issue_token(url, scopes=["client"], name="client"), issue_token(url, name="admin")
+    limits = httpx.Limits(max_connections=100)
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60, limits=limits) as http:
+        with ThreadPoolExecutor(45) as pool:
+            held = [
+                pool.submit(lambda: http.post("/v1/chat/completions", json=BODY, headers=bearer(client)))
+                for _ in range(45)
+            ]
+            _wait_for(lambda: dispatcher.waiting == 45, timeout=30)
+            started = time.monotonic()
+            assert http.get("/healthz", timeout=5).status_code == 200
+            assert http.get("/admin/concepts", headers=bearer(admin), timeout=5).status_code == 200
+            assert time.monotonic() - started < 5
+            dispatcher.release.set()
+            assert [f.result(timeout=60).status_code for f in held] == [200] * 45
+    databases.drop_all()

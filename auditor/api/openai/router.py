@@ -2,7 +2,12 @@
 its response model, so the OpenAPI document shows the real response shapes.
 
 `response_class=JSONResponse` keeps the body encoded by json.dumps, as when these routes returned
-dicts (Pydantic's own JSON encoder would spell some floats differently: 1e-05 as 0.00001)."""
+dicts (Pydantic's own JSON encoder would spell some floats differently: 1e-05 as 0.00001).
+
+The completion handlers are async: what blocks (the database, a non-streamed request's wait for
+its worker) runs on the completions' own thread pool (`serving.off_loop`), never on the server's,
+so /healthz, /readyz and the admin routes keep their threads however many generations are in
+flight. A streamed response waits on its channel in the event loop and holds no thread at all."""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ router = APIRouter(prefix="/v1", tags=["completions (OpenAI-compatible)"])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, response_class=JSONResponse)
-def chat_completions(
+async def chat_completions(
     body: ChatCompletionCreate,
     admission: AdmittedDep,
     request: Request,
@@ -35,15 +40,14 @@ def chat_completions(
     fingerprint: FingerprintDep,
 ):
     serving.check_chat(body, settings)
-    if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
-        return error
-    return serving.serve(
-        request, session, settings, fingerprint, body, serving.chat_generation(body, settings), admission
+    generation = serving.chat_generation(body, settings)
+    return await serving.off_loop(
+        request, serving.answer, request, session, settings, fingerprint, body, generation, admission
     )
 
 
 @router.post("/completions", response_model=Completion, response_class=JSONResponse)
-def completions(
+async def completions(
     body: CompletionCreate,
     admission: AdmittedDep,
     request: Request,
@@ -52,9 +56,10 @@ def completions(
     fingerprint: FingerprintDep,
 ):
     serving.check_completion(body, settings)
-    if (error := serving.rejected(session, body, fingerprint, settings)) is not None:
-        return error
-    return serving.serve(request, session, settings, fingerprint, body, serving.completion_generation(body), admission)
+    generation = serving.completion_generation(body)
+    return await serving.off_loop(
+        request, serving.answer, request, session, settings, fingerprint, body, generation, admission
+    )
 
 
 @router.get("/models", response_model=ModelList)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
@@ -40,6 +43,7 @@ from auditor.queue.dispatch import TASK_GENERATE
 from auditor.settings import Settings
 
 MODEL_ALIASES = ("auditor", "default")
+T = TypeVar("T")
 
 Body = ChatCompletionCreate | CompletionCreate
 
@@ -148,6 +152,27 @@ def completion_generation(body: CompletionCreate) -> Generation:
         prompt_text=body.prompt,
         payload={"prompt": body.prompt, "sampling": body.sampling(16)},  # OpenAI's legacy default: 16 tokens
     )
+
+
+async def off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking `fn(*args)` on the completions' thread pool (bounded like the admission
+    counters), leaving the server's own pool to every other route."""
+    return await anyio.to_thread.run_sync(partial(fn, *args), limiter=request.app.state.completion_threads)
+
+
+def answer(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    fingerprint: ModelFingerprint,
+    body: Body,
+    generation: Generation,
+    admission: Admission,
+) -> ChatCompletion | Completion | JSONResponse | StreamingResponse:
+    """The deployment's checks, then `serve`."""
+    if (error := rejected(session, body, fingerprint, settings)) is not None:
+        return error
+    return serve(request, session, settings, fingerprint, body, generation, admission)
 
 
 def _no_stream_channel(request: Request, body: Body) -> JSONResponse | None:
