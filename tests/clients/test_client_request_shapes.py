@@ -183,11 +183,11 @@ ACCEPTED = [
     "llm-comply-chat-basic-response",
     "llm-comply-chat-system-prompt",
     "llm-comply-chat-multi-turn",
-    pytest.param("langchain-stream", marks=NEEDS_ISSUE_13),
-    pytest.param("langchain-stream-usage", marks=NEEDS_ISSUE_13),
+    "langchain-stream",
+    "langchain-stream-usage",
     pytest.param("lm-eval-loglikelihood", marks=NEEDS_ISSUE_13),
-    pytest.param("llm-comply-chat-streaming-response", marks=NEEDS_ISSUE_13),
-    pytest.param("llm-comply-chat-streaming-usage", marks=NEEDS_ISSUE_13),
+    "llm-comply-chat-streaming-response",
+    "llm-comply-chat-streaming-usage",
 ]
 
 

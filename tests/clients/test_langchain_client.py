@@ -77,7 +77,6 @@ def test_system_message_stop_and_seed_reach_the_model(chat_model, openai_client)
     assert answer.response_metadata["finish_reason"] == "stop"
 
 
-@pytest.mark.xfail(reason="needs streaming/echo (issue 13)", strict=False)
 def test_stream_concatenates_to_the_invoke_answer(stack, chat_model):
     from langchain_openai import ChatOpenAI
 

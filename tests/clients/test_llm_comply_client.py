@@ -62,7 +62,6 @@ def test_the_basic_openai_chat_checks_pass(stack, test_id, served):
     assert all("annotations" in warning for warning in result.get("warnings", [])), result
 
 
-@pytest.mark.xfail(reason="needs streaming/echo (issue 13)", strict=False)
 @pytest.mark.parametrize("test_id", ["chat-streaming-response", "chat-streaming-usage"])
 def test_the_streaming_openai_chat_checks_pass(stack, test_id):
     rows = stack.request_rows()
