@@ -73,27 +73,28 @@ def _request_rows(
     return not_queued, on_unavailable
 
 
-def run_request(
+def run_requests(
     request: Request,
     session: Session,
     task: str,
-    args: list[Any],
+    arg_lists: list[list[Any]],
     *,
-    request_id: str,
+    request_ids: list[str],
     kind: RequestKind,
     model_id: str,
     timeout: float,
-) -> dict | JSONResponse:
-    """Commit the request's row, queue `task` under the request's id and wait for its result."""
+) -> list[dict] | JSONResponse:
+    """Commit the requests' rows, queue one `task` per request under its id (all at once: the
+    worker batches them) and wait up to `timeout` in all for every result."""
     dispatcher = request.app.state.dispatcher
-    not_queued, on_unavailable = _request_rows(session, [request_id], kind, model_id)
-    return _hand_over(
-        session,
-        lambda: dispatcher.run(task, args, task_id=request_id, timeout=timeout),
-        not_queued=not_queued,
-        on_unavailable=on_unavailable,
-        waits=True,
-    )
+    not_queued, on_unavailable = _request_rows(session, request_ids, kind, model_id)
+
+    def send() -> list[dict]:
+        if len(request_ids) == 1:
+            return [dispatcher.run(task, arg_lists[0], task_id=request_ids[0], timeout=timeout)]
+        return dispatcher.run_many(task, arg_lists, task_ids=request_ids, timeout=timeout)
+
+    return _hand_over(session, send, not_queued=not_queued, on_unavailable=on_unavailable, waits=True)
 
 
 def submit_requests(

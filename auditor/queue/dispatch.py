@@ -24,6 +24,10 @@ TASK_RETENTION = "auditor.retention"  # scheduled by `auditor beat` (see _beat_s
 class Dispatcher(Protocol):
     def run(self, task: str, args: list[Any], *, task_id: str, timeout: float) -> dict: ...
 
+    def run_many(self, task: str, arg_lists: list[list[Any]], *, task_ids: list[str], timeout: float) -> list[dict]:
+        """`run` for several tasks at once: all queued, then each waited for (`timeout` in all)."""
+        ...
+
     def submit(self, task: str, args: list[Any], *, task_id: str) -> None: ...
 
 
@@ -195,10 +199,22 @@ class CeleryDispatcher:
         request once and answer a repeat with the recorded result (workers.serving.transactions). A worker
         killed mid-task needs nothing here: Redis re-delivers its task to another worker after
         the visibility timeout, and that worker's result reaches us under the same id."""
+        deadline = time.monotonic() + timeout
+        return self._wait(task, args, task_id, self._send(task, args, task_id), deadline, timeout)
+
+    def run_many(self, task: str, arg_lists: list[list[Any]], *, task_ids: list[str], timeout: float) -> list[dict]:
+        """All queued first (a worker batches what arrives together), then each waited for as
+        `run` waits, within one deadline."""
+        deadline = time.monotonic() + timeout
+        sent = [self._send(task, args, task_id) for args, task_id in zip(arg_lists, task_ids)]
+        return [
+            self._wait(task, args, task_id, result, deadline, timeout)
+            for args, task_id, result in zip(arg_lists, task_ids, sent)
+        ]
+
+    def _wait(self, task: str, args: list[Any], task_id: str, result, deadline: float, timeout: float) -> dict:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        deadline = time.monotonic() + timeout
-        result = self._send(task, args, task_id)
         lost: Exception | None = None  # the last connection error, while Redis is away
         while True:
             app = self.app

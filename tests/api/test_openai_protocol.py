@@ -84,11 +84,16 @@ def test_a_chat_parameter_that_cannot_be_honoured_is_a_400_naming_it(client, ext
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")],
+    [
+        ({"echo": True, "stream": True}, "echo"),
+        ({"prompt": ["a", "b"], "stream": True}, "prompt"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+    ],
 )
 def test_a_completion_parameter_that_cannot_be_honoured_is_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(model="auditor", prompt="Once", max_tokens=4, **extra)
+        client.completions.create(**{"model": "auditor", "prompt": "Once", "max_tokens": 4, **extra})
     assert refused.value.body["param"] == param, refused.value.body
 
 
@@ -134,7 +139,7 @@ def test_broken_stop_and_logprobs_values_are_a_422_naming_the_field_and_write_no
         if route == "chat":
             client.chat.completions.create(model="auditor", messages=MESSAGES, max_tokens=4, **extra)
         else:
-            client.completions.create(model="auditor", prompt="Once", max_tokens=4, **extra)
+            client.completions.create(**{"model": "auditor", "prompt": "Once", "max_tokens": 4, **extra})
     assert refused.value.body["message"].startswith(f"body.{field}"), refused.value.body
     assert _request_rows(client) == before
 

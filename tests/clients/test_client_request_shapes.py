@@ -18,7 +18,6 @@ import pytest
 from support.openai_recorder import recording_openai_server
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-NEEDS_ISSUE_13 = pytest.mark.xfail(reason="needs streaming/echo (issue 13)", strict=False)
 COMPLY_TESTS = [
     "chat-basic-response",
     "chat-system-prompt",
@@ -185,7 +184,7 @@ ACCEPTED = [
     "llm-comply-chat-multi-turn",
     "langchain-stream",
     "langchain-stream-usage",
-    pytest.param("lm-eval-loglikelihood", marks=NEEDS_ISSUE_13),
+    "lm-eval-loglikelihood",
     "llm-comply-chat-streaming-response",
     "llm-comply-chat-streaming-usage",
 ]

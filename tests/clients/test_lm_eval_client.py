@@ -111,7 +111,6 @@ def test_local_completions_generate_until_without_a_tokenizer(stack, evaluate, o
     assert "\n" not in first["resps"][0][0]
 
 
-@pytest.mark.xfail(reason="needs streaming/echo (issue 13)", strict=False)
 def test_local_completions_loglikelihood_multiple_choice(stack, evaluate, tokenizer_dir, host):
     """Prompt log-probabilities through `echo`: each choice's log-likelihood must be the served
     model's own, computed here in one forward pass."""
@@ -145,3 +144,27 @@ def test_local_completions_loglikelihood_multiple_choice(stack, evaluate, tokeni
             assert loglikelihood == pytest.approx(expected, abs=1e-3)
     predicted = [max(range(len(s["resps"])), key=lambda i: s["resps"][i][0][0]) for s in samples]
     assert accuracy == pytest.approx(sum(p == s["target"] for p, s in zip(predicted, samples)) / len(samples))
+
+
+def test_local_completions_with_token_ids_in_batches_reads_the_same_likelihoods(stack, evaluate, tokenizer_dir):
+    """lm-eval's default with a tokenizer: each prompt sent as token ids, four prompts per
+    request (`prompt: [[ids], ...]`); choices come back by index. The log-likelihoods are those
+    of the same prompts sent one by one as text."""
+    common = {
+        "base_url": f"{stack.v1}/completions",
+        "tokenizer_backend": "huggingface",
+        "tokenizer": str(tokenizer_dir),
+    }
+    rows = stack.request_rows()
+    batched = evaluate("local-completions", "auditor_choices", tokenized_requests=True, batch_size=4, **common)
+    assert stack.request_rows() == rows + CHOICES_TOTAL  # one monitored request per prompt
+    one_by_one = evaluate("local-completions", "auditor_choices", tokenized_requests=False, **common)
+
+    def likelihoods(results) -> list[float]:
+        samples = sorted(results["samples"]["auditor_choices"], key=lambda s: s["doc_id"])
+        return [resp[0][0] for s in samples for resp in s["resps"]]
+
+    assert likelihoods(batched) == pytest.approx(likelihoods(one_by_one), abs=1e-3)
+    accuracy = batched["results"]["auditor_choices"]["acc,none"]
+    assert accuracy == one_by_one["results"]["auditor_choices"]["acc,none"]
+    assert accuracy >= 0.5  # easy questions, 2-4 choices: the default model beats chance

@@ -31,7 +31,7 @@ from auditor.errors import InvalidInputError
 from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.generate import Generation, SamplingConfig, _check_length, _next_token
-from workers.runtime.logprobs import TokenLogprob, token_logprob
+from workers.runtime.logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from workers.runtime.model import LoadedModel
 from workers.runtime.stopping import StopMatcher
 
@@ -57,6 +57,7 @@ class _Row:
     stops: StopMatcher | None = None
     stopped_after: int | None = None  # whole tokens kept when a stop sequence matched
     logprobs: list[TokenLogprob] | None = None  # when the request asks for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo: read from the prefill's logits
     joined_at: float = 0.0
     prefill_seconds: float = 0.0
     prefilled_at: float = 0.0
@@ -113,6 +114,8 @@ class BatchGenerator:
         now = time.perf_counter()
         for b, row in enumerate(rows):
             row.chunks.append(resid[:, b, row.pad :] if resid is not None else None)
+            if (k := row.request.config.prompt_logprobs) is not None:
+                row.prompt_logprobs = prompt_logprobs(logits[b, row.pad :], row.request.prompt_ids, k)
             row.prefill_seconds, row.prefilled_at = now - started, now
         first_new = len(self.rows)
         self._merge(rows, cache, mask.to(device), logits[:, -1])
@@ -221,6 +224,7 @@ class BatchGenerator:
             prefill_seconds=row.prefill_seconds,
             decode_seconds=time.perf_counter() - row.prefilled_at,
             logprobs=row.logprobs,
+            prompt_logprobs=row.prompt_logprobs,
         )
         return generation if row.stopped_after is None else generation.stopped_after(row.stopped_after)
 

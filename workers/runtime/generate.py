@@ -19,7 +19,7 @@ from auditor.errors import InvalidInputError
 from probes.steering import Steering
 from probes.validation import check_layer, check_vector
 from workers.runtime.hooks import ResidualCapture, hooked
-from workers.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
+from workers.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, prompt_logprobs, token_logprob
 from workers.runtime.model import LoadedModel
 from workers.runtime.stopping import StopMatcher, cut_at_stop
 
@@ -33,6 +33,8 @@ class SamplingConfig:
     stop_at_eos: bool = True
     stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first (not included)
     logprobs: int | None = None  # None: none recorded; k: each token's log-probability and the top k
+    # `echo`: also each prompt token's log-probability and the top k (None: not read)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # a JSON payload gives a list
@@ -42,8 +44,10 @@ class SamplingConfig:
             raise InvalidInputError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError("top_p must be in (0, 1]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidInputError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise InvalidInputError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Generation:
     decode_seconds: float = 0.0
     text_end: int | None = None  # the answer's text is cut here (a stop inside its only token)
     logprobs: list[TokenLogprob] | None = None  # one per output token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (echo), when asked for
 
     @property
     def response_start(self) -> int:
@@ -83,12 +88,19 @@ class Generation:
             self.decode_seconds,
             text_end,
             logprobs,
+            self.prompt_logprobs,
         )
 
 
-def encode_prompt(model: LoadedModel, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
-    """Token ids for a plain prompt or chat messages; chat models get their chat template."""
+def encode_prompt(model: LoadedModel, prompt: str | list[dict] | list[int], chat: bool | None = None) -> list[int]:
+    """Token ids for a plain prompt, chat messages (chat models get their chat template), or a
+    prompt given as token ids already (taken as they are, once checked against the vocabulary)."""
     tokenizer = model.tokenizer
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        vocab = model.vocab_size
+        if bad := [t for t in prompt if not 0 <= t < vocab]:
+            raise InvalidInputError(f"token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1})")
+        return list(prompt)
     use_chat = model.is_chat if chat is None else chat
     if isinstance(prompt, list):
         if not model.is_chat:
@@ -128,6 +140,17 @@ def _check_length(model: LoadedModel, prompt_len: int, config: SamplingConfig) -
             f"prompt ({prompt_len} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
             f"model's context of {model.max_context} tokens"
         )
+
+
+@torch.inference_mode()
+def read_prompt(model: LoadedModel, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability and top k, generating nothing (`max_tokens` 0 + echo)."""
+    if len(prompt_ids) > model.max_context:
+        raise InvalidInputError(
+            f"the prompt ({len(prompt_ids)} tokens) exceeds the model's context of {model.max_context}"
+        )
+    logits = model.bridge.forward(torch.tensor([prompt_ids], device=model.device))  # [1, P, vocab]
+    return prompt_logprobs(logits[0], prompt_ids, k)
 
 
 @torch.inference_mode()

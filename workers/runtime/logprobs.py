@@ -28,7 +28,35 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
-def _entry(tokenizer, token: int, logprob: float) -> dict:
+# Positions whose log-softmax is computed at once when reading a prompt's log-probabilities:
+# [PROMPT_CHUNK, vocab] float32 is ~50 MB for a 49k vocabulary, whatever the prompt's length.
+PROMPT_CHUNK = 256
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """logits [P, vocab] of a prompt's own positions -> each prompt token's log-probability given
+    the tokens before it, and the top k there (`echo`). The first token has none (None): nothing
+    precedes it. The last position predicts the first generated token, so it is not read."""
+    out: list[TokenLogprob | None] = [None]
+    for start in range(0, len(prompt_ids) - 1, PROMPT_CHUNK):
+        stop = min(start + PROMPT_CHUNK, len(prompt_ids) - 1)
+        logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1)  # [chunk, vocab]
+        targets = torch.tensor(prompt_ids[start + 1 : stop + 1], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        tops = logprobs.topk(k, dim=-1) if k > 0 else None
+        for i, (token, value) in enumerate(zip(targets.tolist(), chosen)):
+            top = () if tops is None else tuple(zip(tops.indices[i].tolist(), tops.values[i].tolist()))
+            out.append(TokenLogprob(token, value, top))
+    return out
+
+
+def prompt_entries(tokenizer, prompt_ids: list[int], logprobs: list[TokenLogprob | None]) -> list[dict]:
+    """`prompt_logprobs` in the chat entry shape; the first token's logprob and top are None."""
+    first = {**_entry(tokenizer, prompt_ids[0], None), "top_logprobs": None}
+    return [first, *logprob_entries(tokenizer, [lp for lp in logprobs[1:] if lp is not None])]
+
+
+def _entry(tokenizer, token: int, logprob: float | None) -> dict:
     text = tokenizer.decode([token])
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 

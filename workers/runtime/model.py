@@ -53,6 +53,11 @@ class LoadedModel:
     def hf_model(self):
         return self.bridge.original_model
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the token ids a prompt may hold."""
+        return self.hf_model.get_input_embeddings().num_embeddings
+
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{HOOK_POINT}"
 

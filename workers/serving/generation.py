@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import select
 
@@ -23,8 +23,10 @@ from auditor.db.models import Flag
 from auditor.errors import InvalidInputError
 from auditor.queue.streams import StreamPublisher
 from auditor.telemetry import metrics
+from workers.monitoring.divergence import INSUFFICIENT as INSUFFICIENT_TOKENS
 from workers.monitoring.divergence import OFF
-from workers.runtime.generate import SamplingConfig
+from workers.runtime.generate import SamplingConfig, encode_prompt, read_prompt
+from workers.runtime.logprobs import prompt_entries
 from workers.serving.context import WorkerContext, get_runtime
 from workers.serving.recording import record_metrics, score_rows, store_verdict
 from workers.serving.responses import answer_response, flag_body, monitor_body, score_body, served_answer
@@ -63,26 +65,12 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
 def _serve(
     request_id: str, payload: dict[str, Any], runtime: WorkerContext, publisher: StreamPublisher | None
 ) -> dict[str, Any]:
-    def start(session) -> dict[str, Any] | tuple:
-        request = store.get_request(session, request_id=request_id, for_update=True)
-        if request is None:
-            raise InvalidInputError(f"no request {request_id!r}")
-        if request.status in FINAL_REQUEST_STATUSES:
-            if request.completion_text is not None and request.privacy_mode == PrivacyMode.FULL:
-                return recorded_generation(session, request)
-            # Recorded without its text (privacy mode): generate again for the caller, record nothing.
-        elif publisher is not None and publisher.cancelled(request_id):
-            # Its client left while it waited in the queue: nothing to generate.
-            store.mark_request(session, request_id=request_id, status=RequestStatus.CANCELLED)
-            return cancelled_before_start(request_id)
-        else:
-            store.mark_request(session, request_id=request_id, status=RequestStatus.RUNNING)
-        return request.created_at, request.kind
-
-    started = in_transaction(runtime, start, f"starting {request_id}")
+    started = _start(request_id, runtime, publisher)
     if isinstance(started, dict):
         return started
     queued_at, kind = started
+    if payload.get("sampling", {}).get("max_new_tokens") == 0:
+        return _read_prompt_only(request_id, payload, runtime, queued_at, kind)
     model_id = runtime.host.model.fingerprint.model_id
     try:
         sampling = SamplingConfig(**payload.get("sampling", {}))
@@ -95,24 +83,7 @@ def _serve(
             pump(request_id, listener, future, live, publisher)
         served = future.result()
     except Exception as exc:
-        texts = privacy.request_texts(payload)  # an error may quote them: kept only in full mode
-        modes = {runtime.settings.privacy_mode}  # and the request's own (the row is the truth)
-
-        failure = f"{type(exc).__name__}: {exc}"
-
-        def fail(session) -> None:
-            request = store.get_request(session, request_id=request_id, for_update=True)
-            modes.add(request.privacy_mode if request is not None else PrivacyMode.FULL)
-            if request is not None and request.status != RequestStatus.DONE:  # another run may have recorded it
-                error = privacy.scrub(failure, request.privacy_mode, texts)
-                store.mark_request(session, request_id=request_id, status=RequestStatus.FAILED, error=error[:2000])
-
-        in_transaction(runtime, fail, f"recording the failure of {request_id}")
-        metrics.record_request(kind, RequestStatus.FAILED, model_id, time.time() - queued_at.timestamp())
-        clean = privacy.scrubbed_exception(exc, privacy.strictest(modes), texts)
-        if clean is exc:
-            raise
-        raise clean from None  # Celery logs and stores what is raised; the original quotes the prompt
+        _failed(request_id, payload, runtime, exc, kind, queued_at)
     generation, bank = served.generation, served.bank
     finish = generation.finish_reason if generation.finish_reason in ("stop", "cancelled") else "length"
     status = RequestStatus.CANCELLED if finish == "cancelled" else RequestStatus.DONE
@@ -157,7 +128,119 @@ def _serve(
         len(generation.output_ids),
     )
     record_metrics(model_id, bank, served.verdict)
-    return served_answer(request_id, served, finish, runtime.fitted_null(bank), status)
+    answer = served_answer(request_id, served, finish, runtime.fitted_null(bank), status)
+    if payload.get("echo"):
+        answer["prompt"] = _echo(runtime, generation.prompt_ids, served.prompt_logprobs)
+    return answer
+
+
+def _start(request_id: str, runtime: WorkerContext, publisher: StreamPublisher | None) -> dict[str, Any] | tuple:
+    """Mark the request running: (queued at, kind). Or, when there is nothing to run, its
+    answer: as recorded (a repeat run), or cancelled (its client left while it was queued)."""
+
+    def start(session) -> dict[str, Any] | tuple:
+        request = store.get_request(session, request_id=request_id, for_update=True)
+        if request is None:
+            raise InvalidInputError(f"no request {request_id!r}")
+        if request.status in FINAL_REQUEST_STATUSES:
+            if request.completion_text is not None and request.privacy_mode == PrivacyMode.FULL:
+                return recorded_generation(session, request)
+            # Recorded without its text (privacy mode): generate again for the caller, record nothing.
+        elif publisher is not None and publisher.cancelled(request_id):
+            store.mark_request(session, request_id=request_id, status=RequestStatus.CANCELLED)
+            return cancelled_before_start(request_id)
+        else:
+            store.mark_request(session, request_id=request_id, status=RequestStatus.RUNNING)
+        return request.created_at, request.kind
+
+    return in_transaction(runtime, start, f"starting {request_id}")
+
+
+def _failed(
+    request_id: str, payload: dict[str, Any], runtime: WorkerContext, exc: Exception, kind, queued_at
+) -> NoReturn:
+    """Record the request failed (unless another run recorded it) and raise `exc`, scrubbed of
+    the request's text outside full mode."""
+    texts = privacy.request_texts(payload)  # an error may quote them: kept only in full mode
+    modes = {runtime.settings.privacy_mode}  # and the request's own (the row is the truth)
+    failure = f"{type(exc).__name__}: {exc}"
+
+    def fail(session) -> None:
+        request = store.get_request(session, request_id=request_id, for_update=True)
+        modes.add(request.privacy_mode if request is not None else PrivacyMode.FULL)
+        if request is not None and request.status not in FINAL_REQUEST_STATUSES:  # another run may have recorded it
+            error = privacy.scrub(failure, request.privacy_mode, texts)
+            store.mark_request(session, request_id=request_id, status=RequestStatus.FAILED, error=error[:2000])
+
+    in_transaction(runtime, fail, f"recording the failure of {request_id}")
+    model_id = runtime.host.model.fingerprint.model_id
+    metrics.record_request(kind, RequestStatus.FAILED, model_id, time.time() - queued_at.timestamp())
+    clean = privacy.scrubbed_exception(exc, privacy.strictest(modes), texts)
+    if clean is exc:
+        raise exc
+    raise clean from None  # Celery logs and stores what is raised; the original quotes the prompt
+
+
+def _echo(runtime: WorkerContext, prompt_ids: list[int], logprobs: list[dict] | None) -> dict[str, Any]:
+    """What `echo` returns before the answer: the prompt's text and, when asked, its tokens'
+    log-probabilities (the first has none)."""
+    text = runtime.host.model.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return {"text": text, "tokens": len(prompt_ids), "logprobs": logprobs}
+
+
+def _read_prompt_only(
+    request_id: str, payload: dict[str, Any], runtime: WorkerContext, queued_at, kind
+) -> dict[str, Any]:
+    """`max_tokens` 0: nothing is generated, so nothing is monitored (no answer, no scores);
+    the prompt is read for `echo` (its text, and its log-probabilities when asked for)."""
+    model = runtime.host.model
+    k = payload["sampling"].get("prompt_logprobs")
+
+    def read() -> tuple[list[int], list[dict] | None]:
+        prompt_ids = encode_prompt(model, payload["prompt"], chat=False)
+        if k is None:
+            return prompt_ids, None
+        return prompt_ids, prompt_entries(model.tokenizer, prompt_ids, read_prompt(model, prompt_ids, k))
+
+    submitted = time.time()
+    try:
+        prompt_ids, logprobs = runtime.model_thread.call(read).result()
+    except Exception as exc:
+        _failed(request_id, payload, runtime, exc, kind, queued_at)
+
+    def record(session) -> dict[str, Any] | None:
+        request = store.get_request(session, request_id=request_id, for_update=True)
+        if request is not None and request.status in FINAL_REQUEST_STATUSES:
+            return recorded_generation(session, request, text="")
+        store.mark_request(
+            session,
+            request_id=request_id,
+            status=RequestStatus.DONE,
+            completion_text="",
+            finish_reason="length",
+            model_id=model.fingerprint.model_id,
+            model_fingerprint=model.fingerprint.hash,
+            queue_seconds=max(0.0, submitted - queued_at.timestamp()),
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=0,
+            monitor_status=INSUFFICIENT_TOKENS,
+        )
+        return None
+
+    answer = in_transaction(runtime, record, f"recording {request_id}") or answer_response(
+        request_id=request_id,
+        text="",
+        finish_reason="length",
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=0,
+        scores={},
+        flags=[],
+        monitor=monitor_body(INSUFFICIENT_TOKENS, 0),
+    )
+    metrics.record_request(kind, RequestStatus.DONE, model.fingerprint.model_id, time.time() - queued_at.timestamp())
+    if payload.get("echo"):
+        answer["prompt"] = _echo(runtime, prompt_ids, logprobs)
+    return answer
 
 
 def cancelled_before_start(request_id: str) -> dict[str, Any]:

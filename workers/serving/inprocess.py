@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -38,8 +39,15 @@ class InProcessDispatcher:
         self.pool.submit(self.tasks[task], *args)
 
     def run(self, task: str, args: list[Any], *, task_id: str, timeout: float) -> dict:
-        future = self.pool.submit(self.tasks[task], *args)
-        try:
-            return future.result(timeout=timeout)
-        except FutureTimeout as exc:
-            raise WorkerUnavailable(f"{task} for {task_id} did not finish within {timeout:.0f}s") from exc
+        return self.run_many(task, [args], task_ids=[task_id], timeout=timeout)[0]
+
+    def run_many(self, task: str, arg_lists: list[list[Any]], *, task_ids: list[str], timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        futures = [self.pool.submit(self.tasks[task], *args) for args in arg_lists]
+        results = []
+        for task_id, future in zip(task_ids, futures):
+            try:
+                results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FutureTimeout as exc:
+                raise WorkerUnavailable(f"{task} for {task_id} did not finish within {timeout:.0f}s") from exc
+        return results

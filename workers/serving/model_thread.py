@@ -40,7 +40,7 @@ from workers.monitoring.replay import encode_replay, replay_scores
 from workers.monitoring.scores import RequestScores, score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
 from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
-from workers.runtime.logprobs import logprob_entries
+from workers.runtime.logprobs import logprob_entries, prompt_entries
 from workers.serving.streaming import TokenListener
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ class Served:
     bank: ConceptBank
     verdict: Verdict = field(default_factory=lambda: Verdict("calibrating"))
     logprobs: list[dict] | None = None  # OpenAI's chat entries, when the request asked for them
+    prompt_logprobs: list[dict] | None = None  # the same for the prompt's tokens (echo), when asked for
 
     @property
     def flags(self):
@@ -267,10 +268,14 @@ class ModelThread:
             try:
                 text = generation.answer_text(model.tokenizer)
                 scores = score_generation(bank, generation)
-                logprobs = None
+                logprobs = prompt_logprobs = None
                 if generation.logprobs is not None:
                     logprobs = logprob_entries(model.tokenizer, generation.logprobs)
-                served.append((job, Served(generation, text, scores, bank, logprobs=logprobs)))
+                if generation.prompt_logprobs is not None:
+                    prompt_logprobs = prompt_entries(model.tokenizer, generation.prompt_ids, generation.prompt_logprobs)
+                served.append(
+                    (job, Served(generation, text, scores, bank, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+                )
             except Exception as exc:
                 job.future.set_exception(exc)
         self._judge([(s, s.scores, s.generation.output_ids, job.chat is not False) for job, s in served])

@@ -20,6 +20,8 @@ from workers.runtime.model import LoadedModel
 
 
 def _prompt_ids(model: LoadedModel, request: MonitoredRequest) -> list[int] | None:
+    if prompt_ids := (request.params or {}).get("prompt_ids"):
+        return list(prompt_ids)  # a prompt sent as token ids (kept in full mode only)
     messages = (request.params or {}).get("messages")
     if messages:
         return encode_prompt(model, messages, chat=True)

@@ -14,7 +14,7 @@ own reference reads; splitting it would scatter one document."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
@@ -76,7 +76,7 @@ class _SamplingFields(BaseModel):
 
     def sampling(self, default_max_tokens: int) -> dict:
         sampling = {
-            "max_new_tokens": self.max_tokens or default_max_tokens,
+            "max_new_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
@@ -141,19 +141,55 @@ class ChatCompletionCreate(_SamplingFields):
         ]
 
 
+MAX_PROMPTS = 64  # prompts in one completions request (lm-eval batches send lists)
+MAX_PROMPT_TOKEN_IDS = 32_768  # a prompt given as token ids; the model's context is checked by the worker
+PromptText = Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)
+]
+
+
 class CompletionCreate(_SamplingFields):
-    prompt: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: PromptText | list[PromptText] | TokenIds | list[TokenIds] = Field(
+        description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either: one choice each, by index"
+    )
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0 with echo: read the prompt only")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = Field(False, description="return the prompt before the answer (and its tokens' logprobs)")
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: Text | None = Field(None, max_length=MAX_TEXT_CHARS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt list is empty")
+        return prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
 
     def _logprobs(self) -> int | None:
         return self.logprobs
 
+    def sampling(self, default_max_tokens: int) -> dict:
+        sampling = super().sampling(default_max_tokens)
+        if self.echo and self.logprobs is not None:
+            sampling["prompt_logprobs"] = self.logprobs
+        return sampling
+
     def _unsupported_here(self) -> list[tuple[str, bool, str]]:
         return [
-            ("echo", self.echo, "echo is not supported yet"),
+            ("echo", self.echo and self.stream, "echo is not supported with stream=true"),
+            ("prompt", self.stream and len(self.prompts) > 1, "stream=true takes one prompt, not a list"),
+            ("max_tokens", self.max_tokens == 0 and self.stream, "max_tokens 0 reads the prompt only: not streamed"),
             ("best_of", self.best_of not in (None, 1), "best_of is not supported"),
             ("suffix", bool(self.suffix), "suffix (insertion) is not supported"),
         ]
@@ -267,8 +303,8 @@ class CompletionLogprobs(_Response):
     """The legacy completions shape: parallel lists, offsets into the returned text."""
 
     tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for the first token of an echoed prompt
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
     @classmethod
@@ -282,9 +318,13 @@ class CompletionLogprobs(_Response):
         return cls(
             tokens=[e["token"] for e in entries],
             token_logprobs=[e["logprob"] for e in entries],
-            top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if k else None,
+            top_logprobs=[_top(e["top_logprobs"]) for e in entries] if k else None,
             text_offset=offsets,
         )
+
+
+def _top(alternatives: list[dict] | None) -> dict[str, float] | None:
+    return None if alternatives is None else {t["token"]: t["logprob"] for t in alternatives}
 
 
 class ChatCompletionChoice(_Response):
@@ -299,6 +339,8 @@ class CompletionChoice(_Response):
     text: str | None
     finish_reason: Literal["stop", "length"]
     logprobs: CompletionLogprobs | None = None
+    # With a list of prompts, each choice's own reading (its request id, scores, flags).
+    auditor: AuditorReading | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class ChatCompletion(_Response):

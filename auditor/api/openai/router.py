@@ -40,9 +40,9 @@ async def chat_completions(
     fingerprint: FingerprintDep,
 ):
     serving.check_chat(body, settings)
-    generation = serving.chat_generation(body, settings)
+    generations = serving.chat_generation(body, settings)
     return await serving.off_loop(
-        request, serving.answer, request, session, settings, fingerprint, body, generation, admission
+        request, serving.answer, request, session, settings, fingerprint, body, generations, admission
     )
 
 
@@ -56,9 +56,9 @@ async def completions(
     fingerprint: FingerprintDep,
 ):
     serving.check_completion(body, settings)
-    generation = serving.completion_generation(body)
+    generations = serving.completion_generations(body, settings)
     return await serving.off_loop(
-        request, serving.answer, request, session, settings, fingerprint, body, generation, admission
+        request, serving.answer, request, session, settings, fingerprint, body, generations, admission
     )
 
 

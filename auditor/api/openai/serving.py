@@ -4,10 +4,11 @@ request row and its task, the wait for a worker, and the worker's result as the 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -20,24 +21,17 @@ from auditor.api import dispatching
 from auditor.api.admission import Admission
 from auditor.api.errors import error_body
 from auditor.api.limits import limit_error, refuse, too_many_chars
+from auditor.api.openai import responses
 from auditor.api.openai.protocol import (
-    AuditorReading,
-    ChatChoiceLogprobs,
     ChatCompletion,
-    ChatCompletionChoice,
     ChatCompletionCreate,
-    ChatCompletionMessage,
     Completion,
-    CompletionChoice,
     CompletionCreate,
-    CompletionLogprobs,
     Model,
-    Usage,
 )
 from auditor.api.openai.streaming import StreamedRequest, stream_response
 from auditor.db import store
 from auditor.db.enums import PrivacyMode, RequestKind
-from auditor.db.labels import concept_name
 from auditor.model_identity import ModelFingerprint
 from auditor.queue.dispatch import TASK_GENERATE
 from auditor.settings import Settings
@@ -67,7 +61,8 @@ def check_chat(body: ChatCompletionCreate, settings: Settings) -> None:
 
 
 def check_completion(body: CompletionCreate, settings: Settings) -> None:
-    refuse(_tokens(body, settings) + too_many_chars(("prompt",), "the prompt", [body.prompt], settings))
+    texts = [prompt for prompt in body.prompts if isinstance(prompt, str)]
+    refuse(_tokens(body, settings) + too_many_chars(("prompt",), "the prompt", texts, settings))
 
 
 # When this API process started: the `created` of the one model it lists (OpenAI's field is the
@@ -130,28 +125,50 @@ class Generation:
     kind: RequestKind
     prompt_text: str
     payload: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)  # kept with the row beside the sampling
 
 
-def chat_generation(body: ChatCompletionCreate, settings: Settings) -> Generation:
+def chat_generation(body: ChatCompletionCreate, settings: Settings) -> list[Generation]:
     messages = [m.model_dump() for m in body.messages]
     sampling = body.sampling(settings.max_new_tokens)
     if body.max_completion_tokens:
         sampling["max_new_tokens"] = body.max_completion_tokens
-    return Generation(
+    # Kept only where the text is kept anyway: a traffic calibration replays the messages
+    # through the chat template (the joined prompt_text cannot be re-templated).
+    params = {"messages": messages} if settings.privacy_mode == PrivacyMode.FULL else {}
+    generation = Generation(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         kind=RequestKind.CHAT,
         prompt_text="\n".join(f"{m['role']}: {m['content']}" for m in messages),
         payload={"messages": messages, "sampling": sampling},
+        params=params,
     )
+    return [generation]
 
 
-def completion_generation(body: CompletionCreate) -> Generation:
-    return Generation(
-        request_id=f"cmpl-{uuid.uuid4().hex}",
-        kind=RequestKind.COMPLETION,
-        prompt_text=body.prompt,
-        payload={"prompt": body.prompt, "sampling": body.sampling(16)},  # OpenAI's legacy default: 16 tokens
-    )
+def completion_generations(body: CompletionCreate, settings: Settings) -> list[Generation]:
+    """One request row per prompt: a list of n prompts is n monitored requests, answered as the
+    n choices of one response (`{id}-{index}` each; the response's id is `{id}`)."""
+    base = f"cmpl-{uuid.uuid4().hex}"
+    prompts = body.prompts
+    payload = {"sampling": body.sampling(16)}  # OpenAI's legacy default: 16 tokens
+    if body.echo:
+        payload["echo"] = True
+    generations = []
+    for index, prompt in enumerate(prompts):
+        params = {}
+        if isinstance(prompt, list) and settings.privacy_mode == PrivacyMode.FULL:
+            params["prompt_ids"] = prompt  # what a traffic calibration replays
+        generations.append(
+            Generation(
+                request_id=base if len(prompts) == 1 else f"{base}-{index}",
+                kind=RequestKind.COMPLETION,
+                prompt_text=prompt if isinstance(prompt, str) else json.dumps(prompt),
+                payload={**payload, "prompt": prompt},
+                params=params,
+            )
+        )
+    return generations
 
 
 async def off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
@@ -166,13 +183,13 @@ def answer(
     settings: Settings,
     fingerprint: ModelFingerprint,
     body: Body,
-    generation: Generation,
+    generations: list[Generation],
     admission: Admission,
 ) -> ChatCompletion | Completion | JSONResponse | StreamingResponse:
     """The deployment's checks, then `serve`."""
     if (error := rejected(session, body, fingerprint, settings)) is not None:
         return error
-    return serve(request, session, settings, fingerprint, body, generation, admission)
+    return serve(request, session, settings, fingerprint, body, generations, admission)
 
 
 def _no_stream_channel(request: Request, body: Body) -> JSONResponse | None:
@@ -190,44 +207,40 @@ def serve(
     settings: Settings,
     fingerprint: ModelFingerprint,
     body: Body,
-    generation: Generation,
+    generations: list[Generation],
     admission: Admission,
 ) -> ChatCompletion | Completion | JSONResponse | StreamingResponse:
-    """Record the request, have a worker generate and score it, answer in OpenAI's shape: at
-    once when it is done, or streamed as it is generated."""
+    """Record the request(s), have a worker generate and score them, answer in OpenAI's shape:
+    at once when done, or streamed as generated."""
     if (error := dispatching.no_worker(request, "set AUDITOR_BROKER_URL or use `auditor run`")) is not None:
         return error
     if (error := _no_stream_channel(request, body)) is not None:
         return error
-    params = {"sampling": generation.payload["sampling"]}
-    if "messages" in generation.payload and settings.privacy_mode == PrivacyMode.FULL:
-        # Kept only where the text is kept anyway: a traffic calibration replays the messages
-        # through the chat template (the joined prompt_text cannot be re-templated).
-        params["messages"] = generation.payload["messages"]
-    store.create_request(
-        session,
-        request_id=generation.request_id,
-        kind=generation.kind,
-        prompt_text=generation.prompt_text,
-        privacy_mode=settings.privacy_mode,
-        params=params,
-        model_id=fingerprint.model_id,
-    )
+    for generation in generations:
+        store.create_request(
+            session,
+            request_id=generation.request_id,
+            kind=generation.kind,
+            prompt_text=generation.prompt_text,
+            privacy_mode=settings.privacy_mode,
+            params={"sampling": generation.payload["sampling"], **generation.params},
+            model_id=fingerprint.model_id,
+        )
     if body.stream:
-        return _stream(request, session, settings, fingerprint, body, generation, admission)
-    result = dispatching.run_request(
+        return _stream(request, session, settings, fingerprint, body, generations[0], admission)
+    results = dispatching.run_requests(
         request,
         session,
         TASK_GENERATE,
-        [generation.request_id, generation.payload],
-        request_id=generation.request_id,
-        kind=generation.kind,
+        [[generation.request_id, generation.payload] for generation in generations],
+        request_ids=[generation.request_id for generation in generations],
+        kind=generations[0].kind,
         model_id=fingerprint.model_id,
         timeout=settings.request_timeout,
     )
-    if isinstance(result, JSONResponse):
-        return result
-    return response(generation, result, body, fingerprint.model_id)
+    if isinstance(results, JSONResponse):
+        return results
+    return responses.response(generations, results, body, fingerprint.model_id)
 
 
 def _stream(
@@ -260,51 +273,6 @@ def _stream(
         kind=generation.kind,
         model_id=fingerprint.model_id,
         body=body,
-        select_scores=lambda scores: _select_scores(scores, body),
+        select_scores=lambda scores: responses.select_scores(scores, body),
     )
     return stream_response(streamed, reader, admission.keep(), settings.request_timeout)
-
-
-# ---- the worker's result as the response ----
-
-
-def _select_scores(scores: dict, body: Body) -> dict:
-    """Inline scores for the concepts the request named (a name matches all its active versions)."""
-    wanted = body.auditor.concepts if body.auditor else None
-    if not wanted:
-        return scores
-    return {key: value for key, value in scores.items() if concept_name(key) in wanted}
-
-
-def response(generation: Generation, result: dict, body: Body, model_id: str) -> ChatCompletion | Completion:
-    """The OpenAI response for a finished generation, with the `auditor` block."""
-    prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
-    common: dict[str, Any] = {
-        "id": generation.request_id,
-        "created": int(time.time()),
-        "model": model_id,
-        "usage": Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-        "auditor": AuditorReading.model_validate(
-            {
-                "request_id": generation.request_id,
-                "scores": _select_scores(result["scores"], body),
-                "flags": result.get("flags", []),
-                "alerts": result.get("alerts", []),
-                "monitor": result.get("monitor", {"status": "off"}),
-            }
-        ),
-    }
-    text, finish_reason, entries = result["text"], result["finish_reason"], result.get("logprobs")
-    if generation.kind == RequestKind.CHAT:
-        message = ChatCompletionMessage(role="assistant", content=text)
-        logprobs = None if entries is None else ChatChoiceLogprobs(content=entries)
-        choice = ChatCompletionChoice(index=0, message=message, finish_reason=finish_reason, logprobs=logprobs)
-        return ChatCompletion(choices=[choice], **common)
-    logprobs = None if entries is None else CompletionLogprobs.from_entries(entries, body.logprobs or 0)
-    return Completion(
-        choices=[CompletionChoice(index=0, text=text, finish_reason=finish_reason, logprobs=logprobs)], **common
-    )

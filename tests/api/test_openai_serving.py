@@ -1,7 +1,11 @@
-"""Streaming (server-sent events) on the embedded default: the official `openai` client and raw
-HTTP against the API with its in-process worker and the real default model, on SQLite.
+"""Generation through the OpenAI routes on the embedded default: the official `openai` client and
+raw HTTP against the API with its in-process worker and the real default model, on SQLite.
 
-What a streaming client must be able to rely on: the streamed text is the non-streamed text, the
+Text completions the way evaluation harnesses use them: `echo` (the prompt and its tokens'
+log-probabilities, `max_tokens` 0 allowed), and `prompt` as a list of texts or token-id lists,
+one monitored request per prompt, answered by index.
+
+Streaming (server-sent events): what a streaming client must be able to rely on: the streamed text is the non-streamed text, the
 stored rows are the same, each chunk's running scores agree with the final ones, the stream ends
 with the full `auditor` block (and usage when asked), and a client that leaves mid-stream leaves
 a `cancelled` request with its scores, never one left `running`."""
@@ -241,3 +245,77 @@ def test_stream_options_without_stream_or_unknown_ones_are_a_400(service):
         client.chat.completions.create(
             model="auditor", messages=COUNT, stream=True, stream_options={"continuous_usage_stats": True}
         )
+
+
+PROMPT = "The capital of France is"
+
+
+def test_echo_returns_the_prompt_and_its_tokens_log_probabilities_before_the_answer(service, host):
+    import torch
+
+    client = service["client"]
+    plain = client.completions.create(model="auditor", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    echoed = client.completions.create(
+        model="auditor", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=True
+    )
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    lp, prompt_ids = echoed.choices[0].logprobs, host.model.tokenizer(PROMPT).input_ids
+    assert len(lp.tokens) == len(prompt_ids) + plain.usage.completion_tokens
+    assert "".join(lp.tokens) == echoed.choices[0].text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(prompt_ids)] == len(PROMPT)
+    # the prompt's log-probabilities are the model's own, from one plain forward pass
+    with torch.no_grad():
+        expected = host.model.hf_model(torch.tensor([prompt_ids])).logits[0].log_softmax(-1)
+    for i in range(1, len(prompt_ids)):
+        assert lp.token_logprobs[i] == pytest.approx(expected[i - 1, prompt_ids[i]].item(), abs=1e-3)
+        assert len(lp.top_logprobs[i]) == 2
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(expected[i - 1].max().item(), abs=1e-3)
+    # and the answer's part is the non-echoed answer's
+    assert lp.token_logprobs[len(prompt_ids) :] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+    assert echoed.usage.model_dump() == plain.usage.model_dump()
+
+
+def test_max_tokens_zero_with_echo_reads_the_prompt_only_and_records_no_scores(service, host):
+    answer = service["client"].completions.create(
+        model="auditor", prompt=PROMPT, max_tokens=0, temperature=0, logprobs=1, echo=True
+    )
+    prompt_ids = host.model.tokenizer(PROMPT).input_ids
+    assert answer.choices[0].text == PROMPT and answer.usage.completion_tokens == 0
+    assert answer.usage.prompt_tokens == len(prompt_ids) == len(answer.choices[0].logprobs.tokens)
+    assert answer.model_extra["auditor"]["monitor"]["status"] == "insufficient_tokens"
+    request, scores = _rows(service, answer.id)
+    assert request.status == "done" and request.completion_tokens == 0 and request.completion_text == ""
+    assert scores == {}  # nothing was generated, so nothing was read
+
+
+def test_a_list_of_prompts_is_one_request_each_answered_by_index(service, host):
+    client = service["client"]
+    prompts = [PROMPT, "Two plus two is", "The opposite of hot is"]
+    alone = [
+        client.completions.create(model="auditor", prompt=p, max_tokens=5, temperature=0).choices[0].text
+        for p in prompts
+    ]
+    batch = client.completions.create(model="auditor", prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == alone
+    ids = [c.model_extra["auditor"]["request_id"] for c in batch.choices]
+    assert ids == [f"{batch.id}-{i}" for i in range(3)] and batch.model_extra["auditor"]["request_id"] == ids[0]
+    for request_id in ids:
+        request, scores = _rows(service, request_id)
+        assert request.status == "done" and request.completion_tokens == 5 and scores
+    assert batch.usage.completion_tokens == 15
+    # token ids are the same prompts
+    token_ids = [host.model.tokenizer(p).input_ids for p in prompts]
+    by_ids = client.completions.create(model="auditor", prompt=token_ids, max_tokens=5, temperature=0)
+    assert [c.text for c in by_ids.choices] == alone
+    one = client.completions.create(model="auditor", prompt=token_ids[0], max_tokens=5, temperature=0, echo=True)
+    assert one.choices[0].text == PROMPT + alone[0]
+
+
+def test_bad_prompts_are_a_clear_4xx(service):
+    client = service["client"]
+    with pytest.raises(openai.UnprocessableEntityError, match="at most 64 prompts"):
+        client.completions.create(model="auditor", prompt=["x"] * 65, max_tokens=1)
+    with pytest.raises(openai.UnprocessableEntityError, match="not in the model.s vocabulary"):
+        client.completions.create(model="auditor", prompt=[1, 2, 10**9], max_tokens=1)
