@@ -61,11 +61,20 @@ class StubDispatcher:
         from workers.runtime.generate import SamplingConfig
 
         self.runs.append((task, args))
+        if args[1]["sampling"]["max_new_tokens"] == 0:  # echo of the prompt only: nothing sampled
+            return {**self._answer(args[0]), "completion_tokens": 0, "text": ""}
         sampling = SamplingConfig(**args[1]["sampling"])
         if sampling.seed is not None:
             torch.Generator(device="cpu").manual_seed(sampling.seed)
+        return self._answer(args[0])
+
+    def run_many(self, task: str, arg_lists: list[list[Any]], *, task_ids: list[str], timeout: float) -> list[dict]:
+        return [self.run(task, args, task_id=task_id, timeout=timeout) for args, task_id in zip(arg_lists, task_ids)]
+
+    @staticmethod
+    def _answer(request_id: str) -> dict:
         return {
-            "request_id": args[0],
+            "request_id": request_id,
             "status": "done",
             "text": "stub",
             "finish_reason": "stop",
@@ -621,4 +630,4 @@ def test_the_openapi_document_declares_the_error_body_and_the_ceilings(default):
         for method, operation in item.items():
             assert "4XX" in operation["responses"], (method, path)
     completion = spec["components"]["schemas"]["CompletionCreate"]["properties"]
-    assert completion["prompt"]["maxLength"] == 100_000 and "maximum" in completion["seed"]["anyOf"][0]
+    assert completion["prompt"]["anyOf"][0]["maxLength"] == 100_000 and "maximum" in completion["seed"]["anyOf"][0]

@@ -72,6 +72,10 @@ def test_the_model_list_names_the_served_model_by_the_id_responses_report(client
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"extra_body": {"temprature": 0}}, "temprature"),  # a typo is named, not ignored
     ],
 )
 def test_a_chat_parameter_that_cannot_be_honoured_is_a_400_naming_it(client, extra, param):
@@ -112,6 +116,12 @@ def test_neutral_values_and_stop_are_accepted_not_refused(client):
             response_format={"type": "text"},
             stop=["\n", "5", "END", "###"],
             user="someone",
+            # identifiers that change nothing a self-hosted model does, and vLLM's top_k
+            metadata={"team": "search"},
+            store=False,
+            service_tier="auto",
+            modalities=["text"],
+            extra_body={"top_k": 40},
         )
     assert no_worker.value.status_code == 503
 

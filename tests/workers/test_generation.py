@@ -272,3 +272,19 @@ def test_a_stop_sequence_ends_the_answer_before_it_and_the_span_is_what_is_retur
     assert batched.output_ids == stopped.output_ids and batched.finish_reason == "stop"
     assert batched.answer_text(model.tokenizer) == text
     assert batched.resid.shape[1] == span
+
+
+def test_top_k_samples_only_among_the_k_most_likely_tokens():
+    import torch
+
+    from workers.runtime.generate import SamplingConfig, _next_token
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(3))
+    top3 = set(logits.topk(3).indices.tolist())
+    generator = torch.Generator().manual_seed(0)
+    one = [_next_token(logits, SamplingConfig(temperature=1.0, top_k=1), generator) for _ in range(50)]
+    three = [_next_token(logits, SamplingConfig(temperature=2.0, top_k=3), generator) for _ in range(300)]
+    every = [_next_token(logits, SamplingConfig(temperature=2.0), generator) for _ in range(300)]
+    assert set(one) == {int(logits.argmax())}
+    assert set(three) == top3  # all three drawn, nothing else
+    assert len(set(every) - top3) > 50  # without top_k, far more than three tokens come up

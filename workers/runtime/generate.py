@@ -29,6 +29,7 @@ class SamplingConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens only; 0 = all
     seed: int | None = None
     stop_at_eos: bool = True
     stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first (not included)
@@ -44,6 +45,8 @@ class SamplingConfig:
             raise InvalidInputError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidInputError("top_k must be >= 0 (0: no limit)")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
@@ -125,7 +128,11 @@ def _next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     if config.temperature == 0:
         return int(logits.argmax())
     # Sample on the CPU: seeded generators are CPU generators, whatever device the model is on.
-    probs = torch.softmax(logits.float().cpu() / config.temperature, dim=-1)
+    logits = logits.float().cpu()
+    if 0 < config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / config.temperature, dim=-1)
     if config.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs > config.top_p

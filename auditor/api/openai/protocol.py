@@ -16,7 +16,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+)
 
 from auditor.schemas import FINITE, INT64_MAX, INT64_MIN, MAX_MESSAGES, MAX_TEXT_CHARS, MAX_TOKENS, ChatMessage, Text
 
@@ -37,16 +48,33 @@ MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256
 
 
+# OpenAI parameters that change nothing a self-hosted model does: accepted and not used (as `user`).
+IDENTIFIERS = ("metadata", "store", "prompt_cache_key", "safety_identifier", "service_tier")
+# OpenAI parameters for features this server does not have: a 400 naming them when set.
+NOT_OFFERED = {
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "the served model does not reason in a separate budget",
+    "verbosity": "verbosity is not supported",
+    "web_search_options": "web search is not supported",
+    "repetition_penalty": "penalties are not supported",
+    "min_p": "min_p is not supported",
+}
+
+
 class _SamplingFields(BaseModel):
     """What both routes take. Every parameter OpenAI defines is declared, so none is silently
-    ignored: each is honoured, or `unsupported()` names it and the route answers 400."""
+    ignored: each is honoured, accepted as an identifier that changes nothing (IDENTIFIERS), or
+    `unsupported()` names it and the route answers 400; so is any parameter nobody defines."""
 
-    model_config = FINITE
+    model_config = ConfigDict(**FINITE, extra="allow")
 
     model: Text = Field(max_length=512)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM's extension: the k most likely tokens only; -1 or 0: all")
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Text | list[Text] | None = Field(
         None, description=f"up to {MAX_STOP_SEQUENCES} sequences; generation ends at the first, which is not returned"
@@ -81,6 +109,8 @@ class _SamplingFields(BaseModel):
             "top_p": self.top_p,
             "seed": self.seed,
         }
+        if self.top_k and self.top_k > 0:
+            sampling["top_k"] = self.top_k
         if self.stop:
             sampling["stop"] = list(self.stop)
         if (k := self._logprobs()) is not None:
@@ -99,7 +129,20 @@ class _SamplingFields(BaseModel):
         """(parameter, why) for the first parameter set to something this deployment cannot do;
         a parameter at its neutral value (n=1, penalties 0, an empty logit_bias) is accepted."""
         unknown_options = sorted(set(self.stream_options or {}) - {"include_usage"})
+        extra = self.model_extra or {}
+        neutral = (None, False, "auto", "default", ["text"], {}, [])
+        offered = [(name, extra[name] not in neutral, why) for name, why in NOT_OFFERED.items() if name in extra]
+        unknown = [name for name in extra if name not in NOT_OFFERED and name not in IDENTIFIERS]
         checks = [
+            *offered,
+            *(
+                (
+                    name,
+                    True,
+                    "unknown parameter: neither OpenAI's nor an extension this server implements (top_k, auditor)",
+                )
+                for name in unknown
+            ),
             ("stream_options", self.stream_options and not self.stream, "stream_options needs stream=true"),
             ("stream_options", unknown_options, f"unsupported stream options {unknown_options}: only include_usage"),
             ("n", self.n != 1, "only one choice per request (n=1) is supported"),
@@ -147,26 +190,46 @@ PromptText = Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[
     list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS)
 ]
+Prompts = PromptText | list[PromptText] | TokenIds | list[TokenIds]
+_PROMPT_SHAPES = {
+    "text": TypeAdapter(PromptText),
+    "texts": TypeAdapter(Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]),
+    "token ids": TypeAdapter(TokenIds),
+    "token-id lists": TypeAdapter(Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]),
+}
+
+
+def _prompt_shape(value: Any) -> str:
+    if not isinstance(value, list) or not value:
+        return "text" if not isinstance(value, list) else "texts"
+    first = value[0]
+    return "texts" if isinstance(first, str) else "token-id lists" if isinstance(first, list) else "token ids"
+
+
+def _one_prompt_shape(value: Any) -> Any:
+    """The prompt validated as the one shape its value has, so a 422 says what is wrong with it
+    (not why it is none of the four shapes)."""
+    shape = _prompt_shape(value)
+    try:
+        return _PROMPT_SHAPES[shape].validate_python(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "".join(f"[{p}]" for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "too_long" and not first["loc"] and shape in ("texts", "token-id lists"):
+            message = f"at most {MAX_PROMPTS} prompts per request"
+        raise ValueError(f"prompt{where} ({shape}): {message}") from None
 
 
 class CompletionCreate(_SamplingFields):
-    prompt: PromptText | list[PromptText] | TokenIds | list[TokenIds] = Field(
-        description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either: one choice each, by index"
+    prompt: Annotated[Any, BeforeValidator(_one_prompt_shape), WithJsonSchema(TypeAdapter(Prompts).json_schema())] = (
+        Field(description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either: one choice each, by index")
     )
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0 with echo: read the prompt only")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="return the prompt before the answer (and its tokens' logprobs)")
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: Text | None = Field(None, max_length=MAX_TEXT_CHARS)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_count(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str) and len(prompt) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("the prompt list is empty")
-        return prompt
 
     @property
     def prompts(self) -> list[str | list[int]]:
