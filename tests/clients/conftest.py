@@ -1,6 +1,10 @@
-"""The stack real third-party OpenAI clients talk to: the API over real HTTP with an in-process
-worker and the real model on SQLite, composed as `auditor run` composes it
-(`create_app(settings, InProcessDispatcher(settings))`), started once for tests/clients/.
+"""The stacks real third-party OpenAI clients talk to, each started once for tests/clients/ and
+every client test run against both:
+
+- `in-process`: the API over real HTTP with an in-process worker and the real model on SQLite,
+  composed as `auditor run` composes it (`create_app(settings, InProcessDispatcher(settings))`);
+- `redis-worker`: the API in front of a real `auditor worker` process on Redis and Postgres, as
+  the compose deployment runs (tests/support/worker_stack.py); skipped when either is down.
 
 Divergence flags, drift and retention are off: these tests check what the clients send and read,
 not flag quality (tests/workers/test_monitoring.py fits the null of ordinary answers)."""
@@ -39,8 +43,11 @@ class Stack:
             engine.dispose()
 
 
-@pytest.fixture(scope="package")
-def stack(host, tmp_path_factory) -> Iterator[Stack]:
+@pytest.fixture(scope="package", params=["in-process", "redis-worker"])
+def stack(request, host, tmp_path_factory) -> Iterator[Stack]:
+    if request.param == "redis-worker":
+        yield from _redis_worker_stack(host, tmp_path_factory)
+        return
     from auditor.api.main import create_app
     from auditor.db.engine import run_migrations
     from auditor.settings import Settings
@@ -65,6 +72,16 @@ def stack(host, tmp_path_factory) -> Iterator[Stack]:
     token = issue_token(url, scopes=["client"], name="third-party-clients")
     with serving(app) as base_url:
         yield Stack(base_url=base_url, token=token, db_url=url)
+
+
+def _redis_worker_stack(host, tmp_path_factory) -> Iterator[Stack]:
+    from support.auth import issue_token
+    from support.worker_stack import worker_stack
+
+    env = {"AUDITOR_DIVERGENCE_FLAGS": "false", "AUDITOR_DRIFT_INTERVAL_SECONDS": "0"}
+    with worker_stack(tmp_path_factory, host.settings.data_dir, env, request_timeout=300) as served:
+        token = issue_token(served.db_url, scopes=["client"], name="third-party-clients")
+        yield Stack(base_url=served.base_url, token=token, db_url=served.db_url)
 
 
 @pytest.fixture(scope="package")

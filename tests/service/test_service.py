@@ -4,10 +4,6 @@ real Postgres, and the official `openai` client."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC
@@ -17,112 +13,35 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from auditor.db.engine import make_engine, run_migrations, session_factory
+from auditor.db.engine import make_engine, session_factory
 from auditor.db.models import MonitoredRequest, RequestScore
 from auditor.settings import Settings
-from support.auth import bearer, issue_token
-from support.databases import Databases, _postgres_reachable
-from support.http_server import free_port, serving
+from support.auth import bearer
+from support.worker_stack import worker_stack
 
 pytestmark = pytest.mark.model
-REDIS_HOST = "127.0.0.1"
-
-
-def _redis_reachable() -> str | None:
-    import redis
-
-    try:
-        redis.Redis(host=REDIS_HOST, port=6379, socket_connect_timeout=2).ping()
-        return None
-    except Exception as exc:  # the reason is the skip message
-        return f"Redis unreachable at {REDIS_HOST}:6379: {exc}"
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, data_dir, bank) -> Iterator[dict]:
     """API + one worker process. `bank` first: the worker then reuses this session's extraction
     cache (same data dir) instead of extracting again."""
-    for reason in (_postgres_reachable(), _redis_reachable()):
-        if reason:
-            pytest.skip(reason)
-    import redis
-
-    redis_db = random.randint(1, 15)
-    redis.Redis(host=REDIS_HOST, db=redis_db).flushdb()
-    databases = Databases("postgres", tmp_path_factory.mktemp("service-db"))
-    db_url = databases.new_url()
-    run_migrations(db_url)
-    broker = f"redis://{REDIS_HOST}:6379/{redis_db}"
-    metrics_port = free_port()
     env = {
-        **os.environ,
-        "AUDITOR_DATABASE_URL": db_url,
-        "AUDITOR_BROKER_URL": broker,
-        "AUDITOR_DATA_DIR": str(data_dir),
-        "AUDITOR_TORCH_THREADS": "2",
-        "AUDITOR_WORKER_METRICS_PORT": str(metrics_port),
         # Short control answers, and only as many as a 1 % promise needs (230): these tests
         # check plumbing, not flag quality (tests/workers/test_monitoring.py fits the full set).
         "AUDITOR_CONTROL_MAX_TOKENS": "8",
         "AUDITOR_CONTROL_LIMIT": "240",
     }
-    # The log goes to a file: an unread pipe fills up and blocks the worker on its next write.
-    log_path = tmp_path_factory.mktemp("worker-log") / "worker.log"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "auditor.cli", "worker", "--loglevel", "WARNING"],
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    worker.log_path = log_path
-    settings = Settings(database_url=db_url, broker_url=broker, data_dir=data_dir, request_timeout=300)
-    from auditor.api.main import create_app
-
-    app = create_app(settings)
-    token = issue_token(db_url, name="service-tests")
-    try:
-        with serving(app) as base_url, httpx.Client(base_url=base_url, headers=bearer(token), timeout=30) as http:
-            deadline = time.monotonic() + 120
-            while not app.state.dispatcher.app.control.ping(timeout=1.0):
-                assert worker.poll() is None, f"worker exited: {worker.log_path.read_text()[-4000:]}"
-                assert time.monotonic() < deadline, "worker did not come up"
-            _wait_for_warm_up(worker, f"http://127.0.0.1:{metrics_port}/metrics")
+    with worker_stack(tmp_path_factory, data_dir, env, request_timeout=300) as stack:
+        with httpx.Client(base_url=stack.base_url, headers=bearer(stack.token), timeout=30) as http:
             yield {
-                "base_url": base_url,
-                "db_url": db_url,
-                "app": app,
+                "base_url": stack.base_url,
+                "db_url": stack.db_url,
+                "app": stack.app,
                 "http": http,
-                "token": token,
-                "worker_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                "token": stack.token,
+                "worker_metrics": stack.worker_metrics,
             }
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        databases.drop_all()
-        redis.Redis(host=REDIS_HOST, db=redis_db).flushdb()  # leave no task results behind
-
-
-def _wait_for_warm_up(worker, metrics_url: str, timeout: float = 900) -> None:
-    """A worker answers pings before its model, calibration and control thresholds are ready;
-    it reports `auditor_worker_up 1` once they are. Waiting here keeps that one-off cost (long
-    on a busy machine) out of the first test's request timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert worker.poll() is None, f"worker exited: {worker.log_path.read_text()[-4000:]}"
-        try:
-            if any(
-                line.startswith("auditor_worker_up{") and line.endswith(" 1.0")
-                for line in httpx.get(metrics_url, timeout=5).text.splitlines()
-            ):
-                return
-        except httpx.HTTPError:
-            pass  # the metrics server starts with the process; the warm-up comes after
-        time.sleep(1)
-    raise AssertionError("worker did not finish warming up")
 
 
 @pytest.fixture(scope="module")
@@ -487,7 +406,6 @@ def test_extraction_from_pairs_runs_as_a_job_and_registers_what_in_process_extra
 
 def test_calibration_job_stores_thresholds_that_a_new_worker_process_reuses(service, host):
 
-    from auditor.settings import Settings
     from workers.serving.context import WorkerContext
     from workers.serving.registry import bank_from_registry, load_stored_calibration, reference_hash
 
