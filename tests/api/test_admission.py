@@ -53,15 +53,18 @@ def _wait_for(predicate, timeout=10.0):
         time.sleep(0.02)
 
 
-def test_completions_past_the_bounds_get_429_and_the_control_routes_still_answer(tmp_path):
+def _held_app(tmp_path, **bounds):
+    """An app on a fresh SQLite database whose dispatcher holds every completion."""
     databases = Databases("sqlite", tmp_path)
     url = databases.new_url()
     run_migrations(url)
     dispatcher = HeldDispatcher()
-    settings = Settings(
-        database_url=url, data_dir=tmp_path / "data", max_concurrent_requests=2, max_concurrent_per_token=1
-    )
-    app = create_app(settings, dispatcher)
+    app = create_app(Settings(database_url=url, data_dir=tmp_path / "data", **bounds), dispatcher)
+    return databases, url, dispatcher, app
+
+
+def test_completions_past_the_bounds_get_429_and_the_control_routes_still_answer(tmp_path):
+    databases, url, dispatcher, app = _held_app(tmp_path, max_concurrent_requests=2, max_concurrent_per_token=1)
     first, second, third = (issue_token(url, scopes=["client"], name=n) for n in ("first", "second", "third"))
     admin = issue_token(url, name="admin")
     with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as http, ThreadPoolExecutor(4) as pool:
@@ -95,14 +98,7 @@ def test_completions_past_the_bounds_get_429_and_the_control_routes_still_answer
 def test_the_control_routes_answer_while_more_completions_wait_than_the_server_has_threads(tmp_path):
     """The server's own pool has 40 threads; 45 completions waiting on a worker hold none of them
     (they wait on the completions' pool), so /healthz and admin still answer at once."""
-    databases = Databases("sqlite", tmp_path)
-    url = databases.new_url()
-    run_migrations(url)
-    dispatcher = HeldDispatcher()
-    settings = Settings(
-        database_url=url, data_dir=tmp_path / "data", max_concurrent_requests=64, max_concurrent_per_token=64
-    )
-    app = create_app(settings, dispatcher)
+    databases, url, dispatcher, app = _held_app(tmp_path, max_concurrent_requests=64, max_concurrent_per_token=64)
     client, admin = issue_token(url, scopes=["client"], name="client"), issue_token(url, name="admin")
     limits = httpx.Limits(max_connections=100)
     with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60, limits=limits) as http:
