@@ -15,6 +15,10 @@ streamed, sent one at a time and alternating (stream first on even prompts, plai
 ones), so both see the same machine. Also the time to the first content chunk, which is what
 streaming is for. Target: streamed / non-streamed <= 1.05 at the median of the per-prompt ratios.
 
+Both stacks fit their null of ordinary answers on a short control set (AUDITOR_CONTROL_LIMIT
+240, AUDITOR_CONTROL_MAX_TOKENS 8, as the service tests do): the warm-up is not what is measured,
+and every answer is still read against a null, on both sides alike.
+
 Correctness guard, reported beside the timings: the streamed text must equal the non-streamed
 text for every prompt.
 """
@@ -38,6 +42,7 @@ from common import REPO, write_result
 from service import _issue_token, default_threads, free_port, running_service
 from service_latency import PROMPTS as SERVICE_PROMPTS
 
+SHORT_NULL = {"AUDITOR_CONTROL_LIMIT": "240", "AUDITOR_CONTROL_MAX_TOKENS": "8"}
 PROMPTS = SERVICE_PROMPTS[:12]  # the ordinary questions bench/service_latency.py times
 
 
@@ -56,6 +61,7 @@ def embedded(threads: int):
             "AUDITOR_DATABASE_URL": db_url,
             "AUDITOR_DATA_DIR": str(REPO / ".auditor"),
             "AUDITOR_TORCH_THREADS": str(threads),
+            **SHORT_NULL,
         }
         env.pop("AUDITOR_BROKER_URL", None)
         log = Path(tmp) / "run.log"
@@ -158,7 +164,7 @@ def main() -> None:
             with embedded(threads) as (base, token):
                 found = measure(base, token, args.repeats, args.max_tokens)
         else:
-            with running_service(workers=1, torch_threads=threads) as svc:
+            with running_service(workers=1, torch_threads=threads, extra_env=SHORT_NULL) as svc:
                 found = measure(svc.base_url, svc.token, args.repeats, args.max_tokens)
         results["paths"][path] = found
         print(

@@ -6,6 +6,7 @@ row is marked."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from auditor.errors import BrokerUnavailable, WorkerUnavailable
 from auditor.telemetry import metrics
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def no_worker(request: Request, hint: str | None = None) -> JSONResponse | None:
@@ -90,11 +92,29 @@ def run_requests(
     not_queued, on_unavailable = _request_rows(session, request_ids, kind, model_id)
 
     def send() -> list[dict]:
-        if len(request_ids) == 1:
-            return [dispatcher.run(task, arg_lists[0], task_id=request_ids[0], timeout=timeout)]
-        return dispatcher.run_many(task, arg_lists, task_ids=request_ids, timeout=timeout)
+        try:
+            if len(request_ids) == 1:
+                return [dispatcher.run(task, arg_lists[0], task_id=request_ids[0], timeout=timeout)]
+            return dispatcher.run_many(task, arg_lists, task_ids=request_ids, timeout=timeout)
+        except WorkerUnavailable as exc:
+            if not isinstance(exc, BrokerUnavailable):
+                _give_up(request, request_ids)
+            raise
 
     return _hand_over(session, send, not_queued=not_queued, on_unavailable=on_unavailable, waits=True)
+
+
+def _give_up(request: Request, request_ids: list[str]) -> None:
+    """Nobody waits for these answers any more: ask the worker to stop them (it records each
+    `cancelled` with what it had, or before it starts), rather than run on for nobody."""
+    streams = request.app.state.streams
+    if streams is None:
+        return
+    for request_id in request_ids:
+        try:
+            streams.cancel_now(request_id)
+        except Exception:  # Redis away too: the worker finishes and records the answer as usual
+            log.warning("could not cancel %s after its timeout", request_id, exc_info=True)
 
 
 def submit_requests(

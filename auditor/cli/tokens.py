@@ -30,12 +30,15 @@ def embedded_admin_token(url: str, data_dir: Path) -> str:
     """A fresh all-scopes token for this run of the embedded default; the previous run's is
     revoked. Also written (mode 0600) to the data dir, for scripts."""
     from auditor.access import audit_log, tokens
-    from auditor.db.engine import make_engine, session_factory
+    from auditor.db.engine import make_engine, session_factory, writer_engine
     from auditor.db.models import SCOPES
 
     engine = make_engine(url)
     try:
-        with session_factory(engine)() as session:
+        # Reads, then writes, while the in-process worker's threads (retention, drift, a first
+        # request) may be writing: on SQLite the write lock is taken up front and waited for, or
+        # a commit in between fails this with "database is locked" and `auditor run` exits 1.
+        with session_factory(writer_engine(engine))() as session:
             revoked = tokens.revoke_named(session, name=tokens.EMBEDDED_TOKEN_NAME)
             issued = tokens.create_token(
                 session, name=tokens.EMBEDDED_TOKEN_NAME, scopes=SCOPES, created_by=audit_log.LOCAL_ACTOR

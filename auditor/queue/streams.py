@@ -9,8 +9,9 @@ Two implementations of one contract:
   reading after the task is queued, and a stream keeps what was sent before anyone listened.
 - `LocalStreams` for the embedded default (no broker): the same events through memory.
 
-Cancelling goes the other way: the API sets `auditor:cancel:{request_id}` (or a flag in memory)
-when its client disconnects, and the worker's task thread polls it between tokens.
+Cancelling goes the other way: the API sets `auditor:cancel:{request_id}` (or a mark in memory)
+when a streaming client disconnects, or when it stops waiting for a non-streamed answer (its
+timeout), and the worker's task thread polls it while the request runs.
 
 Events are plain JSON dicts with a `type`: `delta` (text that will not change, the running
 scores of the tokens so far, their log-probabilities when asked for), then one `done` (the same
@@ -72,6 +73,9 @@ class StreamReader(Protocol):
     def events(self, request_id: str, *, timeout: float) -> AsyncIterator[dict[str, Any]]: ...
 
     async def cancel(self, request_id: str) -> None: ...
+
+    def cancel_now(self, request_id: str) -> None:
+        """`cancel` from a thread (a non-streamed request the API stopped waiting for)."""
 
     def close(self, request_id: str) -> None: ...
 
@@ -143,6 +147,9 @@ class RedisStreams:
     async def cancel(self, request_id: str) -> None:
         await self._aclient().set(cancel_key(request_id), 1, ex=TTL_SECONDS)
 
+    def cancel_now(self, request_id: str) -> None:
+        self._client().set(cancel_key(request_id), 1, ex=TTL_SECONDS)
+
     def close(self, request_id: str) -> None:
         """The stream expires by itself (TTL_SECONDS): a task re-run may still append to it."""
 
@@ -163,6 +170,7 @@ class LocalStreams:
 
     def __init__(self) -> None:
         self._streams: dict[str, _LocalStream] = {}
+        self._cancelled: set[str] = set()  # marks of requests with no stream (non-streamed ones)
         self._lock = threading.Lock()
 
     def publish(self, request_id: str, event: dict[str, Any]) -> None:
@@ -178,7 +186,7 @@ class LocalStreams:
     def cancelled(self, request_id: str) -> bool:
         with self._lock:
             stream = self._streams.get(request_id)
-            return stream is not None and stream.cancelled
+            return request_id in self._cancelled or (stream is not None and stream.cancelled)
 
     def open(self, request_id: str) -> None:
         with self._lock:
@@ -215,14 +223,21 @@ class LocalStreams:
                 stream.waiters.remove(waiter)
 
     async def cancel(self, request_id: str) -> None:
+        self.cancel_now(request_id)
+
+    def cancel_now(self, request_id: str) -> None:
         with self._lock:
             if (stream := self._streams.get(request_id)) is not None:
                 stream.cancelled = True
+            else:
+                self._cancelled.add(request_id)
 
     def close(self, request_id: str) -> None:
         self._release(request_id, "reader_done")
 
     def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.discard(request_id)
         self._release(request_id, "task_done")
 
     def _release(self, request_id: str, side: str) -> None:

@@ -285,3 +285,34 @@ def test_the_token_commands_print_names_and_errors_as_text_not_markup(service, m
         assert "[bold]ops[/bold]\\x07" in listed.output and "\x07" not in listed.output, listed.output
     finally:
         get_settings.cache_clear()
+
+
+def test_the_embedded_token_waits_for_a_writer_instead_of_failing_startup(tmp_path):
+    """`auditor run` issues its token while the in-process worker's threads may be writing
+    (retention, drift, a first request). A writer that commits between the token's read (revoking
+    the last run's) and its insert made startup exit 1 with "database is locked"; the token's
+    transaction now takes the write lock up front and waits its turn."""
+    import sqlite3
+    import threading
+    import time
+
+    from auditor.db.engine import run_migrations
+
+    db_path = tmp_path / "auditor.db"
+    url = f"sqlite:///{db_path}"
+    run_migrations(url)
+    writer = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO admin_audit_log (actor, action, target, details, at) VALUES "
+                   "('worker', 'retention.run', 'x', '{}', '2026-01-01')")  # fmt: skip
+    threading.Timer(1.0, lambda: writer.execute("COMMIT")).start()  # commits while the token waits
+    started = time.monotonic()
+    token = _embedded_admin_token(url, tmp_path / "data")
+    assert time.monotonic() - started >= 0.9  # it waited for the writer
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            assert tokens.authenticate(session, token) is not None
+    finally:
+        engine.dispose()
+        writer.close()

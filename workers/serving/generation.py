@@ -30,7 +30,7 @@ from workers.runtime.logprobs import prompt_entries
 from workers.serving.context import WorkerContext, get_runtime
 from workers.serving.recording import record_metrics, score_rows, store_verdict
 from workers.serving.responses import answer_response, flag_body, monitor_body, score_body, served_answer
-from workers.serving.streaming import LiveAnswer, TokenListener, pump
+from workers.serving.streaming import LiveAnswer, TokenListener, pump, wait_cancellable
 from workers.serving.transactions import in_transaction
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,13 @@ def serve_generation(request_id: str, payload: dict[str, Any], runtime: WorkerCo
     thread is running), write its scores in one batch and mark it done, exactly once however
     many times the task runs."""
     runtime = runtime or get_runtime()
-    if not payload.get("stream"):
-        return _serve(request_id, payload, runtime, None)
     publisher = runtime.streams
+    if not payload.get("stream"):
+        try:
+            return _serve(request_id, payload, runtime, publisher)
+        finally:
+            if publisher is not None:
+                publisher.forget(request_id)
     if publisher is None:
         raise InvalidInputError("this worker has no stream channel (streaming needs a Redis broker or result backend)")
     try:
@@ -76,11 +80,14 @@ def _serve(
         sampling = SamplingConfig(**payload.get("sampling", {}))
         prompt = payload["messages"] if "messages" in payload else payload["prompt"]
         submitted = time.time()
-        listener = TokenListener() if publisher is not None else None
+        streaming = bool(payload.get("stream"))
+        listener = TokenListener(streaming=streaming) if publisher is not None else None
         future = runtime.model_thread.generate(prompt, sampling, chat="messages" in payload, listener=listener)
-        if listener is not None:
+        if streaming:
             live = LiveAnswer(runtime.host.model.tokenizer, sampling.stop)
             pump(request_id, listener, future, live, publisher)
+        elif listener is not None:
+            wait_cancellable(request_id, listener, future, publisher)
         served = future.result()
     except Exception as exc:
         _failed(request_id, payload, runtime, exc, kind, queued_at)

@@ -49,5 +49,7 @@ class InProcessDispatcher:
             try:
                 results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except FutureTimeout as exc:
+                for waiting in futures:
+                    waiting.cancel()  # those not started yet never will (the API sets cancel marks for the rest)
                 raise WorkerUnavailable(f"{task} for {task_id} did not finish within {timeout:.0f}s") from exc
         return results

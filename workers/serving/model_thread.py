@@ -245,7 +245,7 @@ class ModelThread:
         """Tell each streamed row's listener of its newest token (and the residual that chose it)."""
         for row in self.batch.rows:
             listener = row.key.listener
-            if listener is not None:
+            if listener is not None and listener.streaming:
                 chunk = row.chunks[-1] if row.chunks else None
                 listener.progress(row.output, None if chunk is None else chunk[:, -1], row.logprobs)
 

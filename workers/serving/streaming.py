@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class TokenListener:
     """Between the model thread (which calls `progress` and reads `cancel`) and the task thread
     (which drains `updates`). `bank` is set when the row joins the batch."""
 
+    streaming: bool = True  # False: only told to stop (a non-streamed request given up on)
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancel: threading.Event = field(default_factory=threading.Event)
     bank: ConceptBank | None = None
@@ -126,6 +128,20 @@ class LiveAnswer:
             name: {"layer": layer, "mean": round(float(mean[k]), 5), "last": round(float(last[k]), 5)}
             for k, (name, layer) in enumerate(zip(self._names, self._layers))
         }
+
+
+def wait_cancellable(request_id: str, listener: TokenListener, future: Future, publisher: StreamPublisher) -> None:
+    """Wait for a non-streamed row, asking the channel every CANCEL_POLL_SECONDS whether the API
+    has given up on it (its timeout): then the row ends with what it has, instead of running on
+    for nobody."""
+    while not future.done():
+        try:
+            future.result(timeout=CANCEL_POLL_SECONDS)
+        except FutureTimeout:
+            if not listener.cancel.is_set() and publisher.cancelled(request_id):
+                listener.cancel.set()
+        except Exception:  # the row's own failure: the caller reads it from the future
+            return
 
 
 def pump(
