@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=512, description="texts per forward pass when scoring")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_max_size: int = Field(16, ge=1, le=256, description="requests generated together in one batch")
+    max_queued_tasks: int = Field(
+        256, ge=1, description="embedded default: tasks waiting for a task thread; beyond, 503 + Retry-After"
+    )
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="an idle worker waits this long for a first batch to fill"
     )

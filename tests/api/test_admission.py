@@ -115,3 +115,42 @@ def test_the_control_routes_answer_while_more_completions_wait_than_the_server_h
             dispatcher.release.set()
             assert [f.result(timeout=60).status_code for f in held] == [200] * 45
     databases.drop_all()
+
+
+def test_the_in_process_worker_refuses_tasks_past_its_queue_bound(tmp_path):
+    """The embedded default's task queue is bounded: past its threads and AUDITOR_MAX_QUEUED_TASKS
+    a submission is refused as a broker would be (BrokerUnavailable: the route's 503, rows
+    "not queued"), all of a batch or none; finished tasks make room again."""
+    from auditor.errors import BrokerUnavailable
+    from auditor.queue.dispatch import TASK_AUDIT
+    from workers.serving.inprocess import InProcessDispatcher
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'a.db'}", data_dir=tmp_path / "data", batch_max_size=1, max_queued_tasks=2
+    )
+    dispatcher = InProcessDispatcher(settings)  # no model is loaded until a task needs it
+    release, ran = threading.Event(), []
+    dispatcher.tasks[TASK_AUDIT] = lambda *args: (release.wait(30), ran.append(args))
+    room = dispatcher.threads + 2  # 5 threads running, 2 waiting
+    for i in range(room - 2):
+        dispatcher.submit(TASK_AUDIT, [i], task_id=str(i))
+    try:
+        dispatcher.run_many(TASK_AUDIT, [[97], [98], [99]], task_ids=["97", "98", "99"], timeout=1)
+    except BrokerUnavailable:
+        pass
+    else:
+        raise AssertionError("three tasks were queued where there was room for two")
+    dispatcher.submit(TASK_AUDIT, ["a"], task_id="a")
+    dispatcher.submit(TASK_AUDIT, ["b"], task_id="b")
+    try:
+        dispatcher.submit(TASK_AUDIT, ["c"], task_id="c")
+    except BrokerUnavailable as exc:
+        assert "AUDITOR_MAX_QUEUED_TASKS" in str(exc)
+    else:
+        raise AssertionError("a task past the bound was queued")
+    release.set()
+    _wait_for(lambda: len(ran) == room)
+    _wait_for(lambda: dispatcher._pending == 0)
+    dispatcher.submit(TASK_AUDIT, ["again"], task_id="again")  # room again
+    _wait_for(lambda: len(ran) == room + 1)
+    assert sorted(str(args[0]) for args in ran) == sorted([*map(str, range(room - 2)), "a", "b", "again"])

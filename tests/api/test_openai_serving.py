@@ -319,3 +319,24 @@ def test_bad_prompts_are_a_clear_4xx(service):
         client.completions.create(model="auditor", prompt=["x"] * 65, max_tokens=1)
     with pytest.raises(openai.UnprocessableEntityError, match="not in the model.s vocabulary"):
         client.completions.create(model="auditor", prompt=[1, 2, 10**9], max_tokens=1)
+
+
+def test_a_request_the_api_stops_waiting_for_is_cancelled_in_the_worker(service):
+    """The API's timeout ends the wait with a 503; the worker is told, stops the generation and
+    records it `cancelled` with what it had, instead of running on for nobody."""
+    from auditor.api.main import create_app
+
+    settings = service["app"].state.settings.model_copy(update={"request_timeout": 1.0})
+    impatient = create_app(settings, service["dispatcher"])
+    with serving(impatient) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=service["token"], max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError) as gave_up:
+            client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=1000, temperature=0)
+    assert gave_up.value.status_code == 503
+    with service["sessions"]() as session:
+        request_id = session.scalars(
+            select(MonitoredRequest.id).order_by(MonitoredRequest.created_at.desc()).limit(1)
+        ).one()
+    request, scores = _wait_for_status(service, request_id)
+    assert request.status == "cancelled" and 0 < request.completion_tokens < 1000
+    assert scores  # what it had was scored and stored

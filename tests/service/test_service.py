@@ -544,3 +544,34 @@ def test_worker_and_api_export_prometheus_metrics_for_real_traffic(service, clie
     assert all("request" not in dict(labels) for (_, labels) in after)  # bounded labels only
     api = samples(service["base_url"] + "/metrics")
     assert value(api, "auditor_queue_depth", queue="celery") == 0  # nothing waiting now
+
+
+def test_a_request_the_api_gives_up_on_is_cancelled_in_the_worker_on_redis(service):
+    """An API whose timeout is 2 s, in front of the same worker: the 503 comes at the timeout,
+    and the worker stops the generation and records it `cancelled` (the cancel mark goes through
+    Redis), instead of generating 1,000 tokens for nobody."""
+    from openai import InternalServerError, OpenAI
+
+    from auditor.api.main import create_app
+    from support.http_server import serving
+
+    settings = service["app"].state.settings.model_copy(update={"request_timeout": 2.0})
+    with serving(create_app(settings)) as base_url:
+        client = OpenAI(base_url=base_url + "/v1", api_key=service["token"], max_retries=0, timeout=60)
+        with pytest.raises(InternalServerError):
+            client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=1000, temperature=0)
+    engine = make_engine(service["db_url"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with session_factory(engine)() as session:
+                request = session.scalars(
+                    select(MonitoredRequest).order_by(MonitoredRequest.created_at.desc()).limit(1)
+                ).one()
+            if request.status not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, f"still {request.status} a minute after the API gave up"
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    assert request.status == "cancelled" and 0 < request.completion_tokens < 1000
