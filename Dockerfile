@@ -27,6 +27,12 @@ RUN python -c "from workers.runtime.model import load_model; load_model(cache_di
 # Not part of the installed package: `auditor migrate` finds it as ./migrations (WORKDIR /app).
 COPY migrations ./migrations
 
+# Run as an unprivileged user: the code and the baked weights stay root-owned and read-only to
+# it; only the data dir (a volume, initialised from this directory's ownership) is its own.
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin auditor \
+ && mkdir -p /data && chown auditor /data && chmod 0700 /data
+USER auditor
+
 VOLUME /data
 EXPOSE 8000
 CMD ["auditor", "run"]

@@ -2,6 +2,8 @@
 it mounts exist and parse."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,18 +12,41 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+PASSWORDS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
 
 
-@pytest.mark.parametrize("client", [["docker-compose"], ["docker", "compose"]])
-def test_compose_file_is_valid(client):
+def _compose_config(client: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     if shutil.which(client[0]) is None:
         pytest.skip(f"{client[0]} not installed (make test installs Debian's docker-compose)")
     if client == ["docker", "compose"] and subprocess.run([*client, "version"], capture_output=True).returncode != 0:
         pytest.skip("docker compose plugin not installed")
-    result = subprocess.run(
-        [*client, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True, cwd=REPO
+    clean = {k: v for k, v in os.environ.items() if k not in PASSWORDS}
+    # An empty env file: a developer's own .env beside the compose file must not fill the gaps.
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    return subprocess.run(
+        [*client, "--env-file", str(empty), "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**clean, **env},
     )
+
+
+@pytest.mark.parametrize("client", [["docker-compose"], ["docker", "compose"]])
+def test_compose_file_is_valid(client, tmp_path):
+    result = _compose_config(client, {name: f"pw-{name.lower()}" for name in PASSWORDS}, tmp_path)
     assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert "pw-postgres_password" in resolved["services"]["api"]["environment"]["AUDITOR_DATABASE_URL"]
+    assert ":pw-redis_password@redis" in resolved["services"]["worker"]["environment"]["AUDITOR_BROKER_URL"]
+
+
+@pytest.mark.parametrize("missing", PASSWORDS)
+def test_compose_refuses_to_start_without_each_password(missing, tmp_path):
+    """No default passwords: with one unset, `docker-compose config` fails and names it."""
+    result = _compose_config(["docker-compose"], {n: "x" for n in PASSWORDS if n != missing}, tmp_path)
+    assert result.returncode != 0 and missing in result.stderr, result.stderr
 
 
 # ---- the compose file's shape, read with PyYAML (no Docker needed) ----
@@ -92,7 +117,8 @@ def test_backing_services_have_healthchecks(compose):
     assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
     env = _environment(services["postgres"])
-    assert env["POSTGRES_USER"] == env["POSTGRES_PASSWORD"] == env["POSTGRES_DB"] == "auditor"
+    assert env["POSTGRES_USER"] == env["POSTGRES_DB"] == "auditor"
+    assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")  # required, no default
 
 
 def test_every_app_service_gets_database_and_broker(compose):
@@ -100,8 +126,12 @@ def test_every_app_service_gets_database_and_broker(compose):
     assert {"migrate", "api", "worker"} <= set(apps)
     for name, service in apps.items():
         env = _environment(service)
-        assert env.get("AUDITOR_DATABASE_URL") == "postgresql://auditor:auditor@postgres:5432/auditor", name
-        assert env.get("AUDITOR_BROKER_URL") == "redis://redis:6379/0", name
+        assert env.get("AUDITOR_DATABASE_URL") == (
+            "postgresql://auditor:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD (see .env.example)}@postgres:5432/auditor"
+        ), name
+        assert env.get("AUDITOR_BROKER_URL") == (
+            "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD (see .env.example)}@redis:6379/0"
+        ), name
         assert env.get("AUDITOR_DATA_DIR") == "/data", name
         assert any(str(v).endswith(":/data") for v in service.get("volumes", [])), name
         assert service.get("image") == APP_IMAGE, name
@@ -150,3 +180,27 @@ def test_docker_build_context_has_what_the_dockerfile_copies():
                 assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
                 assert source not in ignored, f"Dockerfile copies {source}, which .dockerignore drops"
     assert "/opt/auditor-models" in dockerfile  # weights baked in at build time
+
+
+def test_nothing_is_exposed_or_defaulted_that_leads_to_the_data(compose):
+    """Postgres and Redis are not published; Prometheus (no authentication) and Grafana bind to
+    127.0.0.1 unless told otherwise; Grafana gets no database credentials; Redis needs a password;
+    the worker and Redis have memory limits."""
+    services = compose["services"]
+    text = (REPO / "docker-compose.yml").read_text()
+    assert "ports" not in services["postgres"] and "ports" not in services["redis"]
+    for name in ("prometheus", "grafana"):
+        assert all(str(port).startswith("${") and "127.0.0.1" in str(port) for port in services[name]["ports"]), name
+    assert not any("POSTGRES" in key or "DATABASE" in key for key in _environment(services["grafana"]))
+    assert "--requirepass" in services["redis"]["command"]
+    assert not re.search(r"PASSWORD:\s*(auditor|admin)\b|PASSWORD:-", text)  # no literal or default password
+    for name in ("worker", "redis"):
+        assert services[name]["deploy"]["resources"]["limits"]["memory"], name
+    assert (REPO / ".env.example").read_text().count("_PASSWORD=") == 3
+
+
+def test_the_image_runs_as_an_unprivileged_user():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert dockerfile.rindex("USER ") > dockerfile.rindex("RUN ")  # nothing runs as root after it
