@@ -90,6 +90,10 @@ class ModelLoadError(AuditorError):
     """The configured model could not be found or loaded."""
 
 
+class ConfigError(AuditorError):
+    """The deployment's settings cannot work together (said at startup, with the fix)."""
+
+
 class WorkerUnavailable(AuditorError):
     """No worker answered in time, or the broker is down (503, retry)."""
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from auditor import schemas as _shapes
@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     store_traces: bool = Field(False, description="also store each score row's per-token trace")
     privacy_mode: Literal["full", "redacted", "hash"] = Field(
         "full", description="how prompts and completions are stored"
+    )
+    payload_key: SecretStr | None = Field(
+        None,
+        description="outside full privacy mode with a broker: the key prompts and completions cross Redis "
+        "sealed with (auditor.sealing; the API and the workers share it)",
     )
 
     monitor_layers: str = Field("all", description="'all' or a comma list of layer indices")

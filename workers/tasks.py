@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from celery.signals import worker_ready, worker_shutdown
 
-from auditor import privacy
+from auditor import privacy, sealing
 from auditor.db import retention
 from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, TASK_RETENTION, make_celery
 from auditor.queue.heartbeat import HeartbeatPublisher, is_redis
@@ -18,6 +18,9 @@ from workers.serving.generation import serve_generation
 from workers.serving.jobs import serve_calibration, serve_extraction
 
 celery_app = make_celery(get_settings())
+# Outside full mode prompts arrive, and completions leave, sealed (auditor.sealing). Built at
+# import: a worker without the deployment's key refuses to start, saying so.
+SEALER = sealing.sealer(get_settings())
 # Outside full mode no worker log line carries what the mode does not store (auditor.privacy).
 privacy.install_log_redaction(get_settings().privacy_mode)
 app = celery_app  # `celery -A workers.tasks` looks for `app`
@@ -25,12 +28,12 @@ app = celery_app  # `celery -A workers.tasks` looks for `app`
 
 @celery_app.task(name=TASK_GENERATE)
 def generate_task(request_id: str, payload: dict) -> dict:
-    return serve_generation(request_id, payload)
+    return SEALER.seal(serve_generation(request_id, SEALER.open(payload)))
 
 
 @celery_app.task(name=TASK_AUDIT)
 def audit_task(request_ids: list[str], items: list[dict]) -> dict:
-    return serve_audits(request_ids, items)
+    return serve_audits(request_ids, SEALER.open(items))  # its result holds ids and counts only
 
 
 @celery_app.task(name=TASK_EXTRACT)

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from auditor import sealing
 from auditor.errors import BrokerUnavailable, WorkerUnavailable
 from auditor.privacy import task_argsrepr
 from auditor.settings import Settings
@@ -19,6 +20,8 @@ TASK_AUDIT = "auditor.audit"
 TASK_EXTRACT = "auditor.extract"
 TASK_CALIBRATE = "auditor.calibrate"
 TASK_RETENTION = "auditor.retention"  # scheduled by `auditor beat` (see _beat_schedule)
+# The argument of each task that carries prompts and completions: sealed outside full mode.
+TEXT_ARGUMENT = {TASK_GENERATE: 1, TASK_AUDIT: 1}
 
 
 class Dispatcher(Protocol):
@@ -157,6 +160,7 @@ def _first_line(exc: Exception) -> str:
 class CeleryDispatcher:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.sealer = sealing.sealer(settings)  # outside full mode, texts cross Redis sealed
         self.app = make_celery(settings, fail_fast=True)
         self._reset_lock = threading.Lock()
 
@@ -174,6 +178,8 @@ class CeleryDispatcher:
 
     def _send(self, task: str, args: list[Any], task_id: str):
         app = self.app
+        if (index := TEXT_ARGUMENT.get(task)) is not None:
+            args = [*args[:index], self.sealer.seal(args[index]), *args[index + 1 :]]
         try:
             # argsrepr: what worker logs, events and `celery inspect` show of the arguments —
             # ids, never the prompts and completions the message itself carries.
@@ -232,7 +238,7 @@ class CeleryDispatcher:
                 lost = exc
             else:
                 result.maybe_throw()  # the task's own failure, whatever its type: not a lost Redis
-                return value
+                return self.sealer.open(value)
             if time.monotonic() + _RECONNECT_PAUSE_SECONDS >= deadline:
                 raise WorkerUnavailable(
                     f"lost the broker while waiting for {task_id} and it did not come back "

@@ -35,11 +35,13 @@ MAX_EVENTS = 100_000
 
 
 def redis_streams(settings) -> RedisStreams | None:
-    """The stream channel of a deployment whose result backend (or broker) is Redis."""
+    """The stream channel of a deployment whose result backend (or broker) is Redis; its events
+    sealed outside full privacy mode (auditor.sealing)."""
     from auditor.queue.heartbeat import is_redis
+    from auditor.sealing import sealer
 
     url = settings.result_backend or settings.broker_url
-    return RedisStreams(url) if url and is_redis(url) else None
+    return RedisStreams(url, sealer(settings)) if url and is_redis(url) else None
 
 
 class StreamTimeout(Exception):
@@ -84,8 +86,11 @@ class RedisStreams:
     """Both sides over Redis. The worker side uses a synchronous client (task threads); the API
     side an asyncio one, created on first use in the API's event loop."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, sealer=None):
+        from auditor.sealing import Open
+
         self.url = url
+        self.sealer = sealer or Open()  # events carry text: sealed outside full mode
         self._sync = None
         self._async = None
         self._lock = threading.Lock()
@@ -103,7 +108,7 @@ class RedisStreams:
     def publish(self, request_id: str, event: dict[str, Any]) -> None:
         key = stream_key(request_id)
         pipe = self._client().pipeline(transaction=False)
-        pipe.xadd(key, {"event": json.dumps(event)}, maxlen=MAX_EVENTS, approximate=True)
+        pipe.xadd(key, {"event": json.dumps(self.sealer.seal(event))}, maxlen=MAX_EVENTS, approximate=True)
         pipe.expire(key, TTL_SECONDS)
         pipe.execute()
 
@@ -139,7 +144,7 @@ class RedisStreams:
             for _, entries in found:
                 for entry_id, fields in entries:
                     last = entry_id
-                    event = json.loads(fields[b"event"])
+                    event = self.sealer.open(json.loads(fields[b"event"]))
                     yield event
                     if event["type"] in ("done", "error"):
                         return

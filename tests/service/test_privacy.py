@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sqlite3
 import subprocess
 import sys
@@ -155,28 +154,37 @@ def test_log_records_are_redacted_outside_full_mode(log_mode, caplog):
 # ---- a real Celery worker process, in hash mode, at DEBUG ----
 
 
-def _free_redis_db() -> int | None:
+def _redis_holdings(client, workdir) -> bytes:
+    """Everything a Redis holds, as bytes: every key's serialised value (task messages, results,
+    stream entries) and its append-only file on disk."""
+    dumped = b"".join(client.dump(key) or b"" for key in client.scan_iter(count=1000))
+    client.bgrewriteaof()  # also the rewrite: what a restart would read back
+    time.sleep(0.5)
+    on_disk = b"".join(path.read_bytes() for path in workdir.rglob("*.aof*") if path.is_file())
+    assert on_disk, "the private Redis wrote no append-only file"
+    return dumped + on_disk
+
+
+def test_no_text_crosses_redis_or_the_worker_log_outside_full_mode(tmp_path):
+    """A real Celery worker at DEBUG, in hash mode, on a Redis that persists to an append-only
+    file (as the compose deployment's does). Two tasks that need no model: a generation whose row
+    is already done (its result carries the stored completion: a row written in full mode before
+    the deployment moved to hash), and one whose row does not exist (it fails); and a streamed
+    event. The planted code word is in no log line, no key (task messages, results, the stream),
+    and not in the append-only file: payloads cross Redis sealed with the deployment's key."""
     try:
-        import redis
+        from support.private_services import PrivateRedis, Unavailable
 
-        for db in random.sample(range(1, 16), 15):
-            if redis.Redis(host="127.0.0.1", port=6379, db=db, socket_connect_timeout=2).dbsize() == 0:
-                return db
-    except Exception:
-        return None
-    return None
+        redis_server = PrivateRedis(tmp_path, appendonly=True)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    import asyncio
 
-
-def test_a_celery_worker_never_logs_payloads_or_results(tmp_path):
-    """Two tasks that need no model: a generation whose row is already done (its result carries
-    the stored completion: a row written in full mode before the deployment moved to hash), and
-    one whose row does not exist (it fails). The worker runs at DEBUG, in hash mode."""
-    redis_db = _free_redis_db()
-    if redis_db is None:
-        pytest.skip("no free Redis database at 127.0.0.1:6379")
     import redis
 
     from auditor.queue.dispatch import TASK_GENERATE, CeleryDispatcher
+    from auditor.queue.streams import redis_streams
+    from auditor.sealing import new_key
     from auditor.settings import Settings
 
     url = f"sqlite:///{tmp_path / 'auditor.db'}"
@@ -190,13 +198,15 @@ def test_a_celery_worker_never_logs_payloads_or_results(tmp_path):
         )
         session.commit()
     engine.dispose()
-    broker = f"redis://127.0.0.1:6379/{redis_db}"
+    redis_server.start()
+    broker, key = redis_server.url(0), new_key()
     env = {
         **os.environ,
         "AUDITOR_DATABASE_URL": url,
         "AUDITOR_BROKER_URL": broker,
         "AUDITOR_DATA_DIR": str(tmp_path),
         "AUDITOR_PRIVACY_MODE": "hash",
+        "AUDITOR_PAYLOAD_KEY": key,
         "AUDITOR_WORKER_METRICS_PORT": "0",
         "AUDITOR_RETENTION_DAYS": "0",
     }
@@ -219,16 +229,26 @@ def test_a_celery_worker_never_logs_payloads_or_results(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    dispatcher = CeleryDispatcher(Settings(database_url=url, broker_url=broker, privacy_mode="hash"))
+    settings = Settings(database_url=url, broker_url=broker, privacy_mode="hash", payload_key=key)
+    dispatcher = CeleryDispatcher(settings)
     planted = {
         "messages": [{"role": "user", "content": "zebra-quartz, write to ann@example.org"}],
         "sampling": {"max_new_tokens": 2},
     }
+    client = redis.Redis.from_url(broker)
     try:
         done = dispatcher.run(TASK_GENERATE, ["done-1", planted], task_id=f"done-{uuid.uuid4().hex}", timeout=60)
-        assert done["status"] == "done"
+        assert done["status"] == "done" and "zebra-quartz" in done["text"]  # the API opens what it sent
         with pytest.raises(InvalidInputError, match="no request"):
             dispatcher.run(TASK_GENERATE, ["missing-1", planted], task_id=f"missing-{uuid.uuid4().hex}", timeout=30)
+        streams = redis_streams(settings)
+        streams.publish("stream-1", {"type": "done", "answer": {"text": "streamed zebra-quartz"}})
+
+        async def read() -> list[dict]:
+            return [event async for event in streams.events("stream-1", timeout=10)]
+
+        assert asyncio.run(read())[0]["answer"]["text"] == "streamed zebra-quartz"
+        holdings = _redis_holdings(client, tmp_path)
     finally:
         worker.terminate()
         try:
@@ -237,10 +257,27 @@ def test_a_celery_worker_never_logs_payloads_or_results(tmp_path):
             worker.kill()
             output, _ = worker.communicate()
         dispatcher.app.close()
-        redis.Redis(host="127.0.0.1", port=6379, db=redis_db).flushdb()
+        client.close()
+        redis_server.stop()
+    assert b"celery-task-meta-" in holdings and b"auditor:stream:stream-1" in holdings  # it did hold them
+    assert b"zebra-quartz" not in holdings and b"ann@example.org" not in holdings
     assert "auditor.generate" in output and "succeeded" in output and "raised" in output, output
     assert "zebra-quartz" not in output and "ann@example.org" not in output, output
     assert "<hidden: privacy mode>" in output
+
+
+def test_outside_full_mode_a_broker_needs_the_payload_key():
+    from auditor.errors import ConfigError
+    from auditor.queue.dispatch import CeleryDispatcher
+    from auditor.sealing import Sealer, new_key
+    from auditor.settings import Settings
+
+    with pytest.raises(ConfigError, match="needs AUDITOR_PAYLOAD_KEY"):
+        CeleryDispatcher(Settings(broker_url="redis://127.0.0.1:6379/0", privacy_mode="redacted"))
+    sealed = Sealer(new_key()).seal({"prompt": "zebra-quartz"})
+    assert "zebra-quartz" not in json.dumps(sealed)
+    with pytest.raises(ConfigError, match="must share one"):
+        Sealer(new_key()).open(sealed)  # another deployment's key
 
 
 # ---- the real stack, in each mode ----

@@ -67,8 +67,9 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 class PrivateRedis:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, appendonly: bool = False):
         self.binary = shutil.which("redis-server")
+        self.appendonly = appendonly  # off: a restart loses everything; on: as compose runs it
         if self.binary is None:
             raise Unavailable("redis-server is not installed (apt-get install redis-server)")
         self.workdir, self.port = workdir, free_port()
@@ -92,7 +93,7 @@ class PrivateRedis:
                     "--save",
                     "",
                     "--appendonly",
-                    "no",
+                    "yes" if self.appendonly else "no",
                     "--dir",
                     str(self.workdir),
                 ],
