@@ -90,6 +90,10 @@ class ModelLoadError(AuditorError):
     """The configured model could not be found or loaded."""
 
 
+class TaskRefused(AuditorError):
+    """A task not run again: it keeps losing its workers (auditor.queue.deliveries)."""
+
+
 class ConfigError(AuditorError):
     """The deployment's settings cannot work together (said at startup, with the fix)."""
 

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=512, description="texts per forward pass when scoring")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_max_size: int = Field(16, ge=1, le=256, description="requests generated together in one batch")
+    max_batch_tokens: int = Field(
+        16_384,
+        ge=256,
+        description="padded tokens one prefill or audit replay pass may hold (rows x longest); a longer "
+        "single sequence runs alone",
+    )
     max_queued_tasks: int = Field(
         256, ge=1, description="embedded default: tasks waiting for a task thread; beyond, 503 + Retry-After"
     )

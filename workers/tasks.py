@@ -8,13 +8,15 @@ from celery.signals import worker_ready, worker_shutdown
 
 from auditor import privacy, sealing
 from auditor.db import retention
+from auditor.errors import TaskRefused
+from auditor.queue.deliveries import DeliveryCounter, too_many
 from auditor.queue.dispatch import TASK_AUDIT, TASK_CALIBRATE, TASK_EXTRACT, TASK_GENERATE, TASK_RETENTION, make_celery
 from auditor.queue.heartbeat import HeartbeatPublisher, is_redis
 from auditor.settings import get_settings
 from auditor.telemetry import metrics
 from workers.serving import context
 from workers.serving.audits import serve_audits
-from workers.serving.generation import serve_generation
+from workers.serving.generation import give_up, serve_generation
 from workers.serving.jobs import serve_calibration, serve_extraction
 
 celery_app = make_celery(get_settings())
@@ -26,13 +28,34 @@ privacy.install_log_redaction(get_settings().privacy_mode)
 app = celery_app  # `celery -A workers.tasks` looks for `app`
 
 
-@celery_app.task(name=TASK_GENERATE)
-def generate_task(request_id: str, payload: dict) -> dict:
+def _deliveries() -> DeliveryCounter | None:
+    settings = get_settings()
+    url = settings.result_backend or settings.broker_url
+    # Kept past the longest a redelivery can take (the visibility timeout), twice over.
+    return DeliveryCounter(url, 2 * settings.task_visibility_timeout + 60) if is_redis(url) else None
+
+
+DELIVERIES = _deliveries()
+
+
+def _refuse_poison(task_id: str, request_ids: list[str]) -> None:
+    """Fail a task that keeps killing its workers, instead of running it again."""
+    if DELIVERIES is None:
+        return
+    if (reason := too_many(DELIVERIES.count(task_id))) is not None:
+        give_up(request_ids, reason)
+        raise TaskRefused(reason)
+
+
+@celery_app.task(name=TASK_GENERATE, bind=True)
+def generate_task(self, request_id: str, payload: dict) -> dict:
+    _refuse_poison(self.request.id or request_id, [request_id])
     return SEALER.seal(serve_generation(request_id, SEALER.open(payload)))
 
 
-@celery_app.task(name=TASK_AUDIT)
-def audit_task(request_ids: list[str], items: list[dict]) -> dict:
+@celery_app.task(name=TASK_AUDIT, bind=True)
+def audit_task(self, request_ids: list[str], items: list[dict]) -> dict:
+    _refuse_poison(self.request.id or request_ids[0], request_ids)
     return serve_audits(request_ids, SEALER.open(items))  # its result holds ids and counts only
 
 

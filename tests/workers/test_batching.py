@@ -248,3 +248,16 @@ def test_per_token_traces_are_stored_when_asked_and_round_trip(runtime, bank, al
     trace = store.trace_from_bytes(stored[(k + 1, layer)])
     assert trace.shape == (len(alone[1].output_ids),)
     assert torch.allclose(trace, scores.per_token[bank.layers.index(layer), :, k].float())
+
+
+def test_replay_passes_keep_within_the_row_and_token_budget():
+    from workers.monitoring.replay import replay_chunks
+
+    lengths = [100, 300, 50, 2000, 10, 10, 10, 10, 10]
+    chunks = replay_chunks(lengths, max_rows=4, max_tokens=1000)
+    assert [i for chunk in chunks for i in chunk] == list(range(len(lengths)))  # all, in order
+    for chunk in chunks:
+        padded = max(lengths[i] for i in chunk) * len(chunk)
+        assert len(chunk) <= 4 and (padded <= 1000 or len(chunk) == 1)
+    assert [3] in chunks  # longer than the budget: alone
+    assert replay_chunks([5] * 10, max_rows=4, max_tokens=10**6) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -43,7 +43,11 @@ def score_resid(bank: ConceptBank, resid: torch.Tensor, start: int) -> RequestSc
     """resid [n_layers, n_positions, d_model] captured at bank.layers; score positions start.."""
     if resid.shape[0] != len(bank.layers):
         raise InvalidInputError(f"residuals cover {resid.shape[0]} layers but the bank monitors {len(bank.layers)}")
-    scores = cosine_scores(resid.float(), bank.directions)[:, start:]  # one matmul, all concepts
+    return score_cosines(bank, cosine_scores(resid.float(), bank.directions)[:, start:])  # one matmul
+
+
+def score_cosines(bank: ConceptBank, scores: torch.Tensor) -> RequestScores:
+    """Per-token cosines [n_layers, n_response_tokens, n_concepts] of an answer span -> its scores."""
     agg = aggregate(scores)
     z = pct = None
     if bank.calibration is not None:

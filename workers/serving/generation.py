@@ -250,6 +250,19 @@ def _read_prompt_only(
     return answer
 
 
+def give_up(request_ids: list[str], reason: str, runtime: WorkerContext | None = None) -> None:
+    """Mark requests failed with `reason`, those not final yet (a task refused as poison)."""
+    runtime = runtime or get_runtime()
+
+    def fail(session) -> None:
+        for request_id in request_ids:
+            request = store.get_request(session, request_id=request_id, for_update=True)
+            if request is not None and request.status not in FINAL_REQUEST_STATUSES:
+                store.mark_request(session, request_id=request_id, status=RequestStatus.FAILED, error=reason)
+
+    in_transaction(runtime, fail, f"refusing {request_ids[0]}")
+
+
 def cancelled_before_start(request_id: str) -> dict[str, Any]:
     """The answer of a request cancelled before a token was generated: nothing read."""
     return answer_response(

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from auditor.telemetry import metrics
 from workers.monitoring.concepts import ConceptBank
 from workers.monitoring.divergence import Verdict, judge
-from workers.monitoring.replay import encode_replay, replay_scores
+from workers.monitoring.replay import encode_replay, replay_chunks, replay_scores
 from workers.monitoring.scores import RequestScores, score_generation
 from workers.runtime.batch_generate import BatchGenerator, SequenceRequest, validate_request
 from workers.runtime.generate import Generation, SamplingConfig, encode_prompt
@@ -217,7 +217,8 @@ class ModelThread:
         if self.batch is None:
             self.batch = BatchGenerator(model, bank.layers)
         room = self.max_batch - len(self.batch)
-        admitted = []
+        budget = self.owner.settings.max_batch_tokens  # padded prefill tokens this turn
+        admitted, widest = [], 0
         for job in jobs:
             if len(admitted) >= room:
                 self.inbox.put(job)  # the batch is full: next turn
@@ -231,6 +232,10 @@ class ModelThread:
             except Exception as exc:  # this request alone fails
                 job.future.set_exception(exc)
                 continue
+            if admitted and max(widest, len(prompt_ids)) * (len(admitted) + 1) > budget:
+                self.inbox.put(job)  # past this turn's prefill budget: it joins at the next step
+                continue
+            widest = max(widest, len(prompt_ids))
             admitted.append((job, request))
             self._banks[id(job)] = bank
             if job.listener is not None:
@@ -319,8 +324,9 @@ class ModelThread:
                     valid.append((j, i, encode_replay(model, item)))
                 except Exception as exc:
                     outcomes[j][i] = exc
-        for start in range(0, len(valid), self.max_batch):
-            chunk = valid[start : start + self.max_batch]
+        lengths = [len(p) + len(c) for _, _, (p, c) in valid]
+        for indices in replay_chunks(lengths, self.max_batch, self.owner.settings.max_batch_tokens):
+            chunk = [valid[k] for k in indices]
             try:
                 scores = replay_scores(model, bank, [encoded for _, _, encoded in chunk])
             except Exception as exc:
