@@ -31,6 +31,15 @@ class WindowError(InvalidInputError):
         self.field, self.reason = field, reason
 
 
+class IdempotencyConflict(InvalidInputError):
+    """An Idempotency-Key reused for a different request (422), or one whose first request is
+    still being written (409, retry)."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class NotFoundError(InvalidInputError):
     """Something named that does not exist (404). A subclass of bad input, so every caller
     already maps it to a 4xx."""

@@ -4,6 +4,8 @@ Start a worker with `auditor worker` (or `celery -A workers.tasks worker`)."""
 
 from __future__ import annotations
 
+import logging
+
 from celery.signals import worker_ready, worker_shutdown
 
 from auditor import privacy, sealing
@@ -42,7 +44,12 @@ def _refuse_poison(task_id: str, request_ids: list[str]) -> None:
     """Fail a task that keeps killing its workers, instead of running it again."""
     if DELIVERIES is None:
         return
-    if (reason := too_many(DELIVERIES.count(task_id))) is not None:
+    try:
+        deliveries = DELIVERIES.count(task_id)
+    except Exception as exc:  # a guard, not a gate: Redis flickering must not fail the request
+        logging.getLogger(__name__).warning("could not count the deliveries of %s: %s", task_id, exc)
+        return
+    if (reason := too_many(deliveries)) is not None:
         give_up(request_ids, reason)
         raise TaskRefused(reason)
 

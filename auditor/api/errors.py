@@ -18,6 +18,7 @@ from auditor.api.schemas import ErrorBody
 from auditor.errors import (
     AuditorError,
     AuthenticationError,
+    IdempotencyConflict,
     InvalidInputError,
     ModelLoadError,
     NotFoundError,
@@ -92,6 +93,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "not_found", ("path",)), status_code=404)
+
+    @app.exception_handler(IdempotencyConflict)
+    async def _idempotency(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        body = error_body(str(exc), "idempotency_conflict", ("header", "idempotency-key"))
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(InvalidInputError)
     async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:

@@ -340,3 +340,44 @@ def test_a_request_the_api_stops_waiting_for_is_cancelled_in_the_worker(service)
     request, scores = _wait_for_status(service, request_id)
     assert request.status == "cancelled" and 0 < request.completion_tokens < 1000
     assert scores  # what it had was scored and stored
+
+
+def test_a_retry_with_the_same_idempotency_key_is_the_same_request(service):
+    from sqlalchemy import func
+
+    client = service["client"]
+
+    def count_rows() -> int:
+        with service["sessions"]() as session:
+            return session.scalar(select(func.count()).select_from(MonitoredRequest))
+
+    before = count_rows()
+    key = {"Idempotency-Key": "retry-7f3a"}
+    first = client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=6, extra_headers=key)
+    again = client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=6, extra_headers=key)
+    assert again.id == first.id and again.choices[0].message.content == first.choices[0].message.content
+    assert again.model_extra["auditor"]["scores"] == first.model_extra["auditor"]["scores"]  # the recorded answer
+    assert count_rows() == before + 1  # one request, not two
+    with pytest.raises(openai.UnprocessableEntityError, match="used for a different request"):
+        client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=7, extra_headers=key)
+    # per token and per route: the same key on text completions is another request
+    other = client.completions.create(model="auditor", prompt=["a", "b"], max_tokens=2, extra_headers=key)
+    repeat = client.completions.create(model="auditor", prompt=["a", "b"], max_tokens=2, extra_headers=key)
+    assert [c.model_extra["auditor"]["request_id"] for c in repeat.choices] == [
+        c.model_extra["auditor"]["request_id"] for c in other.choices
+    ]
+    assert count_rows() == before + 3
+    # audits: the same ids, queued once
+    with httpx.Client(base_url=service["base_url"], headers=bearer(service["token"]), timeout=60) as http:
+        body = {"items": [{"prompt": "Say hi.", "completion": "Hi there, nice to meet you."}]}
+        submitted = http.post("/v1/audits", json=body, headers={"Idempotency-Key": "audit-1"})
+        resubmitted = http.post("/v1/audits", json=body, headers={"Idempotency-Key": "audit-1"})
+        assert submitted.status_code == resubmitted.status_code == 202
+        assert submitted.json()["ids"] == resubmitted.json()["ids"]
+        assert (
+            http.post(
+                "/v1/audits", json={"items": body["items"] * 2}, headers={"Idempotency-Key": "audit-1"}
+            ).status_code
+            == 422
+        )
+    assert count_rows() == before + 4

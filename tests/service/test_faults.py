@@ -419,7 +419,7 @@ class _Generations:
     def __init__(self):
         self.futures: list[Future] = []
 
-    def generate(self, prompt, sampling, chat) -> Future:
+    def generate(self, prompt, sampling, chat, listener=None) -> Future:
         future = Future()
         self.futures.append(future)
         return future
@@ -438,6 +438,7 @@ def _fake_runtime(tmp_path, concept_id: int, url: str):
         host=SimpleNamespace(model=SimpleNamespace(fingerprint=fingerprint)),
         model_thread=_Generations(),
         fitted_null=lambda bank: None,
+        streams=None,  # no stream channel: nothing streams, nothing is cancelled
     )
 
 

@@ -30,7 +30,7 @@ from workers.runtime.logprobs import prompt_entries
 from workers.serving.context import WorkerContext, get_runtime
 from workers.serving.recording import record_metrics, score_rows, store_verdict
 from workers.serving.responses import answer_response, flag_body, monitor_body, score_body, served_answer
-from workers.serving.streaming import LiveAnswer, TokenListener, pump, wait_cancellable
+from workers.serving.streaming import LiveAnswer, TokenListener, asks_to_cancel, pump, wait_cancellable
 from workers.serving.transactions import in_transaction
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _start(request_id: str, runtime: WorkerContext, publisher: StreamPublisher |
             if request.completion_text is not None and request.privacy_mode == PrivacyMode.FULL:
                 return recorded_generation(session, request)
             # Recorded without its text (privacy mode): generate again for the caller, record nothing.
-        elif publisher is not None and publisher.cancelled(request_id):
+        elif publisher is not None and asks_to_cancel(publisher, request_id):
             store.mark_request(session, request_id=request_id, status=RequestStatus.CANCELLED)
             return cancelled_before_start(request_id)
         else:

@@ -18,6 +18,7 @@ whatever of it was not sent yet: streamed text equals non-streamed text.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -32,6 +33,8 @@ from auditor.queue.streams import StreamPublisher
 from probes.scoring import cosine_scores
 from workers.monitoring.concepts import ConceptBank
 from workers.runtime.logprobs import TokenLogprob, logprob_entries
+
+log = logging.getLogger(__name__)
 
 # How often the task thread asks the channel whether the client has gone (a Redis EXISTS).
 CANCEL_POLL_SECONDS = 0.25
@@ -138,10 +141,20 @@ def wait_cancellable(request_id: str, listener: TokenListener, future: Future, p
         try:
             future.result(timeout=CANCEL_POLL_SECONDS)
         except FutureTimeout:
-            if not listener.cancel.is_set() and publisher.cancelled(request_id):
+            if not listener.cancel.is_set() and asks_to_cancel(publisher, request_id):
                 listener.cancel.set()
         except Exception:  # the row's own failure: the caller reads it from the future
             return
+
+
+def asks_to_cancel(publisher: StreamPublisher, request_id: str) -> bool:
+    """Whether the API has given up on the request. The channel being away (Redis restarting)
+    says nothing: the answer is still recorded, and the API may still be waiting for it."""
+    try:
+        return publisher.cancelled(request_id)
+    except Exception as exc:
+        log.debug("cannot ask whether %s is cancelled: %s", request_id, exc)
+        return False
 
 
 def pump(
@@ -177,5 +190,5 @@ def _pump(
         now = time.monotonic()
         if not listener.cancel.is_set() and now - polled >= CANCEL_POLL_SECONDS:
             polled = now
-            if publisher.cancelled(request_id):
+            if asks_to_cancel(publisher, request_id):
                 listener.cancel.set()

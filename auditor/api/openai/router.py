@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from auditor.api.admission import AdmittedDep
 from auditor.api.deps import FingerprintDep, SessionDep, SettingsDep
+from auditor.api.idempotency import IdempotencyKeyHeader
 from auditor.api.openai import serving
 from auditor.api.openai.protocol import (
     ChatCompletion,
@@ -38,11 +39,12 @@ async def chat_completions(
     session: SessionDep,
     settings: SettingsDep,
     fingerprint: FingerprintDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ):
     serving.check_chat(body, settings)
     generations = serving.chat_generation(body, settings)
     return await serving.off_loop(
-        request, serving.answer, request, session, settings, fingerprint, body, generations, admission
+        request, serving.answer, request, session, settings, fingerprint, body, generations, admission, idempotency_key
     )
 
 
@@ -54,11 +56,12 @@ async def completions(
     session: SessionDep,
     settings: SettingsDep,
     fingerprint: FingerprintDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ):
     serving.check_completion(body, settings)
     generations = serving.completion_generations(body, settings)
     return await serving.off_loop(
-        request, serving.answer, request, session, settings, fingerprint, body, generations, admission
+        request, serving.answer, request, session, settings, fingerprint, body, generations, admission, idempotency_key
     )
 
 

@@ -8,16 +8,17 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from auditor.api import dispatching
+from auditor.api import dispatching, idempotency
 from auditor.api.admission import Admission
 from auditor.api.errors import error_body
 from auditor.api.limits import limit_error, refuse, too_many_chars
@@ -126,6 +127,7 @@ class Generation:
     prompt_text: str
     payload: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)  # kept with the row beside the sampling
+    idempotency_key: str | None = None  # the row's stored key (auditor.api.idempotency)
 
 
 def chat_generation(body: ChatCompletionCreate, settings: Settings) -> list[Generation]:
@@ -185,11 +187,25 @@ def answer(
     body: Body,
     generations: list[Generation],
     admission: Admission,
+    idempotency_key: str | None = None,
 ) -> ChatCompletion | Completion | JSONResponse | StreamingResponse:
-    """The deployment's checks, then `serve`."""
+    """The deployment's checks; then `serve` the request, or the one an earlier call with the
+    same Idempotency-Key made."""
     if (error := rejected(session, body, fingerprint, settings)) is not None:
         return error
-    return serve(request, session, settings, fingerprint, body, generations, admission)
+    if idempotency_key is None:
+        return serve(request, session, settings, fingerprint, body, generations, admission)
+    route = "chat" if generations[0].kind == RequestKind.CHAT else "completions"
+    keys = idempotency.row_keys(admission.principal.token_id, route, idempotency_key, len(generations))
+    digest = idempotency.request_digest(body)
+    if (earlier := idempotency.earlier_requests(session, keys, digest)) is not None:
+        again = [replace(g, request_id=row.id) for g, row in zip(generations, earlier)]
+        return serve(request, session, settings, fingerprint, body, again, admission, recorded=True)
+    keyed = [
+        replace(g, idempotency_key=key, params={**g.params, idempotency.DIGEST: digest})
+        for g, key in zip(generations, keys)
+    ]
+    return serve(request, session, settings, fingerprint, body, keyed, admission)
 
 
 def _no_stream_channel(request: Request, body: Body) -> JSONResponse | None:
@@ -209,23 +225,30 @@ def serve(
     body: Body,
     generations: list[Generation],
     admission: Admission,
+    recorded: bool = False,
 ) -> ChatCompletion | Completion | JSONResponse | StreamingResponse:
     """Record the request(s), have a worker generate and score them, answer in OpenAI's shape:
-    at once when done, or streamed as generated."""
+    at once when done, or streamed as generated. `recorded`: the rows exist already (an
+    Idempotency-Key retry): queue them again, and the worker answers with what it recorded."""
     if (error := dispatching.no_worker(request, "set AUDITOR_BROKER_URL or use `auditor run`")) is not None:
         return error
     if (error := _no_stream_channel(request, body)) is not None:
         return error
-    for generation in generations:
-        store.create_request(
-            session,
-            request_id=generation.request_id,
-            kind=generation.kind,
-            prompt_text=generation.prompt_text,
-            privacy_mode=settings.privacy_mode,
-            params={"sampling": generation.payload["sampling"], **generation.params},
-            model_id=fingerprint.model_id,
-        )
+    try:
+        for generation in [] if recorded else generations:
+            store.create_request(
+                session,
+                request_id=generation.request_id,
+                kind=generation.kind,
+                prompt_text=generation.prompt_text,
+                privacy_mode=settings.privacy_mode,
+                params={"sampling": generation.payload["sampling"], **generation.params},
+                model_id=fingerprint.model_id,
+                idempotency_key=generation.idempotency_key,
+            )
+    except IntegrityError:  # the same Idempotency-Key, from a call accepted a moment ago
+        session.rollback()
+        raise idempotency.racing() from None
     if body.stream:
         return _stream(request, session, settings, fingerprint, body, generations[0], admission)
     results = dispatching.run_requests(

@@ -6,11 +6,14 @@ import uuid
 
 from fastapi import APIRouter, Request, status
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
-from auditor.api import dispatching
+from auditor.api import dispatching, idempotency
 from auditor.api.deps import FingerprintDep, ReadSessionDep, SessionDep, SettingsDep
+from auditor.api.idempotency import IdempotencyKeyHeader
 from auditor.api.limits import check_audit
 from auditor.api.schemas import AuditCreate, AuditFlag, AuditRead, AuditScore
+from auditor.api.security import PrincipalDep
 from auditor.db import store
 from auditor.db.enums import FlagKind, PrivacyMode, RequestKind, RequestStatus
 from auditor.db.models import Concept, Flag, RequestScore
@@ -22,33 +25,54 @@ router = APIRouter(prefix="/v1/audits", tags=["audits"])
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def submit(
-    body: AuditCreate, request: Request, session: SessionDep, settings: SettingsDep, fingerprint: FingerprintDep
+    body: AuditCreate,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    fingerprint: FingerprintDep,
+    principal: PrincipalDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ):
-    """Queue the items for scoring (one batched replay); returns their ids to poll."""
+    """Queue the items for scoring (one batched replay); returns their ids to poll. Sent again
+    with the same Idempotency-Key, the same ids, queued once."""
     check_audit(body, settings)
     if (error := dispatching.no_worker(request)) is not None:
         return error
+    keys: list[str | None] = [None] * len(body.items)
+    digest = None
+    if idempotency_key is not None:
+        keys = idempotency.row_keys(principal.token_id, "audits", idempotency_key, len(body.items))
+        digest = idempotency.request_digest(body)
+        if (earlier := idempotency.earlier_requests(session, keys, digest)) is not None:
+            return {"ids": [row.id for row in earlier], "status": RequestStatus.QUEUED}
     items = []
     for index, item in enumerate(body.items):
         if (item.prompt is None) == (item.messages is None):
             raise InvalidInputError(f"items[{index}]: give either `prompt` or `messages`")
         items.append(item.model_dump(exclude_none=True))
     ids = [f"audit-{uuid.uuid4().hex}" for _ in items]
-    for request_id, item in zip(ids, items):
+    for request_id, item, key in zip(ids, items, keys):
         prompt_text = item.get("prompt") or "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
         # In full mode the messages themselves are kept too (the text already is): a traffic
         # calibration replays them through the chat template.
         keep_messages = item.get("messages") and settings.privacy_mode == PrivacyMode.FULL
         params = {"messages": item["messages"]} if keep_messages else {}
-        store.create_request(
-            session,
-            request_id=request_id,
-            kind=RequestKind.AUDIT,
-            prompt_text=prompt_text,
-            privacy_mode=settings.privacy_mode,
-            model_id=fingerprint.model_id,
-            params=params,
-        )
+        if digest is not None:
+            params[idempotency.DIGEST] = digest
+        try:
+            store.create_request(
+                session,
+                request_id=request_id,
+                kind=RequestKind.AUDIT,
+                prompt_text=prompt_text,
+                privacy_mode=settings.privacy_mode,
+                model_id=fingerprint.model_id,
+                params=params,
+                idempotency_key=key,
+            )
+        except IntegrityError:  # the same key, from a call accepted a moment ago
+            session.rollback()
+            raise idempotency.racing() from None
     refused = dispatching.submit_requests(
         request,
         session,

@@ -31,6 +31,7 @@ class MonitoredRequest(Base):
         one_of("status", REQUEST_STATUSES),
         one_of("privacy_mode", PRIVACY_MODES),
         Index("ix_monitored_requests_created_at", "created_at"),
+        Index("uq_monitored_requests_idempotency_key", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the caller's request id
@@ -59,6 +60,9 @@ class MonitoredRequest(Base):
     # How the answer was read: "ok", "insufficient_tokens" (too short: no flag, no alert),
     # "calibrating" (served before thresholds existed), "off" (divergence flags disabled).
     monitor_status: Mapped[str | None] = mapped_column(String(24))
+    # sha256 of (token, route, the client's Idempotency-Key, prompt index): a retry with the
+    # same key is this request again, not a second one (auditor.api.idempotency).
+    idempotency_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class RequestScore(Base):

@@ -41,7 +41,13 @@ from auditor.db.store.concepts import (
 )
 from auditor.db.store.flags import add_flag
 from auditor.db.store.jobs import create_job, finish_job, get_job, start_job
-from auditor.db.store.requests import create_request, get_request, mark_request, replayable_requests
+from auditor.db.store.requests import (
+    create_request,
+    get_request,
+    mark_request,
+    replayable_requests,
+    requests_by_idempotency_key,
+)
 from auditor.db.store.scores import (
     COPY_COLUMNS,
     COPY_TYPES,
@@ -86,6 +92,7 @@ __all__ = [
     "newest_calibration_id",
     "register_concept_version",
     "replayable_requests",
+    "requests_by_idempotency_key",
     "retire_concept",
     "scores_for_request",
     "set_active",

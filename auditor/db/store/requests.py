@@ -4,7 +4,7 @@ serving it on the way. Also the query of recorded answers a traffic calibration 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -37,8 +37,10 @@ def create_request(
     model_id: str | None = None,
     model_fingerprint: str | None = None,
     created_at: datetime | None = None,
+    idempotency_key: str | None = None,
 ) -> MonitoredRequest:
     check_id("request_id", request_id)
+    check_sha256("idempotency_key", idempotency_key)
     check_choice("kind", kind, RequestKind.values())
     check_choice("privacy_mode", privacy_mode, PrivacyMode.values())
     check_sha256("model_fingerprint", model_fingerprint)
@@ -57,10 +59,17 @@ def create_request(
         model_id=model_id,
         model_fingerprint=model_fingerprint,
         created_at=created_at or utcnow(),
+        idempotency_key=idempotency_key,
     )
     session.add(request)
     session.flush()  # scores and flags reference it; raw COPY needs the row in the database
     return request
+
+
+def requests_by_idempotency_key(session: Session, *, keys: Sequence[str]) -> dict[str, MonitoredRequest]:
+    """The requests made under these idempotency keys, by key."""
+    rows = session.scalars(select(MonitoredRequest).where(MonitoredRequest.idempotency_key.in_(list(keys))))
+    return {row.idempotency_key: row for row in rows}
 
 
 def get_request(session: Session, *, request_id: str, for_update: bool = False) -> MonitoredRequest | None:
