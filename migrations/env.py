@@ -55,6 +55,13 @@ def run_migrations_online() -> None:
     engine = make_engine(_url(), poolclass=NullPool)
     try:
         with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Batch mode rebuilds a table (copy, drop, rename). With foreign keys on, the DROP
+                # deletes every row that references it, cascading: rebuilding monitored_requests
+                # would take every score and flag with it. Off for the migration (SQLite reads this
+                # pragma only outside a transaction); the connection is used once (NullPool).
+                # On the driver's connection, before SQLAlchemy begins one (its BEGIN comes first).
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
             context.configure(connection=connection, **_options(connection.dialect.name))
             with context.begin_transaction():
                 context.run_migrations()
