@@ -5,14 +5,15 @@
 
 An audit submission holds up to MAX_AUDIT_ITEMS (64) items, each prompt + completion up to the
 model's context (8,192 tokens for SmolLM2). The model thread replays them in passes of at most
-AUDITOR_MAX_BATCH_TOKENS padded tokens (16,384: two full-context items per pass), each pass
+AUDITOR_MAX_BATCH_TOKENS padded tokens (16,384) and at most the attention scores of one
+sequence of half that (a full-context item passes alone), each pass
 stopping after the deepest monitored layer and keeping per-layer cosines with the bank
 ([rows, positions, concepts]) instead of residuals ([rows, positions, d_model]). Measured: the
 process's peak RSS (ru_maxrss) after the model and bank are loaded, and after the whole audit,
 in a fresh process; plus what the residuals alone would have taken had they been kept whole.
 Items are random token ids (the cost does not depend on the words). Memory is freed between
 passes, so the peak of one full pass is the peak of any submission: the default replays four
-items (two passes) rather than all 64 (thirty-two, most of an hour on 2 cores).
+items (four passes) rather than all 64 (most of an hour on 2 cores); `--items 1` is one pass.
 """
 
 from __future__ import annotations

@@ -261,3 +261,7 @@ def test_replay_passes_keep_within_the_row_and_token_budget():
         assert len(chunk) <= 4 and (padded <= 1000 or len(chunk) == 1)
     assert [3] in chunks  # longer than the budget: alone
     assert replay_chunks([5] * 10, max_rows=4, max_tokens=10**6) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # attention: two full-length rows hold twice one row's scores, past the bound of one
+    # sequence of half the budget; four quarter-length rows hold as many as one half-length row
+    assert replay_chunks([8192, 8192], max_rows=16, max_tokens=16384) == [[0], [1]]
+    assert replay_chunks([4096] * 4, max_rows=16, max_tokens=16384) == [[0, 1, 2, 3]]

@@ -81,14 +81,18 @@ def replay_scores(model, bank: ConceptBank, sequences: list[tuple[list[int], lis
 
 def replay_chunks(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
     """Indices of sequences (by their lengths, in order) grouped into padded passes of at most
-    `max_rows` rows and `max_tokens` padded tokens (rows x the longest); one longer than the
-    budget goes alone."""
+    `max_rows` rows and `max_tokens` padded tokens (rows x the longest), and at most as many
+    attention scores as one sequence of half the budget has (rows x longest², per head and
+    layer: eager attention holds them all at once, 2.4 GB for one 8,192-token row; two such
+    rows in one pass peaked at 12.4 GB, bench/audit_memory.py). One past a bound goes alone."""
+    max_cells = (max_tokens // 2) ** 2
     chunks: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for index, length in enumerate(lengths):
         widest = max(longest, length)
-        if current and (len(current) >= max_rows or widest * (len(current) + 1) > max_tokens):
+        rows = len(current) + 1
+        if current and (len(current) >= max_rows or widest * rows > max_tokens or widest**2 * rows > max_cells):
             chunks.append(current)
             current, widest = [], length
         current.append(index)

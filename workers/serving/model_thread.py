@@ -232,8 +232,9 @@ class ModelThread:
             except Exception as exc:  # this request alone fails
                 job.future.set_exception(exc)
                 continue
-            if admitted and max(widest, len(prompt_ids)) * (len(admitted) + 1) > budget:
-                self.inbox.put(job)  # past this turn's prefill budget: it joins at the next step
+            wider, rows = max(widest, len(prompt_ids)), len(admitted) + 1
+            if admitted and (wider * rows > budget or wider**2 * rows > (budget // 2) ** 2):
+                self.inbox.put(job)  # past this turn's prefill budget (tokens, attention): next step
                 continue
             widest = max(widest, len(prompt_ids))
             admitted.append((job, request))
