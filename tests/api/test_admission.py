@@ -154,3 +154,30 @@ def test_the_in_process_worker_refuses_tasks_past_its_queue_bound(tmp_path):
     dispatcher.submit(TASK_AUDIT, ["again"], task_id="again")  # room again
     _wait_for(lambda: len(ran) == room + 1)
     assert sorted(str(args[0]) for args in ran) == sorted([*map(str, range(room - 2)), "a", "b", "again"])
+
+
+def test_bad_streaming_and_idempotency_input_is_a_4xx_that_writes_nothing(tmp_path):
+    """A deployment with a worker but no stream channel (a broker that is not Redis) refuses
+    `stream` with a 400 naming it; an Idempotency-Key past 255 characters is a 422 on the header.
+    Neither writes a request row nor reaches the worker."""
+    from sqlalchemy import func, select
+
+    from auditor.db.engine import make_engine, session_factory
+    from auditor.db.models import MonitoredRequest
+
+    databases, url, dispatcher, app = _held_app(tmp_path)
+    assert app.state.streams is None
+    client = issue_token(url, scopes=["client"], name="client")
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30, headers=bearer(client)) as http:
+        streamed = http.post("/v1/chat/completions", json={**BODY, "stream": True})
+        assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream", streamed.text
+        long_key = http.post("/v1/chat/completions", json=BODY, headers={"Idempotency-Key": "k" * 256})
+        assert long_key.status_code == 422 and "idempotency-key" in long_key.text.lower(), long_key.text
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            assert session.scalar(select(func.count()).select_from(MonitoredRequest)) == 0
+    finally:
+        engine.dispose()
+    assert dispatcher.waiting == 0
+    databases.drop_all()

@@ -91,6 +91,7 @@ def test_a_chat_parameter_that_cannot_be_honoured_is_a_400_naming_it(client, ext
     [
         ({"echo": True, "stream": True}, "echo"),
         ({"prompt": ["a", "b"], "stream": True}, "prompt"),
+        ({"max_tokens": 0, "stream": True}, "max_tokens"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "x"}, "suffix"),
     ],

@@ -278,6 +278,8 @@ def test_outside_full_mode_a_broker_needs_the_payload_key():
     assert "zebra-quartz" not in json.dumps(sealed)
     with pytest.raises(ConfigError, match="must share one"):
         Sealer(new_key()).open(sealed)  # another deployment's key
+    with pytest.raises(ConfigError, match="not a valid key"):
+        Sealer("not-a-fernet-key")
 
 
 # ---- the real stack, in each mode ----

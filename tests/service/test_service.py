@@ -238,23 +238,30 @@ def test_a_client_leaving_a_stream_on_redis_leaves_a_cancelled_request_in_postgr
         request_id = json.loads(next(lines)[6:])["id"]
         for _ in range(4):
             next(lines)
-    engine = make_engine(service["db_url"])
+    request, n_scores = _settled(service["db_url"], request_id)
+    assert request.status == "cancelled" and 4 <= request.completion_tokens < 400
+    assert n_scores > 0
+
+
+def _settled(db_url: str, request_id: str | None = None, timeout: float = 60) -> tuple[MonitoredRequest, int]:
+    """The request (the newest one when no id is given) once it is no longer queued or running,
+    and how many score rows it has."""
+    engine = make_engine(db_url)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             with session_factory(engine)() as session:
-                request = session.get(MonitoredRequest, request_id)
+                newest = select(MonitoredRequest).order_by(MonitoredRequest.created_at.desc()).limit(1)
+                request = session.get(MonitoredRequest, request_id) if request_id else session.scalars(newest).one()
                 n_scores = session.scalar(
-                    select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request_id)
+                    select(func.count()).select_from(RequestScore).where(RequestScore.request_id == request.id)
                 )
             if request.status not in ("queued", "running"):
-                break
-            assert time.monotonic() < deadline, f"still {request.status} a minute after the client left"
+                return request, n_scores
+            assert time.monotonic() < deadline, f"{request.id} still {request.status} after {timeout:.0f}s"
             time.sleep(0.2)
     finally:
         engine.dispose()
-    assert request.status == "cancelled" and 4 <= request.completion_tokens < 400
-    assert n_scores > 0
 
 
 def test_a_vector_registered_through_the_api_is_monitored_from_the_next_request(service, client, bank):
@@ -560,18 +567,5 @@ def test_a_request_the_api_gives_up_on_is_cancelled_in_the_worker_on_redis(servi
         client = OpenAI(base_url=base_url + "/v1", api_key=service["token"], max_retries=0, timeout=60)
         with pytest.raises(InternalServerError):
             client.chat.completions.create(model="auditor", messages=COUNT, max_tokens=1000, temperature=0)
-    engine = make_engine(service["db_url"])
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with session_factory(engine)() as session:
-                request = session.scalars(
-                    select(MonitoredRequest).order_by(MonitoredRequest.created_at.desc()).limit(1)
-                ).one()
-            if request.status not in ("queued", "running"):
-                break
-            assert time.monotonic() < deadline, f"still {request.status} a minute after the API gave up"
-            time.sleep(0.2)
-    finally:
-        engine.dispose()
+    request, _ = _settled(service["db_url"])
     assert request.status == "cancelled" and 0 < request.completion_tokens < 1000

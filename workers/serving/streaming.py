@@ -73,6 +73,7 @@ class LiveAnswer:
         self.sent_text = ""
         self._seen = 0  # tokens whose residual has been scored
         self._per_token: list[torch.Tensor] = []  # [n_concepts] per token, at each primary layer
+        self._sums: list[torch.Tensor] = []  # running sums of those: _sums[i] covers tokens 0..i
         self._names: list[str] = []
         self._layers: list[int] = []
         self._columns: tuple[list[int], list[int]] | None = None
@@ -93,15 +94,18 @@ class LiveAnswer:
             self._columns = ([bank.layers.index(x) for x in self._layers], [k for k, _ in headline])
         cosines = cosine_scores(progress.resid.float()[:, None], bank.directions)[:, 0]  # [n_layers, n_concepts]
         rows, columns = self._columns
-        self._per_token.append(cosines[rows, columns])
+        value = cosines[rows, columns]
+        self._per_token.append(value)
+        self._sums.append(value if not self._sums else self._sums[-1] + value)
 
     def update(self, bank: ConceptBank | None, progress: Progress) -> dict[str, Any] | None:
         """The `delta` event for this step, or None when nothing new can be sent yet."""
         self._score(bank, progress)
         ids = progress.output_ids
-        limit = len(self._decode(ids)) - max(self.hold - 1, 0)
+        full = self._decode(ids)  # decoded once per step: it is also the first candidate
+        limit = len(full) - max(self.hold - 1, 0)
         for keep in range(len(ids), self.sent_tokens, -1):
-            text = self._decode(ids[:keep])
+            text = full if keep == len(ids) else self._decode(ids[:keep])
             if len(text) <= limit and not text.endswith("\ufffd") and text.startswith(self.sent_text):
                 return self._delta(ids, keep, text, progress.logprobs)
         return None
@@ -122,11 +126,10 @@ class LiveAnswer:
     def scores(self, n_tokens: int) -> dict[str, dict[str, Any]]:
         """Per concept at its primary layer: the mean and the last cosine over the first
         `n_tokens` tokens (as the final scores' `mean` and `last`)."""
-        values = self._per_token[:n_tokens]
-        if not values:
+        n_tokens = min(n_tokens, len(self._sums))
+        if not n_tokens:
             return {}
-        stacked = torch.stack(values)  # [n_tokens, n_concepts]
-        mean, last = stacked.mean(dim=0), stacked[-1]
+        mean, last = self._sums[n_tokens - 1] / n_tokens, self._per_token[n_tokens - 1]
         return {
             name: {"layer": layer, "mean": round(float(mean[k]), 5), "last": round(float(last[k]), 5)}
             for k, (name, layer) in enumerate(zip(self._names, self._layers))

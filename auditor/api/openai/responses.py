@@ -48,7 +48,8 @@ def reading(request_id: str, result: dict, body: Body) -> AuditorReading:
     )
 
 
-def _finish_reason(result: dict) -> str:
+def finish_reason(result: dict) -> str:
+    """OpenAI's reason: a cancelled answer (its client gone) reads as stopped."""
     return result["finish_reason"] if result["finish_reason"] in ("stop", "length") else "stop"
 
 
@@ -73,7 +74,7 @@ def response(generations: list, results: list[dict], body: Body, model_id: str) 
         choice = ChatCompletionChoice(
             index=0,
             message=ChatCompletionMessage(role="assistant", content=result["text"]),
-            finish_reason=_finish_reason(result),
+            finish_reason=finish_reason(result),
             logprobs=None if entries is None else ChatChoiceLogprobs(content=entries),
         )
         return ChatCompletion(id=generations[0].request_id, choices=[choice], **common)
@@ -97,6 +98,4 @@ def _completion_choice(index: int, generation, result: dict, body: CompletionCre
         if entries is not None or body.logprobs is not None:
             entries = (echoed.get("logprobs") or []) + (entries or [])
     logprobs = None if entries is None else CompletionLogprobs.from_entries(entries, body.logprobs or 0)
-    return CompletionChoice(
-        index=index, text=text, finish_reason=_finish_reason(result), logprobs=logprobs, auditor=own
-    )
+    return CompletionChoice(index=index, text=text, finish_reason=finish_reason(result), logprobs=logprobs, auditor=own)

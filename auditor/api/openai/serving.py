@@ -296,6 +296,5 @@ def _stream(
         kind=generation.kind,
         model_id=fingerprint.model_id,
         body=body,
-        select_scores=lambda scores: responses.select_scores(scores, body),
     )
     return stream_response(streamed, reader, admission.keep(), settings.request_timeout)

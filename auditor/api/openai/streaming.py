@@ -32,8 +32,8 @@ from pydantic import BaseModel
 
 from auditor.api.admission import Admission
 from auditor.api.errors import error_body
+from auditor.api.openai import responses
 from auditor.api.openai.protocol import (
-    AuditorReading,
     ChatChoiceLogprobs,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -86,7 +86,6 @@ class StreamedRequest:
     kind: RequestKind
     model_id: str
     body: Body
-    select_scores: Callable[[dict], dict]  # the concepts the request asked to see inline
 
 
 class _Chunks:
@@ -102,6 +101,9 @@ class _Chunks:
     @property
     def chat(self) -> bool:
         return self.s.kind == RequestKind.CHAT
+
+    def _select(self, scores: dict) -> dict:
+        return responses.select_scores(scores, self.s.body)
 
     def _chunk(self, choices: list, auditor=None, usage: Usage | None = None) -> BaseModel:
         model = ChatCompletionChunk if self.chat else CompletionChunk
@@ -140,9 +142,7 @@ class _Chunks:
         if entries is not None:
             entries = entries[max(0, len(entries) - (event["tokens"] - self.sent_tokens)) :]
         choice = self._choice(new, entries)
-        live = LiveReading(
-            request_id=self.s.request_id, tokens=event["tokens"], scores=self.s.select_scores(event["scores"])
-        )
+        live = LiveReading(request_id=self.s.request_id, tokens=event["tokens"], scores=self._select(event["scores"]))
         self.sent_text += new
         self.sent_tokens = event["tokens"]
         return sse(self._chunk([choice], auditor=live))
@@ -164,21 +164,13 @@ class _Chunks:
             live = LiveReading(
                 request_id=self.s.request_id,
                 tokens=answer["completion_tokens"] or 0,
-                scores=self.s.select_scores(scores),
+                scores=self._select(scores),
             )
             choice = self._choice(rest, None if entries is None else entries[self.sent_tokens :])
             chunks.append(sse(self._chunk([choice], auditor=live)))
             self.sent_text += rest
-        reading = AuditorReading.model_validate(
-            {
-                "request_id": self.s.request_id,
-                "scores": self.s.select_scores(answer["scores"]),
-                "flags": answer.get("flags", []),
-                "alerts": answer.get("alerts", []),
-                "monitor": answer.get("monitor", {"status": "off"}),
-            }
-        )
-        finish = answer["finish_reason"] if answer["finish_reason"] in ("stop", "length") else "stop"
+        reading = responses.reading(self.s.request_id, answer, self.s.body)
+        finish = responses.finish_reason(answer)
         chunks.append(sse(self._chunk([self._choice(None, None, finish)], auditor=reading)))
         if self.s.body.include_usage:
             prompt, completion = answer["prompt_tokens"] or 0, answer["completion_tokens"] or 0
